@@ -1,0 +1,693 @@
+"""Post-processing for inference: ensemble, camera-distance correction, k-reciprocal re-ranking, submission.
+
+The last step of MMT+ (slides, "Post-processing for Inference"; reference-implementation.md §9, §10):
+
+  1. Model ensemble: every re-ID checkpoint extracts eval-mode BNNeck features (optionally averaged with the
+     horizontally flipped image), each model's features are L2-normalised, the vectors of all models are
+     concatenated and L2-normalised again.
+  2. Negative camera similarity: a camera classifier (camera.py) gives L2-normalised camera embeddings c, and
+     the re-ID distance becomes d(q, k) = d_reid(q, k) - w * d_cam(q, k), w = 0.1, for the query-gallery,
+     query-query and gallery-gallery matrices (the last two feed re-ranking). See --camera-formula.
+  3. k-reciprocal re-ranking (Zhong et al., CVPR 2017) with k1 30, k2 6, lambda 0.3 through reid_ops.
+  4. Evaluation (mAP, CMC, mINP) through reid_ops.evaluate_rank when the split has labels, the VisDA-2020
+     submission (result.txt + result.zip), ranked-list pictures, a results JSON and a Markdown table.
+
+Features are cached per checkpoint (key: checkpoint path, mtime and size, dataset, data root, flip, image
+size, architecture), so trying several post-processing variants does not re-extract them.
+
+Example (the release's ensemble test, on target_val):
+  python postprocess.py --dataset target_val --data-root DATA --out logs/post \\
+      --checkpoints logs/mmt/resnest50/model_best.pth logs/mmt/densenet169_ibn/model_best.pth \\
+      --camera-checkpoint logs/camera/model_best.pth --flip --rerank
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageOps
+from pretrain import (
+    build_model,
+    extract_features,
+    load_checkpoint,
+    load_model_weights,
+    read_dataset,
+    save_checkpoint,
+)
+
+import reid_ops
+
+Item = tuple[str, int, int]
+
+CAMERA_FORMULAS = ("squared", "slides", "release")
+CAMERA_FORMULA_HELP = """\
+how d = d_reid - w * d_cam is formed (features of both terms are L2-normalised):
+  squared (default): both terms are SQUARED Euclidean distances, d = |f_q-f_k|^2 - w |c_q-c_k|^2, the
+      release's correction (ref. §9, §13.1 item 13). Without re-ranking the ranking uses d as is (negative
+      entries simply rank first). For re-ranking, d is clamped at 0 and its square root is passed to
+      reid_ops.re_ranking_from_distances, which squares its inputs like the classic function: the re-ranking
+      therefore works on max(d, 0), i.e. on corrected squared distances, as the classic algorithm works on
+      squared Euclidean distances.
+  slides: both terms are Euclidean norms, d = |f_q-f_k| - w |c_q-c_k|, the formula written on the slides; for
+      re-ranking it is clamped at 0 and passed as a Euclidean-type distance (the re-ranking squares it).
+  release: the release's exact behaviour (ref. §13.1 item 12): squared distances as in 'squared' are passed
+      to the re-ranking unclamped, which squares them AGAIN; a negative entry (a very close cross-camera pair)
+      becomes a positive distance larger than that of less similar pairs (rank inversion). Offered only to
+      reproduce the release's numbers. Without re-ranking 'release' and 'squared' are identical."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pure post-processing steps (numpy / torch only, no models)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def l2_normalize(features: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """Row-wise L2 normalisation in float32 (zero rows stay zero)."""
+    features = torch.as_tensor(features, dtype=torch.float32)
+    return F.normalize(features, p=2.0, dim=1)
+
+
+def ensemble_features(per_model_features: Sequence[torch.Tensor | np.ndarray]) -> torch.Tensor:
+    """Slides: features of the backbones are concatenated and L2-normalised. Each model's features are
+    L2-normalised first (as the release does), so no backbone dominates through the scale of its BNNeck
+    output."""
+    if len(per_model_features) == 0:
+        raise ValueError("ensemble_features: no feature matrices given")
+    row_counts = {int(f.shape[0]) for f in per_model_features}
+    if len(row_counts) != 1:
+        raise ValueError(f"ensemble_features: models disagree on the number of images: {sorted(row_counts)}")
+    return l2_normalize(torch.cat([l2_normalize(f) for f in per_model_features], dim=1))
+
+
+def camera_corrected_distance(
+    features_a: np.ndarray,
+    features_b: np.ndarray,
+    camera_a: np.ndarray | None,
+    camera_b: np.ndarray | None,
+    camera_weight: float,
+    formula: str = "squared",
+) -> np.ndarray:
+    """d(a, b) = d_reid(a, b) - camera_weight * d_cam(a, b) (slides: "negative camera similarities").
+
+    Inputs are L2-normalised float32 matrices. `formula` "squared"/"release" use squared Euclidean distances
+    for both terms (the release), "slides" uses Euclidean norms (the slides' formula). Without camera
+    embeddings (or with weight 0) this is the plain re-ID distance of that kind.
+    """
+    if formula not in CAMERA_FORMULAS:
+        raise ValueError(f"camera formula must be one of {CAMERA_FORMULAS}, got {formula!r}")
+    metric = "euclidean" if formula == "slides" else "sqeuclidean"
+    distance = np.asarray(reid_ops.pairwise_distance(features_a, features_b, metric=metric), dtype=np.float32)
+    if camera_a is not None and camera_b is not None and camera_weight != 0.0:
+        camera_distance = np.asarray(
+            reid_ops.pairwise_distance(camera_a, camera_b, metric=metric), np.float32
+        )
+        distance = distance - np.float32(camera_weight) * camera_distance
+    return distance
+
+
+def rerank_input(distance: np.ndarray, formula: str) -> np.ndarray:
+    """Turn a (camera-corrected) distance into the input of reid_ops.re_ranking_from_distances, which squares
+    its inputs like the classic re_ranking of fast-reid/torchreid. See CAMERA_FORMULA_HELP."""
+    if formula == "release":
+        # The release's behaviour, kept only to reproduce its numbers: squared distances squared again.
+        return distance
+    clamped = np.maximum(distance, 0.0).astype(np.float32)
+    if formula == "squared":
+        # sqrt here + square inside the re-ranking = the re-ranking sees max(d, 0) itself.
+        return np.sqrt(clamped)
+    if formula == "slides":
+        return clamped
+    raise ValueError(f"camera formula must be one of {CAMERA_FORMULAS}, got {formula!r}")
+
+
+def rerank(
+    distance_qg: np.ndarray,
+    distance_qq: np.ndarray,
+    distance_gg: np.ndarray,
+    k1: int = 30,
+    k2: int = 6,
+    lambda_value: float = 0.3,
+    formula: str = "squared",
+) -> np.ndarray:
+    """k-reciprocal re-ranking (Zhong et al. 2017; slides: k1 30, k2 6, lambda 0.3) of corrected distances."""
+    reranked = reid_ops.re_ranking_from_distances(
+        rerank_input(distance_qg, formula),
+        rerank_input(distance_qq, formula),
+        rerank_input(distance_gg, formula),
+        k1=k1,
+        k2=k2,
+        lambda_value=lambda_value,
+    )
+    return np.asarray(reranked, dtype=np.float32)
+
+
+def evaluate_distances(
+    distance: np.ndarray,
+    query: Sequence[Item],
+    gallery: Sequence[Item],
+    max_rank: int = 50,
+    ap_topk: int | None = None,
+) -> dict:
+    """mAP / CMC / mINP through reid_ops.evaluate_rank (Market protocol: same pid and same camera removed).
+    ap_topk=100 gives the VisDA-2020 top-100 truncated AP (ref. §10.4)."""
+    query_pids = np.array([pid for _, pid, _ in query], dtype=np.int64)
+    gallery_pids = np.array([pid for _, pid, _ in gallery], dtype=np.int64)
+    query_camids = np.array([cam for _, _, cam in query], dtype=np.int64)
+    gallery_camids = np.array([cam for _, _, cam in gallery], dtype=np.int64)
+    max_rank = max(1, min(max_rank, len(gallery)))
+    result = reid_ops.evaluate_rank(
+        distance, query_pids, gallery_pids, query_camids, gallery_camids, max_rank=max_rank, ap_topk=ap_topk
+    )
+    cmc = np.asarray(result["cmc"], dtype=np.float64)
+    metrics = {
+        "mAP": float(result["mAP"]),
+        "mINP": float(result["mINP"]),
+        "num_valid_queries": int(result["num_valid_queries"]),
+        "ap_topk": ap_topk,
+    }
+    for rank in (1, 5, 10, 20, 50):
+        if rank <= len(cmc):
+            metrics[f"top{rank}"] = float(cmc[rank - 1])
+    return metrics
+
+
+def ranked_gallery_indices(distance: np.ndarray, topk: int) -> np.ndarray:
+    """Per query row, the `topk` closest gallery columns, closest first (ties: smaller index first)."""
+    topk = min(topk, distance.shape[1])
+    return np.argsort(distance, axis=1, kind="stable")[:, :topk]
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Run write(temporary path) in the destination folder, then rename over `path` (never a partial file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(Path(temporary))
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+
+
+def write_submission(distance: np.ndarray, out_dir: Path, topk: int = 100, index_digits: int = 5) -> Path:
+    """VisDA-2020 submission (ref. §10.3): `result.txt` with one line per query (query index-file order), the
+    `topk` closest gallery indices (0-based positions in the gallery index file), zero-padded to
+    `index_digits`, separated by single spaces; plus `result.zip` holding result.txt (what the server takes).
+    The release pads to 5 digits for validation and test alike; the organisers' validation example uses 4."""
+    if distance.ndim != 2 or distance.shape[0] == 0 or distance.shape[1] == 0:
+        raise ValueError(
+            f"write_submission: expected a non-empty (queries, gallery) matrix, got {distance.shape}"
+        )
+    if distance.shape[1] < topk:
+        print(
+            f"[postprocess] warning: gallery has {distance.shape[1]} images < {topk}; lines list all of them"
+        )
+    ranks = ranked_gallery_indices(distance, topk)
+    lines = [" ".join(f"{index:0{index_digits}d}" for index in row) for row in ranks.tolist()]
+    out_dir = Path(out_dir)
+    result_path = out_dir / "result.txt"
+    atomic_write_text(result_path, "\n".join(lines) + "\n")
+
+    def write_zip(temporary: Path) -> None:
+        with zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            archive.write(result_path, arcname="result.txt")
+
+    atomic_write(out_dir / "result.zip", write_zip)
+    return result_path
+
+
+def _thumbnail(path: str, size: tuple[int, int], border: int, colour: tuple[int, int, int]) -> Image.Image:
+    width, height = size
+    with Image.open(path) as image:
+        image = image.convert("RGB").resize((width - 2 * border, height - 2 * border), Image.BILINEAR)
+    return ImageOps.expand(image, border=border, fill=colour)
+
+
+def draw_ranked_lists(
+    distance: np.ndarray,
+    query: Sequence[Item],
+    gallery: Sequence[Item],
+    out_dir: Path,
+    num_queries: int = 8,
+    topk: int = 10,
+    has_labels: bool = True,
+    seed: int = 0,
+    thumb_size: tuple[int, int] = (64, 128),
+) -> list[Path]:
+    """One PNG per sampled query: the query (blue border) and its top-k gallery images.
+    Borders: green = same identity (a true match), yellow = same identity and same camera (ignored by the
+    metric), red = wrong identity; a red 'D' marks gallery distractors (pid 0 in target_val).
+    Grey borders when the split has no labels."""
+    green, red, yellow, blue, grey = (0, 170, 0), (220, 0, 0), (230, 190, 0), (0, 90, 220), (128, 128, 128)
+    width, height = thumb_size
+    gap, caption, border = 4, 26, 4
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(len(query), size=min(num_queries, len(query)), replace=False))
+    ranks = ranked_gallery_indices(distance, topk)
+    out_dir = Path(out_dir)
+    written = []
+    for query_index in chosen.tolist():
+        query_path, query_pid, query_cam = query[query_index]
+        columns = 1 + ranks.shape[1]
+        canvas = Image.new("RGB", (columns * (width + gap) + gap * 3, height + caption + 2 * gap), "white")
+        draw = ImageDraw.Draw(canvas)
+        canvas.paste(_thumbnail(query_path, thumb_size, border, blue), (gap, gap))
+        draw.text((gap, height + gap + 2), f"q pid {query_pid}" if has_labels else "query", fill=(0, 0, 0))
+        draw.text((gap, height + gap + 13), f"cam {query_cam}", fill=(0, 0, 0))
+        for rank, gallery_index in enumerate(ranks[query_index].tolist()):
+            gallery_path, gallery_pid, gallery_cam = gallery[gallery_index]
+            if not has_labels:
+                colour = grey
+            elif gallery_pid == query_pid:
+                colour = yellow if gallery_cam == query_cam else green
+            else:
+                colour = red
+            left = 4 * gap + (rank + 1) * (width + gap)
+            canvas.paste(_thumbnail(gallery_path, thumb_size, border, colour), (left, gap))
+            draw.text(
+                (left, height + gap + 2), f"{rank + 1}: {distance[query_index, gallery_index]:.3f}", fill=0
+            )
+            if has_labels:
+                draw.text((left, height + gap + 13), f"pid {gallery_pid} c{gallery_cam}", fill=(0, 0, 0))
+                if gallery_pid == 0:
+                    draw.text((left + border + 2, gap + border + 1), "D", fill=red)
+        path = out_dir / f"query_{query_index:05d}.png"
+        atomic_write(path, lambda temporary, image=canvas: image.save(temporary, format="PNG"))
+        written.append(path)
+    return written
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    """Results rows as a Markdown table (metrics in percent)."""
+    header = ["variant", "models", "flip", "camera", "re-rank", "mAP", "mINP", "top-1", "top-5", "top-10"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def percent(row: dict, key: str) -> str:
+        return f"{100.0 * row[key]:.1f}" if key in row else "-"
+
+    for row in rows:
+        camera = f"w={row['camera_weight']:g} ({row['camera_formula']})" if row["camera"] else "off"
+        values = [
+            row["name"],
+            str(len(row["models"])),
+            "on" if row["flip"] else "off",
+            camera,
+            "on" if row["rerank"] else "off",
+            percent(row, "mAP"),
+            percent(row, "mINP"),
+            percent(row, "top1"),
+            percent(row, "top5"),
+            percent(row, "top10"),
+        ]
+        lines.append("| " + " | ".join(values) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models and cached feature extraction
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _checkpoint_field(checkpoint: dict, name: str):
+    """A field stored at the top level of a checkpoint or inside its saved args (dict or Namespace)."""
+    if name in checkpoint and checkpoint[name] is not None:
+        return checkpoint[name]
+    args = checkpoint.get("args")
+    if isinstance(args, argparse.Namespace):
+        args = vars(args)
+    if isinstance(args, dict):
+        return args.get(name)
+    return None
+
+
+def load_model_for_inference(path: str, arch: str | None = None) -> tuple[torch.nn.Module, dict]:
+    """Build `pretrain.build_model(arch, num_classes=0)` and load the checkpoint's weights (classifier
+    dropped). Works for pretrain.py, camera.py and mmt_plus.py checkpoints (the latter store a plain model
+    holding the target BN branch under "state_dict"). The architecture is read from the checkpoint unless
+    `arch` overrides it."""
+    checkpoint = load_checkpoint(path)
+    state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{path}: not a checkpoint dict with a 'state_dict' entry")
+    arch = arch or _checkpoint_field(checkpoint, "arch")
+    if arch is None:
+        raise ValueError(f"{path}: the checkpoint names no architecture ('arch'); pass it with --archs")
+    state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
+    state_dict = {key: value for key, value in state_dict.items() if not key.startswith("classifier.")}
+    model = build_model(arch, num_classes=0)
+    missing = sorted(set(model.state_dict()) - set(state_dict))
+    if missing:
+        raise ValueError(
+            f"{path}: {len(missing)} weights of a {arch} model are missing from the checkpoint "
+            f"(e.g. {missing[:3]}); "
+            "wrong --archs entry, or a checkpoint with domain-specific BN that was not collapsed?"
+        )
+    load_model_weights(model, state_dict)
+    info = {
+        "path": str(path),
+        "arch": arch,
+        "height": _checkpoint_field(checkpoint, "height"),
+        "width": _checkpoint_field(checkpoint, "width"),
+    }
+    return model.eval(), info
+
+
+def feature_cache_key(
+    checkpoint: str, dataset: str, data_root: str, flip: bool, height: int, width: int, arch: str
+) -> str:
+    """Identifies one extraction: a rewritten checkpoint (new mtime/size) or other settings give a new key."""
+    stat = os.stat(checkpoint)
+    description = {
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "mtime_ns": stat.st_mtime_ns,
+        "size": stat.st_size,
+        "dataset": dataset,
+        "data_root": str(Path(data_root).resolve()),
+        "flip": bool(flip),
+        "height": int(height),
+        "width": int(width),
+        "arch": arch,
+    }
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def cached_features(
+    checkpoint: str,
+    arch: str | None,
+    items: Sequence[Item],
+    args: argparse.Namespace,
+    cache_dir: Path,
+) -> tuple[torch.Tensor, dict]:
+    """Eval-mode features (N, D), not normalised, of `items` for one checkpoint (cached when possible)."""
+    model, info = load_model_for_inference(checkpoint, arch)
+    height = args.height or info["height"] or 256
+    width = args.width or info["width"] or 128
+    key = feature_cache_key(checkpoint, args.dataset, args.data_root, args.flip, height, width, info["arch"])
+    cache_path = Path(cache_dir) / f"{Path(checkpoint).stem}-{key}.pt"
+    paths = [path for path, _, _ in items]
+    info.update(height=height, width=width, cache=str(cache_path))
+    if cache_path.exists() and not args.no_cache:
+        cached = torch.load(cache_path, map_location="cpu", weights_only=True)
+        if cached.get("paths") == paths:
+            print(f"[postprocess] features of {checkpoint} from cache {cache_path}")
+            info["cached"] = True
+            return cached["features"], info
+        print(f"[postprocess] cache {cache_path} lists other images; extracting again")
+    start = time.time()
+    features = extract_features(
+        model, list(items), height, width, batch_size=args.batch_size, flip=args.flip, workers=args.workers
+    )
+    features = features.float().cpu()
+    info["extract_seconds"] = round(time.time() - start, 2)
+    info["cached"] = False
+    print(
+        f"[postprocess] extracted {tuple(features.shape)} features of {checkpoint} "
+        f"in {info['extract_seconds']} s"
+    )
+    if not args.no_cache:
+        save_checkpoint({"features": features, "paths": paths, "info": dict(info)}, cache_path)
+    return features, info
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter, allow_abbrev=False
+    )
+    # inputs
+    parser.add_argument(
+        "--checkpoints", nargs="+", required=True, help="re-ID checkpoints to ensemble (any arch)"
+    )
+    parser.add_argument(
+        "--archs",
+        nargs="+",
+        default=None,
+        help="override the architecture stored in each checkpoint (one per checkpoint, or one for all)",
+    )
+    parser.add_argument(
+        "--camera-checkpoint", default=None, help="camera model from camera.py (omit: no camera term)"
+    )
+    parser.add_argument("--camera-arch", default=None, help="override the camera checkpoint's architecture")
+    parser.add_argument(
+        "--dataset",
+        default="target_val",
+        help="split to process: target_val (labelled), target_test (submission only), market1501, ...",
+    )
+    parser.add_argument(
+        "--data-root", required=True, help="dataset root (VisDA-2020 layout for target_val/target_test)"
+    )
+    parser.add_argument(
+        "--out", required=True, help="output folder (results, submission, pictures, feature cache)"
+    )
+    # feature extraction
+    parser.add_argument(
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="average features of the image and its mirror (release: on in the ensemble test)",
+    )
+    parser.add_argument(
+        "--height", type=int, default=None, help="input height (default: from the checkpoint, else 256)"
+    )
+    parser.add_argument(
+        "--width", type=int, default=None, help="input width (default: from the checkpoint, else 128)"
+    )
+    parser.add_argument("--batch-size", type=int, default=128, help="feature-extraction batch size")
+    parser.add_argument("--workers", type=int, default=2, help="data-loading worker processes")
+    parser.add_argument("--cache-dir", default=None, help="feature cache folder (default: OUT/feature_cache)")
+    parser.add_argument("--no-cache", action="store_true", help="neither read nor write the feature cache")
+    # post-processing
+    parser.add_argument(
+        "--camera-weight", type=float, default=0.1, help="w in d = d_reid - w * d_cam (slides: 0.1)"
+    )
+    parser.add_argument(
+        "--camera-formula", choices=CAMERA_FORMULAS, default="squared", help=CAMERA_FORMULA_HELP
+    )
+    parser.add_argument(
+        "--rerank",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="k-reciprocal re-ranking (Zhong et al. 2017)",
+    )
+    parser.add_argument("--k1", type=int, default=30, help="re-ranking k1 (slides: 30)")
+    parser.add_argument("--k2", type=int, default=6, help="re-ranking k2 (slides: 6)")
+    parser.add_argument("--lambda-value", type=float, default=0.3, help="re-ranking lambda (slides: 0.3)")
+    # evaluation and outputs
+    parser.add_argument(
+        "--ap-topk",
+        type=int,
+        default=None,
+        help="truncate AP to the top-k ranks (100 = the VisDA-2020 server's metric); default: full AP",
+    )
+    parser.add_argument("--max-rank", type=int, default=50, help="longest CMC rank reported")
+    parser.add_argument(
+        "--submission-topk", type=int, default=100, help="gallery indices per line of result.txt"
+    )
+    parser.add_argument(
+        "--index-digits",
+        type=int,
+        default=5,
+        help="zero-padding of result.txt indices (release: 5; organisers' val example: 4)",
+    )
+    parser.add_argument(
+        "--ablation",
+        action="store_true",
+        help="also evaluate each model alone and every step on/off (needs labels; features are reused)",
+    )
+    parser.add_argument("--num-figures", type=int, default=8, help="ranked-list PNGs to draw (0: none)")
+    parser.add_argument("--figure-topk", type=int, default=10, help="gallery images per ranked-list PNG")
+    parser.add_argument("--seed", type=int, default=0, help="seed for choosing the queries drawn")
+    args = parser.parse_args(argv)
+    if args.archs is not None and len(args.archs) not in (1, len(args.checkpoints)):
+        parser.error(f"--archs: give 1 or {len(args.checkpoints)} names, got {len(args.archs)}")
+    for path in [*args.checkpoints, *([args.camera_checkpoint] if args.camera_checkpoint else [])]:
+        if not os.path.isfile(path):
+            parser.error(f"checkpoint not found: {path}")
+    if args.camera_weight < 0:
+        parser.error(f"--camera-weight must be >= 0, got {args.camera_weight}")
+    if args.k1 < 1 or args.k2 < 1:
+        parser.error(f"--k1/--k2 must be >= 1, got {args.k1}/{args.k2}")
+    if not 0.0 <= args.lambda_value <= 1.0:
+        parser.error(f"--lambda-value must be in [0, 1], got {args.lambda_value}")
+    if args.index_digits < 1 or args.submission_topk < 1:
+        parser.error("--index-digits and --submission-topk must be >= 1")
+    return args
+
+
+def run_variant(
+    name: str,
+    model_features: list[torch.Tensor],
+    camera_features: torch.Tensor | None,
+    num_query: int,
+    use_rerank: bool,
+    args: argparse.Namespace,
+) -> tuple[dict, np.ndarray]:
+    """Distances of one post-processing variant: ensemble -> camera correction -> (re-ranking)."""
+    features = ensemble_features(model_features).numpy()
+    query_features, gallery_features = features[:num_query], features[num_query:]
+    camera = camera_features.numpy() if camera_features is not None else None
+    camera_query = camera[:num_query] if camera is not None else None
+    camera_gallery = camera[num_query:] if camera is not None else None
+    weight, formula = args.camera_weight, args.camera_formula
+    start = time.time()
+    distance_qg = camera_corrected_distance(
+        query_features, gallery_features, camera_query, camera_gallery, weight, formula
+    )
+    if use_rerank:
+        distance_qq = camera_corrected_distance(
+            query_features, query_features, camera_query, camera_query, weight, formula
+        )
+        distance_gg = camera_corrected_distance(
+            gallery_features, gallery_features, camera_gallery, camera_gallery, weight, formula
+        )
+        distance_qg = rerank(
+            distance_qg, distance_qq, distance_gg, args.k1, args.k2, args.lambda_value, formula
+        )
+    row = {
+        "name": name,
+        "models": [],
+        "flip": bool(args.flip),
+        "camera": camera is not None and weight != 0.0,
+        "camera_weight": weight,
+        "camera_formula": formula,
+        "rerank": use_rerank,
+        "k1": args.k1,
+        "k2": args.k2,
+        "lambda_value": args.lambda_value,
+        "distance_seconds": round(time.time() - start, 3),
+    }
+    return row, distance_qg
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else out_dir / "feature_cache"
+    torch.set_grad_enabled(False)
+
+    data = read_dataset(args.dataset, args.data_root)
+    query, gallery = list(data.query), list(data.gallery)
+    if not query or not gallery:
+        raise SystemExit(
+            f"--dataset {args.dataset} at {args.data_root}: empty query ({len(query)}) "
+            f"or gallery ({len(gallery)})"
+        )
+    items = query + gallery
+    has_labels = args.dataset != "target_test" and len({pid for _, pid, _ in query}) > 1
+    print(
+        f"[postprocess] {args.dataset}: {len(query)} query, {len(gallery)} gallery images; "
+        f"labels: {has_labels}"
+    )
+
+    archs = args.archs or [None]
+    model_features, model_infos = [], []
+    for index, checkpoint in enumerate(args.checkpoints):
+        arch = archs[index] if len(archs) > 1 else archs[0]
+        features, info = cached_features(checkpoint, arch, items, args, cache_dir)
+        model_features.append(features)
+        model_infos.append(info)
+    camera_features, camera_info = None, None
+    if args.camera_checkpoint:
+        camera_raw, camera_info = cached_features(
+            args.camera_checkpoint, args.camera_arch, items, args, cache_dir
+        )
+        camera_features = l2_normalize(camera_raw)  # camera embeddings are L2-normalised (ref. §9)
+
+    # Variants: the configured one last (it writes the submission); with --ablation (labelled splits) first
+    # each model alone with the configured post-processing, then the ensemble with every step off/on, all from
+    # the same cached features.
+    all_models = list(range(len(model_infos)))
+    ensemble_name = "ensemble" if len(model_infos) > 1 else model_infos[0]["arch"]
+    variants = []
+    if args.ablation and has_labels:
+        if len(model_infos) > 1:
+            for index, info in enumerate(model_infos):
+                variants.append(
+                    (f"{info['arch']} (model {index + 1})", [index], camera_features, args.rerank)
+                )
+        for camera in [None, camera_features] if camera_features is not None else [None]:
+            for use_rerank in (False, True):
+                if camera is camera_features and use_rerank == args.rerank:
+                    continue  # that is the configured variant, evaluated last
+                variants.append((ensemble_name, all_models, camera, use_rerank))
+    variants.append((f"{ensemble_name} (final)", all_models, camera_features, args.rerank))
+
+    rows = []
+    final_distance = None
+    for name, model_indices, camera, use_rerank in variants:
+        row, distance = run_variant(
+            name, [model_features[i] for i in model_indices], camera, len(query), use_rerank, args
+        )
+        row["models"] = [model_infos[i]["path"] for i in model_indices]
+        if has_labels:
+            row.update(evaluate_distances(distance, query, gallery, args.max_rank, args.ap_topk))
+            print(
+                f"[postprocess] {name:>24}: camera {row['camera']!s:5} re-rank {use_rerank!s:5} "
+                f"mAP {100 * row['mAP']:.1f} top-1 {100 * row['top1']:.1f}"
+            )
+        rows.append(row)
+        final_distance = distance
+
+    submission = write_submission(final_distance, out_dir, args.submission_topk, args.index_digits)
+    figures = []
+    if args.num_figures > 0:
+        figures = draw_ranked_lists(
+            final_distance,
+            query,
+            gallery,
+            out_dir / "ranked_lists",
+            args.num_figures,
+            args.figure_topk,
+            has_labels,
+            args.seed,
+        )
+    results = {
+        "dataset": args.dataset,
+        "data_root": str(Path(args.data_root).resolve()),
+        "num_query": len(query),
+        "num_gallery": len(gallery),
+        "has_labels": has_labels,
+        "models": model_infos,
+        "camera_model": camera_info,
+        "rows": rows,
+        "final": rows[-1],
+        "submission": str(submission),
+        "figures": [str(path) for path in figures],
+        "args": vars(args),
+    }
+    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    table = markdown_table(rows)
+    title = f"Results on {args.dataset} ({'metrics in %' if has_labels else 'no labels: submission only'})"
+    atomic_write_text(out_dir / "results.md", f"## {title}\n\n{table}")
+    print(f"\n{title}\n{table}")
+    print(
+        f"[postprocess] wrote {submission}, {out_dir / 'result.zip'}, {out_dir / 'results.json'}, "
+        f"{out_dir / 'results.md'} and {len(figures)} ranked-list pictures"
+    )
+    return results
+
+
+if __name__ == "__main__":
+    main()
