@@ -1,0 +1,382 @@
+"""Camera classifier for the "negative camera similarity" step of the MMT+ post-processing.
+
+Slides ("Post-processing for Inference"): train a camera classification network (ResNeSt-50 backbone) on the
+target domain; at test time the distance between camera embeddings, weighted by 0.1, is subtracted from the
+re-ID distance (postprocess.py). Following the release (reference-implementation.md §9):
+
+  * task: 5-way classification of the target training images' camera (ids {1,2,4,5,6} -> 0..4); the identity
+    labels are not used (there are none);
+  * data: plain random batches (no P x K sampling), the MMT+ augmentation (resize, flip, pad + crop, random
+    erasing; no AutoAugment);
+  * model: the shared re-ID wrapper of pretrain.py (backbone -> GeM -> BNNeck -> Linear(D, cameras, no bias));
+  * loss: plain cross-entropy on the BNNeck logits (no label smoothing, no triplet);
+  * optimiser: Adam 3.5e-4, weight decay 5e-4, warm-up 10 epochs from factor 0.01, x0.1 at epochs 40 and 70,
+    120 epochs x 200 iterations;
+  * selection: camera top-1 accuracy on target validation (query and gallery images, their camera labels);
+    the best epoch is saved as model_best.pth.
+
+At test time postprocess.py rebuilds the network without its head and uses the L2-normalised eval-mode BNNeck
+feature as the camera embedding.
+
+    python camera.py --data-root DATA --logs-dir logs/camera                  # release settings (resnest50)
+    python camera.py --preset demo --data-root DATA --logs-dir logs/camera    # minutes on 2 CPU cores
+    torchrun --nproc_per_node=2 camera.py ...                                 # DDP
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pretrain import (
+    ImageDataset,
+    IterLoader,
+    JsonlLogger,
+    autocast_context,
+    build_model,
+    build_train_transform,
+    extract_features,
+    is_main_process,
+    load_checkpoint,
+    read_dataset,
+    save_checkpoint,
+    set_seed,
+    setup_distributed,
+)
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+from tqdm import tqdm
+
+# --preset demo: the embedded synthetic benchmark on 2 CPU cores in minutes. Explicit flags still win.
+PRESETS = {
+    "demo": dict(
+        arch="resnet18",
+        height=128,
+        width=64,
+        batch_size=32,
+        epochs=8,
+        iters=20,
+        warmup_epochs=2,
+        milestones=[6],
+        eval_step=2,
+    ),
+}
+
+
+def warmup_multistep_factor(epoch: int, warmup_epochs: int, warmup_factor: float, milestones: Sequence[int]):
+    """Learning-rate multiplier of epoch `epoch` (0-based), stepped once per epoch (ref. §3.6): linear warm-up
+    from `warmup_factor` to 1 over `warmup_epochs`, then x0.1 at every milestone passed."""
+    warmup = 1.0
+    if epoch < warmup_epochs:
+        progress = epoch / warmup_epochs
+        warmup = warmup_factor * (1.0 - progress) + progress
+    return warmup * 0.1 ** sum(1 for milestone in milestones if milestone <= epoch)
+
+
+def camera_accuracy(
+    model: torch.nn.Module,
+    items: Sequence[tuple[str, int, int]],
+    height: int,
+    width: int,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+) -> float:
+    """Top-1 camera accuracy: eval-mode BNNeck features (pretrain.extract_features) -> linear head."""
+    features = extract_features(
+        model, list(items), height, width, batch_size=batch_size, workers=workers, device=device
+    )
+    with torch.no_grad():
+        logits = model.classifier(features.to(device=device, dtype=model.classifier.weight.dtype))
+    predictions = logits.argmax(dim=1).cpu()
+    labels = torch.tensor([camid for _, _, camid in items])
+    return float((predictions == labels).float().mean())
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    loader: IterLoader,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    epoch: int,
+    args: argparse.Namespace,
+) -> dict:
+    """`args.iters` iterations of plain cross-entropy on camera labels."""
+    model.train()
+    loss_sum, correct, seen = 0.0, 0, 0
+    progress = tqdm(
+        range(args.iters),
+        desc=f"camera epoch {epoch + 1}/{args.epochs}",
+        disable=not is_main_process(),
+        dynamic_ncols=True,
+    )
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    for _ in progress:
+        images, _, camids, _ = loader.next()
+        images = images.to(device, memory_format=memory_format, non_blocking=True)
+        camids = camids.to(device)
+        with autocast_context(device, args.amp):
+            _, _, logits = model(images)
+        loss = F.cross_entropy(logits.float(), camids)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += float(loss) * len(camids)
+        correct += int((logits.argmax(dim=1) == camids).sum())
+        seen += len(camids)
+        progress.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+    return {"loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), help="defaults for a setting (explicit flags win)"
+    )
+    # data
+    parser.add_argument("--data-root", required=True, help="dataset root (VisDA-2020 layout)")
+    parser.add_argument(
+        "--train-dataset", default="target_train", help="images with camera labels to train on"
+    )
+    parser.add_argument(
+        "--val-dataset",
+        default="target_val",
+        help="labelled split whose query+gallery cameras select the best epoch",
+    )
+    parser.add_argument(
+        "--logs-dir", default="logs/camera", help="output folder: checkpoint.pth, model_best.pth, log.jsonl"
+    )
+    parser.add_argument("--height", type=int, default=256, help="input height (release: 384)")
+    parser.add_argument("--width", type=int, default=128, help="input width")
+    parser.add_argument(
+        "--random-erasing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="random erasing (the MMT+ transform the release uses for the camera model)",
+    )
+    # model
+    parser.add_argument(
+        "--arch", default="resnest50", help="backbone (pretrain.build_model); slides: resnest50"
+    )
+    parser.add_argument(
+        "--pretrained",
+        default=None,
+        help="ImageNet weights for the backbone: a local file, or 'imagenet' (local torch cache "
+        "only); default: random init",
+    )
+    # optimisation
+    parser.add_argument(
+        "--batch-size", type=int, default=64, help="images per batch (all processes together)"
+    )
+    parser.add_argument("--lr", type=float, default=3.5e-4, help="Adam learning rate")
+    parser.add_argument("--weight-decay", type=float, default=5e-4, help="coupled L2 weight decay (Adam)")
+    parser.add_argument("--epochs", type=int, default=120, help="epochs")
+    parser.add_argument("--iters", type=int, default=200, help="iterations per epoch")
+    parser.add_argument("--warmup-epochs", type=int, default=10, help="linear warm-up epochs")
+    parser.add_argument("--warmup-factor", type=float, default=0.01, help="learning-rate factor at epoch 0")
+    parser.add_argument("--milestones", type=int, nargs="*", default=[40, 70], help="x0.1 at these epochs")
+    parser.add_argument("--eval-step", type=int, default=10, help="validate every N epochs (and the last)")
+    # runtime
+    parser.add_argument("--seed", type=int, default=1, help="random seed")
+    parser.add_argument("--workers", type=int, default=2, help="data-loading worker processes")
+    parser.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="autocast for training (bf16 on CPU, fp16 on CUDA); evaluation is fp32",
+    )
+    parser.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="NHWC memory format for training",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from LOGS_DIR/checkpoint.pth if present"
+    )
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    args = parser.parse_args(argv)
+    if args.preset:
+        parser.set_defaults(**PRESETS[args.preset])
+        args = parser.parse_args(argv)
+    for name in ("epochs", "iters", "eval_step", "batch_size", "height", "width"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    distributed = setup_distributed()
+    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if args.device:
+        device = torch.device(args.device)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        device = torch.device("cpu")
+    set_seed(args.seed + rank)
+    logs_dir = Path(args.logs_dir)
+    logs_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_path, best_path = logs_dir / "checkpoint.pth", logs_dir / "model_best.pth"
+
+    train_items = list(read_dataset(args.train_dataset, args.data_root).train)
+    val_data = read_dataset(args.val_dataset, args.data_root)
+    val_items = list(val_data.query) + list(val_data.gallery)
+    if not train_items:
+        raise SystemExit(f"--train-dataset {args.train_dataset}: no training images under {args.data_root}")
+    num_cameras = max(camid for _, _, camid in train_items) + 1
+    bad = sorted({camid for _, _, camid in val_items if not 0 <= camid < num_cameras})
+    if bad:
+        raise SystemExit(f"--val-dataset {args.val_dataset}: camera ids {bad} unseen in {args.train_dataset}")
+    if args.batch_size % world_size:
+        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by {world_size} processes")
+    per_process_batch = args.batch_size // world_size
+    if len(train_items) < per_process_batch * world_size:
+        raise SystemExit(f"{len(train_items)} training images < one batch of {args.batch_size}")
+
+    # Plain random batches (the release builds the camera loader without P x K sampling).
+    transform = build_train_transform(
+        args.height, args.width, autoaugment=False, random_erasing=args.random_erasing
+    )
+    dataset = ImageDataset(train_items, transform)
+    sampler = (
+        DistributedSampler(dataset, shuffle=True, seed=args.seed, drop_last=True) if distributed else None
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=per_process_batch,
+        shuffle=sampler is None,
+        sampler=sampler,
+        num_workers=args.workers,
+        drop_last=True,
+        pin_memory=device.type == "cuda",
+        persistent_workers=args.workers > 0,
+    )
+    train_loader = IterLoader(loader, args.iters)
+
+    model = build_model(args.arch, num_classes=num_cameras, pretrained=args.pretrained).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda epoch: warmup_multistep_factor(epoch, args.warmup_epochs, args.warmup_factor, args.milestones),
+    )
+    start_epoch, best_accuracy, best_epoch = 0, -1.0, -1
+    if args.resume and checkpoint_path.exists():
+        state = load_checkpoint(checkpoint_path)
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best_accuracy, best_epoch = (
+            state["epoch"] + 1,
+            state["best_accuracy"],
+            state["best_epoch"],
+        )
+        if "rng" in state and world_size == 1:
+            set_rng_state(state["rng"])
+        if is_main_process():
+            print(f"[camera] resumed from {checkpoint_path} at epoch {start_epoch}")
+    training_model = model
+    if distributed:
+        ids = [device.index] if device.type == "cuda" else None
+        training_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    logger = JsonlLogger(logs_dir / "log.jsonl") if is_main_process() else None
+    if logger is not None:
+        logger.log(
+            {
+                "event": "start",
+                "args": vars(args),
+                "num_train": len(train_items),
+                "num_val": len(val_items),
+                "num_cameras": num_cameras,
+                "world_size": world_size,
+                "images_per_batchnorm": per_process_batch,
+                "start_epoch": start_epoch,
+            }
+        )
+
+    def model_state(epoch: int) -> dict:
+        return {
+            "state_dict": model.state_dict(),
+            "arch": args.arch,
+            "num_classes": num_cameras,
+            "feature_dim": model.feature_dim,
+            "height": args.height,
+            "width": args.width,
+            "epoch": epoch,
+            "best_accuracy": best_accuracy,
+            "best_epoch": best_epoch,
+            "kind": "camera",
+            "args": vars(args),
+        }
+
+    for epoch in range(start_epoch, args.epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        train_loader.new_epoch()
+        start = time.time()
+        stats = train_one_epoch(training_model, train_loader, optimizer, device, epoch, args)
+        learning_rate = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        record = {"epoch": epoch + 1, "lr": learning_rate, "seconds": round(time.time() - start, 1), **stats}
+        if is_main_process():
+            if (epoch + 1) % args.eval_step == 0 or epoch + 1 == args.epochs:
+                accuracy = camera_accuracy(
+                    model, val_items, args.height, args.width, 2 * per_process_batch, args.workers, device
+                )
+                record["val_camera_accuracy"] = accuracy
+                if accuracy > best_accuracy:
+                    best_accuracy, best_epoch = accuracy, epoch + 1
+                    save_checkpoint(model_state(epoch), best_path)
+                record["best_val_camera_accuracy"] = best_accuracy
+                print(
+                    f"[camera] epoch {epoch + 1}: val camera accuracy {accuracy:.3f} "
+                    f"(best {best_accuracy:.3f})"
+                )
+            state = model_state(epoch)
+            state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=rng_state())
+            save_checkpoint(state, checkpoint_path)
+            logger.log(record)
+        if distributed:
+            torch.distributed.barrier()
+
+    summary = {
+        "best_val_camera_accuracy": best_accuracy,
+        "best_epoch": best_epoch,
+        "model_best": str(best_path),
+    }
+    if logger is not None:
+        logger.log({"event": "done", **summary})
+        print(
+            f"[camera] done: best val camera accuracy {best_accuracy:.3f} at epoch {best_epoch} "
+            f"-> {best_path}"
+        )
+    if distributed:
+        torch.distributed.destroy_process_group()
+    return summary
+
+
+if __name__ == "__main__":
+    main()
