@@ -1,0 +1,236 @@
+#!/usr/bin/env bash
+# The whole MMT+ chain, data to submission (VisDA-2020 2nd-place system, see the slides in the README):
+#
+#   0. data        the embedded synthetic benchmark (make_demo_data.py), unless --data-root is given
+#   1. encoder     pretrain.py on RAW source images: the re-ID encoder SDA's relation term needs
+#   2. sda         sda.py train, then sda.py translate -> personX_sda/image_train (source-to-target images)
+#   3. pretrain    pretrain.py on personX_sda, two seeds per backbone (init-1 / init-2 of MMT+)
+#   4. mmt         mmt_plus.py per backbone (two students + mean teachers, DSBN, MoCo)
+#   5. camera      camera.py: camera classifier on the target training cameras
+#   6. post        postprocess.py on target_val (ensemble + camera distance + re-ranking, metrics, ablation)
+#                  and on target_test (result.txt / result.zip for the challenge server)
+#
+# Each stage writes a DONE marker into its output folder when its command succeeded; a re-run skips finished
+# stages, so an interrupted pipeline continues where it stopped (an unfinished stage starts again, with --resume
+# where its script supports it). One log per stage in WORK/stage_logs/. The last lines print the results table.
+#
+#   ./run_pipeline.sh                         # embedded benchmark, demo settings (the README's first command)
+#   ./run_pipeline.sh --tiny                  # CI-sized: tiny dataset, a few iterations per stage
+#   ./run_pipeline.sh --data-root /data/visda --preset none --archs "resnest50 densenet169_ibn"
+#                                             # real VisDA-2020 data with the scripts' full (release) settings
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+if [[ -z "${PYTHON:-}" ]]; then
+    if [[ -x "$REPO/.venv/bin/python" ]]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
+fi
+
+usage() {
+    cat <<EOF
+usage: $0 [--data-root DIR] [--work-dir DIR] [--tiny] [--preset NAME|none] [--archs "A B ..."]
+          [--sda-arch ARCH] [--seeds "1 2"] [--workers N] [--no-test-submission]
+
+  --data-root DIR   VisDA-2020 layout root (personX/, target_training/, target_validation/, target_test/, index
+                    files). Default: generate the embedded benchmark into WORK/data. A real data root is never
+                    written to: the pipeline works on WORK/data, a folder of symbolic links to its entries, and
+                    writes the SDA translations (personX_sda/) there.
+  --work-dir DIR    where everything goes (default: runs/pipeline, or runs/pipeline-tiny with --tiny)
+  --tiny            CI-sized run: tiny generated dataset, 64x32 images, 1-2 epochs of a few iterations
+  --preset NAME     --preset passed to every stage script (default: demo; 'none' = the scripts' full settings)
+  --archs "A B"     backbones pre-trained, adapted with MMT+ and ensembled (default: resnet18)
+  --sda-arch ARCH   backbone of SDA's relation encoders (default: the first of --archs)
+  --seeds "1 2"     the two pre-training seeds (init-1 and init-2 of MMT+)
+  --workers N       data-loading workers per stage (default 2)
+  --no-test-submission   skip post-processing target_test
+Environment: PYTHON (interpreter, default .venv/bin/python), EXTRA_<STAGE>_ARGS (extra flags for one stage:
+  EXTRA_ENCODER_ARGS, EXTRA_SDA_ARGS, EXTRA_TRANSLATE_ARGS, EXTRA_PRETRAIN_ARGS, EXTRA_MMT_ARGS,
+  EXTRA_CAMERA_ARGS, EXTRA_POST_ARGS).
+EOF
+}
+
+DATA_ROOT=""
+WORK=""
+TINY=0
+PRESET="demo"
+ARCHS="resnet18"
+SDA_ARCH=""
+SEEDS="1 2"
+WORKERS=2
+TEST_SUBMISSION=1
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --data-root) DATA_ROOT="$2"; shift 2 ;;
+        --work-dir) WORK="$2"; shift 2 ;;
+        --tiny) TINY=1; shift ;;
+        --preset) PRESET="$2"; shift 2 ;;
+        --archs) ARCHS="$2"; shift 2 ;;
+        --sda-arch) SDA_ARCH="$2"; shift 2 ;;
+        --seeds) SEEDS="$2"; shift 2 ;;
+        --workers) WORKERS="$2"; shift 2 ;;
+        --no-test-submission) TEST_SUBMISSION=0; shift ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "run_pipeline.sh: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
+    esac
+done
+read -r -a ARCH_LIST <<< "$ARCHS"
+read -r -a SEED_LIST <<< "$SEEDS"
+if [[ ${#ARCH_LIST[@]} -lt 1 ]]; then echo "run_pipeline.sh: --archs is empty" >&2; exit 2; fi
+if [[ ${#SEED_LIST[@]} -ne 2 ]]; then echo "run_pipeline.sh: --seeds needs exactly two seeds, got '$SEEDS'" >&2; exit 2; fi
+SDA_ARCH="${SDA_ARCH:-${ARCH_LIST[0]}}"
+if [[ -z "$WORK" ]]; then
+    if [[ $TINY -eq 1 ]]; then WORK="runs/pipeline-tiny"; else WORK="runs/pipeline"; fi
+fi
+mkdir -p "$WORK"
+WORK="$(cd "$WORK" && pwd)"
+LOG_DIR="$WORK/stage_logs"
+mkdir -p "$LOG_DIR"
+
+PRESET_ARGS=()
+if [[ "$PRESET" != "none" ]]; then PRESET_ARGS=(--preset "$PRESET"); fi
+
+# Per-stage budget overrides for --tiny (explicit flags win over each script's preset).
+TINY_SIZE=()
+TINY_ENCODER=()
+TINY_SDA=()
+TINY_PRETRAIN=()
+TINY_MMT=()
+TINY_CAMERA=()
+if [[ $TINY -eq 1 ]]; then
+    TINY_SIZE=(--height 64 --width 32)
+    TINY_ENCODER=("${TINY_SIZE[@]}" --epochs 1 --iters 2 --batch-size 16 --eval-step 1)
+    TINY_SDA=("${TINY_SIZE[@]}" --epochs-constant 1 --epochs-decay 0 --iters 2 --batch-size 8 --ngf 8 --ndf 8
+              --n-blocks 1)
+    TINY_PRETRAIN=("${TINY_SIZE[@]}" --epochs 1 --iters 2 --batch-size 16 --eval-step 1)
+    TINY_MMT=("${TINY_SIZE[@]}" --epochs 1 --iters 2 --batch-size 16)
+    TINY_CAMERA=("${TINY_SIZE[@]}" --epochs 1 --iters 2 --batch-size 16 --eval-step 1 --warmup-epochs 1)
+fi
+read -r -a EXTRA_ENCODER <<< "${EXTRA_ENCODER_ARGS:-}"
+read -r -a EXTRA_SDA <<< "${EXTRA_SDA_ARGS:-}"
+read -r -a EXTRA_TRANSLATE <<< "${EXTRA_TRANSLATE_ARGS:-}"
+read -r -a EXTRA_PRETRAIN <<< "${EXTRA_PRETRAIN_ARGS:-}"
+read -r -a EXTRA_MMT <<< "${EXTRA_MMT_ARGS:-}"
+read -r -a EXTRA_CAMERA <<< "${EXTRA_CAMERA_ARGS:-}"
+read -r -a EXTRA_POST <<< "${EXTRA_POST_ARGS:-}"
+
+# run_stage NAME OUTPUT_DIR COMMAND...: skip if OUTPUT_DIR/DONE exists, else run COMMAND with its output in
+# stage_logs/NAME.log and write the marker atomically on success.
+run_stage() {
+    local name="$1" out_dir="$2"
+    shift 2
+    if [[ -f "$out_dir/DONE" ]]; then
+        echo "[pipeline] $name: finished before ($out_dir/DONE), skipped"
+        return 0
+    fi
+    mkdir -p "$out_dir"
+    local log="$LOG_DIR/$name.log" start=$SECONDS status=0
+    echo "[pipeline] $name: started $(date -u +%H:%M:%S), log $log"
+    {
+        echo "# $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+        printf '# %q ' "$@"
+        echo
+    } >> "$log"
+    "$@" >> "$log" 2>&1 || status=$?
+    if [[ $status -ne 0 ]]; then
+        echo "[pipeline] $name: FAILED (exit $status) after $((SECONDS - start)) s; last lines of $log:" >&2
+        tail -n 25 "$log" >&2
+        exit "$status"
+    fi
+    echo "finished $(date -u '+%Y-%m-%d %H:%M:%S UTC') in $((SECONDS - start)) s" > "$out_dir/.DONE.tmp"
+    mv "$out_dir/.DONE.tmp" "$out_dir/DONE"
+    echo "[pipeline] $name: done in $((SECONDS - start)) s"
+}
+
+# The checkpoint each training stage keeps as its result (selected on target validation).
+best_checkpoint() {
+    local dir="$1" candidate
+    for candidate in model_best.pth model_best.pt model_best.pth.tar; do
+        if [[ -f "$dir/$candidate" ]]; then echo "$dir/$candidate"; return 0; fi
+    done
+    echo "run_pipeline.sh: no model_best checkpoint in $dir" >&2
+    return 1
+}
+
+# ---------------------------------------------------------------------------------------------------------------
+# 0. data
+DATA="$WORK/data"
+if [[ -z "$DATA_ROOT" ]]; then
+    DATA_ARGS=(--out "$DATA" --seed 0 --overwrite) # only re-run when unfinished: replace a partial tree
+    if [[ $TINY -eq 1 ]]; then DATA_ARGS+=(--preset tiny); fi
+    run_stage data "$WORK/data_done" "$PYTHON" "$REPO/make_demo_data.py" "${DATA_ARGS[@]}"
+else
+    if [[ ! -d "$DATA_ROOT" ]]; then echo "run_pipeline.sh: --data-root $DATA_ROOT is not a folder" >&2; exit 2; fi
+    DATA_ROOT="$(cd "$DATA_ROOT" && pwd)"
+    mkdir -p "$DATA"
+    for entry in "$DATA_ROOT"/*; do
+        name="$(basename "$entry")"
+        [[ "$name" == "personX_sda" ]] && continue # always re-translated by this pipeline
+        [[ -e "$DATA/$name" ]] || ln -s "$entry" "$DATA/$name"
+    done
+fi
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. source encoder for SDA's relation consistency: pre-trained on raw source images
+ENCODER_DIR="$WORK/encoder-personx-$SDA_ARCH"
+run_stage encoder "$ENCODER_DIR" "$PYTHON" "$REPO/pretrain.py" "${PRESET_ARGS[@]}" --data-root "$DATA" \
+    --source personx --arch "$SDA_ARCH" --seed "${SEED_LIST[0]}" --workers "$WORKERS" \
+    --logs-dir "$ENCODER_DIR" "${TINY_ENCODER[@]}" "${EXTRA_ENCODER[@]}"
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. SDA: train the translator, then write personX_sda/image_train into the work data root
+SDA_DIR="$WORK/sda"
+SDA_RESUME=()
+if [[ -f "$SDA_DIR/checkpoint.pt" ]]; then SDA_RESUME=(--resume); fi
+ENCODER_CHECKPOINT="$(best_checkpoint "$ENCODER_DIR")"
+run_stage sda "$SDA_DIR" "$PYTHON" "$REPO/sda.py" train "${PRESET_ARGS[@]}" --data-root "$DATA" --out "$SDA_DIR" \
+    --arch "$SDA_ARCH" --source-encoder "$ENCODER_CHECKPOINT" --seed "${SEED_LIST[0]}" \
+    --workers "$WORKERS" "${SDA_RESUME[@]}" "${TINY_SDA[@]}" "${EXTRA_SDA[@]}"
+run_stage translate "$WORK/translate_done" "$PYTHON" "$REPO/sda.py" translate --checkpoint "$SDA_DIR/checkpoint.pt" \
+    --data-root "$DATA" --out "$DATA" --workers "$WORKERS" "${EXTRA_TRANSLATE[@]}"
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. pre-training on the translated images, two seeds per backbone; 4. MMT+ per backbone
+MMT_CHECKPOINTS=()
+for arch in "${ARCH_LIST[@]}"; do
+    INIT=()
+    for seed in "${SEED_LIST[@]}"; do
+        dir="$WORK/pretrain-personx_sda-$arch-$seed"
+        run_stage "pretrain-$arch-$seed" "$dir" "$PYTHON" "$REPO/pretrain.py" "${PRESET_ARGS[@]}" --data-root "$DATA" \
+            --source personx_sda --arch "$arch" --seed "$seed" --workers "$WORKERS" --logs-dir "$dir" \
+            "${TINY_PRETRAIN[@]}" "${EXTRA_PRETRAIN[@]}"
+        checkpoint="$(best_checkpoint "$dir")"
+        INIT+=("$checkpoint")
+    done
+    dir="$WORK/mmt-$arch"
+    run_stage "mmt-$arch" "$dir" "$PYTHON" "$REPO/mmt_plus.py" "${PRESET_ARGS[@]}" --data-root "$DATA" --arch "$arch" \
+        --init-1 "${INIT[0]}" --init-2 "${INIT[1]}" --seed "${SEED_LIST[0]}" --workers "$WORKERS" --logs-dir "$dir" \
+        "${TINY_MMT[@]}" "${EXTRA_MMT[@]}"
+    checkpoint="$(best_checkpoint "$dir")"
+    MMT_CHECKPOINTS+=("$checkpoint")
+done
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. camera classifier (slides: ResNeSt-50; the demo preset uses a small backbone)
+CAMERA_DIR="$WORK/camera"
+run_stage camera "$CAMERA_DIR" "$PYTHON" "$REPO/camera.py" "${PRESET_ARGS[@]}" --data-root "$DATA" \
+    --logs-dir "$CAMERA_DIR" --seed "${SEED_LIST[0]}" --workers "$WORKERS" --resume \
+    "${TINY_CAMERA[@]}" "${EXTRA_CAMERA[@]}"
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. post-processing: evaluation + ablation on target_val, challenge submission on target_test
+CAMERA_CHECKPOINT="$(best_checkpoint "$CAMERA_DIR")"
+POST_ARGS=(--checkpoints "${MMT_CHECKPOINTS[@]}" --camera-checkpoint "$CAMERA_CHECKPOINT"
+           --data-root "$DATA" --workers "$WORKERS")
+if [[ -n "$DATA_ROOT" ]]; then POST_ARGS+=(--ap-topk 100); fi # the VisDA server's top-100 AP on real data
+run_stage post-val "$WORK/post-val" "$PYTHON" "$REPO/postprocess.py" "${POST_ARGS[@]}" --dataset target_val \
+    --out "$WORK/post-val" --ablation "${EXTRA_POST[@]}"
+if [[ $TEST_SUBMISSION -eq 1 ]]; then
+    run_stage post-test "$WORK/post-test" "$PYTHON" "$REPO/postprocess.py" "${POST_ARGS[@]}" --dataset target_test \
+        --out "$WORK/post-test" --num-figures 4 "${EXTRA_POST[@]}"
+fi
+
+echo
+if [[ -z "$DATA_ROOT" ]]; then echo "(embedded synthetic benchmark: these are synthetic-benchmark results)"; fi
+cat "$WORK/post-val/results.md"
+echo
+echo "[pipeline] all stages done in $WORK"
+if [[ $TEST_SUBMISSION -eq 1 ]]; then echo "[pipeline] challenge submission: $WORK/post-test/result.zip"; fi

@@ -1,0 +1,82 @@
+"""End-to-end test of run_pipeline.sh on a tiny generated dataset (--tiny), including an interruption: the
+pipeline is killed after its first training stage, re-run (finished stages are skipped, the rest completes),
+and re-run once more (everything skipped, same results)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STAGE_SCRIPTS = ["make_demo_data.py", "pretrain.py", "sda.py", "mmt_plus.py", "camera.py", "postprocess.py"]
+
+pytestmark = pytest.mark.slow
+
+
+def pipeline_command(work: Path) -> list[str]:
+    return ["bash", str(REPO / "run_pipeline.sh"), "--tiny", "--work-dir", str(work), "--workers", "0"]
+
+
+def environment() -> dict:
+    env = dict(os.environ)
+    env["PYTHON"] = sys.executable
+    env.setdefault("OMP_NUM_THREADS", "2")
+    return env
+
+
+def test_pipeline_end_to_end_with_interruption(tmp_path):
+    missing = [name for name in STAGE_SCRIPTS if not (REPO / name).exists()]
+    if missing:
+        pytest.skip(f"stage scripts not in the repository yet: {', '.join(missing)}")
+    work = tmp_path / "work"
+
+    # 1. start, and interrupt once the first training stage (the SDA encoder) has finished
+    process = subprocess.Popen(pipeline_command(work), cwd=REPO, env=environment(), start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if list(work.glob("encoder-*/DONE")):
+            break
+        time.sleep(0.5)
+    interrupted = process.poll() is None
+    if interrupted:
+        os.killpg(process.pid, signal.SIGTERM)
+    first_output = process.communicate(timeout=60)[0]
+    assert interrupted, f"the pipeline ended before it could be interrupted:\n{first_output[-3000:]}"
+    assert not (work / "post-val" / "DONE").exists()
+
+    # 2. re-run: finished stages are skipped, the rest runs to the end
+    start = time.time()
+    second = subprocess.run(pipeline_command(work), cwd=REPO, env=environment(), capture_output=True,
+                            text=True, timeout=900)  # fmt: skip
+    output = second.stdout + second.stderr
+    assert second.returncode == 0, output[-5000:]
+    assert "data: finished before" in output and "encoder: finished before" in output
+    for stage in ["sda", "translate", "mmt-resnet18", "camera", "post-val", "post-test"]:
+        assert f"{stage}: done in" in output, stage
+    second_seconds = time.time() - start
+    table = (work / "post-val" / "results.md").read_text()
+    assert "(final)" in table and table.strip().split("\n")[-1] in output
+    for name in ["encoder.log", "sda.log", "translate.log", "camera.log", "post-val.log", "post-test.log"]:
+        assert (work / "stage_logs" / name).stat().st_size > 0, name
+    translated = list((work / "data" / "personX_sda" / "image_train").glob("*.jpg"))
+    raw = list((work / "data" / "personX" / "image_train").glob("*.jpg"))
+    assert len(translated) == len(raw) > 0
+    submission = (work / "post-test" / "result.txt").read_text().splitlines()
+    test_queries = (work / "data" / "index_test_query.txt").read_text().splitlines()
+    assert len(submission) == len([line for line in test_queries if line.strip()])
+    assert (work / "post-test" / "result.zip").exists()
+
+    # 3. another re-run skips every stage and prints the same table
+    start = time.time()
+    third = subprocess.run(pipeline_command(work), cwd=REPO, env=environment(), capture_output=True,
+                           text=True, timeout=300)  # fmt: skip
+    assert third.returncode == 0, (third.stdout + third.stderr)[-3000:]
+    assert "done in" not in third.stdout.replace("all stages done in", "")
+    assert third.stdout.count("finished before") >= 8
+    assert table.strip().split("\n")[-1] in third.stdout
+    assert time.time() - start < max(30.0, 0.5 * second_seconds)
