@@ -332,6 +332,14 @@ def load_encoder(arch: str, path: str | Path, num_classes: int = 0) -> nn.Module
     return model
 
 
+def classifier_weight(path: str | Path, shape: torch.Size) -> torch.Tensor | None:
+    """The checkpoint's `classifier.weight` if it exists with this shape, else None."""
+    for key, value in read_model_state(path).items():
+        if key.removeprefix("module.") == "classifier.weight" and value.shape == shape:
+            return value
+    return None
+
+
 def freeze(model: nn.Module) -> nn.Module:
     """Eval mode (BN running statistics) and no parameter gradients; inputs can still receive gradients."""
     model.eval()
@@ -539,15 +547,11 @@ def train(args: argparse.Namespace) -> None:
             # source encoder checkpoint (trained on the same identities), else pretrain's fresh
             # initialisation.
             target_encoder = load_encoder(args.arch, target_path, num_classes=source.num_train_pids)
-            source_state = read_model_state(args.source_encoder)
-            target_state = read_model_state(target_path)
-            key = next((k for k in target_state if k.removeprefix("module.") == "classifier.weight"), None)
-            if key is None or target_state[key].shape != target_encoder.classifier.weight.shape:
-                key = next(
-                    (k for k in source_state if k.removeprefix("module.") == "classifier.weight"), None
-                )
-                if key is not None and source_state[key].shape == target_encoder.classifier.weight.shape:
-                    target_encoder.classifier.weight.data.copy_(source_state[key])
+            shape = target_encoder.classifier.weight.shape
+            if classifier_weight(target_path, shape) is None:
+                source_classifier = classifier_weight(args.source_encoder, shape)
+                if source_classifier is not None:
+                    target_encoder.classifier.weight.data.copy_(source_classifier)
             target_encoder.to(device, memory_format=memory_format)
             set_batchnorm_eval(target_encoder)
         else:
