@@ -5,7 +5,10 @@ benchmark."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -452,3 +455,26 @@ def test_random_seed_module_is_not_shared():
     out_a = a.query(batch)
     random.random()
     assert torch.equal(out_a, b.query(batch))
+
+
+def test_ddp_with_torchrun_two_processes(tmp_path, tiny_data_root, encoder_checkpoint):
+    """Two CPU processes (gloo) with --online-relation: every DDP-wrapped module gets gradients each step."""
+    out = tmp_path / "ddp"
+    script = Path(sda.__file__).resolve()
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+    ]
+    command += ["train", "--data-root", str(tiny_data_root), "--out", str(out), "--source-encoder"]
+    command += [str(encoder_checkpoint), "--online-relation", "--epochs-constant", "1", "--epochs-decay", "0"]
+    environment = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command + TINY, capture_output=True, text=True, timeout=300, env=environment)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_log(out / "log.jsonl")
+    assert [r["step"] for r in records] == [1, 2]  # only rank 0 logs
+    assert torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)["global_step"] == 2
