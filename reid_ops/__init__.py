@@ -1,0 +1,357 @@
+"""reid_ops: the hot operations of person re-identification, as a C++/CUDA PyTorch extension.
+
+Every function accepts torch tensors (CPU, or CUDA when the CUDA kernels were built) or numpy
+arrays, and returns numpy when given numpy, torch otherwise. No function allocates an N x N
+matrix unless N x N is its output.
+
+    pairwise_distance(x, y, metric="sqeuclidean")            -> (M, N) float32
+    knn(x, y, k, metric="sqeuclidean")                        -> (distances, indices), (M, k)
+    re_ranking(query_features, gallery_features, k1, k2, lambda_value)         -> (Q, G)
+    re_ranking_from_distances(q_g, q_q, g_g, k1, k2, lambda_value)             -> (Q, G)
+    jaccard_graph(features, k1=20, k2=6, max_distance=1.0)   -> scipy.sparse.csr_matrix (N, N)
+    gem(x, p, eps=1e-6)                                       -> (N, C), differentiable in x and p
+    evaluate_rank(distmat, query_pids, gallery_pids, query_camids, gallery_camids, max_rank=50, ap_topk=None)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import scipy.sparse
+import torch
+
+from . import _C  # noqa: F401  (loads the library: registers torch.ops.reid_ops.*)
+
+__all__ = [
+    "pairwise_distance",
+    "knn",
+    "re_ranking",
+    "re_ranking_from_distances",
+    "jaccard_graph",
+    "gem",
+    "evaluate_rank",
+    "compiled_with_cuda",
+]
+
+_ops = torch.ops.reid_ops
+_METRICS = {"sqeuclidean": 0, "euclidean": 1, "cosine": 2}
+
+
+def compiled_with_cuda() -> bool:
+    """Whether the CUDA kernels were compiled into this build."""
+    return bool(_ops._compiled_with_cuda())
+
+
+# ----------------------------------------------------------------------------------------------
+# input handling
+
+
+def _as_tensor(value: Any, name: str) -> tuple[torch.Tensor, bool]:
+    """Returns (float32 tensor, came_from_numpy); rejects non-numeric input with a clear message."""
+    was_numpy = isinstance(value, np.ndarray)
+    if was_numpy:
+        tensor = torch.from_numpy(np.ascontiguousarray(value))
+    elif isinstance(value, torch.Tensor):
+        tensor = value.detach()
+    else:
+        raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
+    if not (tensor.is_floating_point()):
+        raise TypeError(f"{name} must hold floating-point values, got dtype {tensor.dtype}")
+    return tensor, was_numpy
+
+
+def _check_features(tensor: torch.Tensor, name: str) -> None:
+    if tensor.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (num_samples, dim), got shape {tuple(tensor.shape)}")
+    if tensor.shape[0] == 0:
+        raise ValueError(f"{name} is empty (0 rows)")
+    if tensor.shape[1] == 0:
+        raise ValueError(f"{name} has 0 feature dimensions")
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name} contains NaN or Inf values")
+
+
+def _check_pair(x: torch.Tensor, y: torch.Tensor, xn: str, yn: str) -> None:
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"feature dimensions differ: {xn} has {x.shape[1]}, {yn} has {y.shape[1]}")
+    if x.device != y.device:
+        raise ValueError(f"{xn} is on {x.device} but {yn} is on {y.device}")
+
+
+def _metric_code(metric: str) -> int:
+    if metric not in _METRICS:
+        raise ValueError(f"metric must be one of {sorted(_METRICS)}, got {metric!r}")
+    return _METRICS[metric]
+
+
+def _check_int(value: Any, name: str, low: int, high: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if not low <= int(value) <= high:
+        raise ValueError(f"{name} must be between {low} and {high} ({what}), got {name}={value}")
+    return int(value)
+
+
+def _float32(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to(torch.float32).contiguous()
+
+
+def _out(tensor: torch.Tensor, to_numpy: bool) -> Any:
+    return tensor.cpu().numpy() if to_numpy else tensor
+
+
+# ----------------------------------------------------------------------------------------------
+# distances
+
+
+def pairwise_distance(x: Any, y: Any, metric: str = "sqeuclidean") -> Any:
+    """(M, N) float32 distances between the rows of x and y.
+
+    metric: "sqeuclidean" ||x - y||^2, "euclidean" ||x - y||, "cosine" 1 - cos(x, y).
+    Computed by GEMM into the output; entries of near-identical rows are recomputed from the
+    difference, so identical rows give exactly 0 and no entry is negative.
+    """
+    xt, x_np = _as_tensor(x, "x")
+    yt, _ = _as_tensor(y, "y")
+    _check_features(xt, "x")
+    _check_features(yt, "y")
+    _check_pair(xt, yt, "x", "y")
+    out = _ops.pairwise_distance(_float32(xt), _float32(yt), _metric_code(metric))
+    return _out(out, x_np)
+
+
+def knn(x: Any, y: Any, k: int, metric: str = "sqeuclidean") -> tuple[Any, Any]:
+    """The k nearest rows of y for every row of x: (distances, indices), both (M, k), ascending.
+
+    Ties are broken by the smaller index. Works in blocks: M x N is never materialised.
+    """
+    xt, x_np = _as_tensor(x, "x")
+    yt, _ = _as_tensor(y, "y")
+    _check_features(xt, "x")
+    _check_features(yt, "y")
+    _check_pair(xt, yt, "x", "y")
+    k = _check_int(k, "k", 1, yt.shape[0], f"y has {yt.shape[0]} rows")
+    dist, idx = _ops.knn(_float32(xt), _float32(yt), k, _metric_code(metric))
+    return _out(dist, x_np), _out(idx, x_np)
+
+
+# ----------------------------------------------------------------------------------------------
+# k-reciprocal re-ranking (Zhong et al., CVPR 2017) and the clustering Jaccard graph
+
+
+def _half(k1: int) -> int:
+    # numpy's around(k1 / 2): round half to even, as the classic implementation
+    return int(np.around(k1 / 2.0))
+
+
+def _check_rerank_params(k1: Any, k2: Any, lambda_value: Any, n: int) -> tuple[int, int, float]:
+    k1 = _check_int(k1, "k1", 1, n - 1, f"the k1 + 1 nearest neighbours must exist among Q + G = {n} points")
+    k2 = _check_int(k2, "k2", 1, n, f"Q + G = {n} points")
+    if not isinstance(lambda_value, (int, float, np.floating)) or not 0.0 <= float(lambda_value) <= 1.0:
+        raise ValueError(f"lambda_value must be a number in [0, 1], got {lambda_value!r}")
+    return k1, k2, float(lambda_value)
+
+
+def _expanded_jaccard_rows(rank: torch.Tensor, weights_fn, list_len: int, half_len: int, k2: int):
+    """Shared middle of both Jaccard variants: R*(i) -> Gaussian weights V -> query expansion V'."""
+    indptr, indices = _ops._kreciprocal_expansion(rank, list_len, half_len)
+    values = weights_fn(indptr, indices)
+    if k2 != 1:  # the classic code skips expansion for k2 == 1 (rank[i, 0] need not be i)
+        indptr, indices, values = _ops._query_expansion(indptr, indices, values, rank, k2)
+    return indptr, indices, values
+
+
+def re_ranking(
+    query_features: Any, gallery_features: Any, k1: int = 20, k2: int = 6, lambda_value: float = 0.3
+) -> Any:
+    """k-reciprocal re-ranking of the Euclidean distances between query and gallery features.
+
+    Equals re_ranking_from_distances(euclidean q-g, q-q, g-g) (the classic algorithm), but the
+    distances are computed in blocks: peak memory O((Q + G) * k1 * k2 + Q * G), never (Q + G)^2.
+    Returns the (Q, G) float32 final distance.
+    """
+    qt, q_np = _as_tensor(query_features, "query_features")
+    gt, _ = _as_tensor(gallery_features, "gallery_features")
+    _check_features(qt, "query_features")
+    _check_features(gt, "gallery_features")
+    _check_pair(qt, gt, "query_features", "gallery_features")
+    num_query = qt.shape[0]
+    n = num_query + gt.shape[0]
+    k1, k2, lambda_value = _check_rerank_params(k1, k2, lambda_value, n)
+    features = torch.cat([_float32(qt), _float32(gt)], 0)
+    kmax = max(k1 + 1, k2)
+    rank, row_max, q_g = _ops._neighbors_from_features(features, kmax, num_query)
+    indptr, indices, values = _expanded_jaccard_rows(
+        rank,
+        lambda ip, ix: _ops._weights_from_features(features, ip, ix, row_max),
+        k1 + 1,
+        _half(k1) + 1,
+        k2,
+    )
+    # q_g holds squared distances; the final distance overwrites it in place
+    _ops._jaccard_rerank_out(indptr, indices, values, num_query, q_g, row_max, False, lambda_value, q_g)
+    return _out(q_g, q_np)
+
+
+def re_ranking_from_distances(
+    q_g_dist: Any, q_q_dist: Any, g_g_dist: Any, k1: int = 20, k2: int = 6, lambda_value: float = 0.3
+) -> Any:
+    """Drop-in replacement of the classic numpy re_ranking(q_g_dist, q_q_dist, g_g_dist, ...).
+
+    Same semantics: the inputs are squared, each row of the (Q + G) x (Q + G) matrix is
+    normalised by its maximum, k1 + 1 forward neighbours (self included), round(k1 / 2)
+    reciprocal expansion under the 2/3 rule, Gaussian weights, k2 query expansion, Jaccard
+    distance and lambda fusion. Ties in the ranking are broken by index (a stable sort). Memory:
+    the inputs, the (Q, G) output and O((Q + G) * k1 * k2).
+    """
+    qg, q_np = _as_tensor(q_g_dist, "q_g_dist")
+    qq, _ = _as_tensor(q_q_dist, "q_q_dist")
+    gg, _ = _as_tensor(g_g_dist, "g_g_dist")
+    for tensor, name in ((qg, "q_g_dist"), (qq, "q_q_dist"), (gg, "g_g_dist")):
+        if tensor.dim() != 2 or tensor.numel() == 0:
+            raise ValueError(f"{name} must be a non-empty 2-D matrix, got shape {tuple(tensor.shape)}")
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{name} contains NaN or Inf values")
+    num_query, num_gallery = qg.shape
+    if tuple(qq.shape) != (num_query, num_query):
+        raise ValueError(f"q_q_dist must be ({num_query}, {num_query}) to match q_g_dist, got {tuple(qq.shape)}")
+    if tuple(gg.shape) != (num_gallery, num_gallery):
+        raise ValueError(
+            f"g_g_dist must be ({num_gallery}, {num_gallery}) to match q_g_dist, got {tuple(gg.shape)}"
+        )
+    if not (qg.device == qq.device == gg.device):
+        raise ValueError("q_g_dist, q_q_dist and g_g_dist must be on the same device")
+    n = num_query + num_gallery
+    k1, k2, lambda_value = _check_rerank_params(k1, k2, lambda_value, n)
+    qg, qq, gg = _float32(qg), _float32(qq), _float32(gg)
+    # The classic code normalises *columns* of the full matrix, then transposes; rows of the
+    # transposed blocks give the same result for non-symmetric q_q / g_g.
+    qq_t = qq if torch.equal(qq, qq.t()) else qq.t().contiguous()
+    gg_t = gg if torch.equal(gg, gg.t()) else gg.t().contiguous()
+    kmax = max(k1 + 1, k2)
+    rank, row_max = _ops._neighbors_from_distances(qg, qq_t, gg_t, kmax)
+    indptr, indices, values = _expanded_jaccard_rows(
+        rank,
+        lambda ip, ix: _ops._weights_from_distances(qg, qq_t, gg_t, row_max, ip, ix),
+        k1 + 1,
+        _half(k1) + 1,
+        k2,
+    )
+    out = torch.empty_like(qg)
+    _ops._jaccard_rerank_out(indptr, indices, values, num_query, qg, row_max, True, lambda_value, out)
+    return _out(out, q_np)
+
+
+def jaccard_graph(features: Any, k1: int = 20, k2: int = 6, max_distance: float = 1.0) -> scipy.sparse.csr_matrix:
+    """Sparse k-reciprocal Jaccard distances for clustering (the SpCL / MMT+ variant).
+
+    k1 nearest neighbours (self included) by squared Euclidean distance, k-reciprocal sets with
+    round(k1 / 2) expansion under the 2/3 rule, weights softmax(-||f_i - f_j||^2) over R*(i)
+    (features are expected to be L2-normalised by the caller), k2 query expansion, Jaccard
+    distance clamped at 0; no lambda fusion. Returns an (N, N) CSR matrix holding every pair with
+    distance < max_distance plus the diagonal as explicit zeros; with max_distance=1 every pair
+    not stored has distance exactly 1. Pass it to sklearn's DBSCAN(metric="precomputed").
+    """
+    ft, _ = _as_tensor(features, "features")
+    _check_features(ft, "features")
+    n = ft.shape[0]
+    k1 = _check_int(k1, "k1", 1, n, f"features has {n} rows")
+    k2 = _check_int(k2, "k2", 1, k1, "query expansion uses the first k2 of the k1 neighbours")
+    if not isinstance(max_distance, (int, float, np.floating)) or not 0.0 < float(max_distance) <= 1.0:
+        raise ValueError(f"max_distance must be in (0, 1], got {max_distance!r}")
+    features32 = _float32(ft)
+    rank, _, _ = _ops._neighbors_from_features(features32, k1, 0)
+    empty = torch.empty(0, device=features32.device)
+    indptr, indices, values = _expanded_jaccard_rows(
+        rank,
+        lambda ip, ix: _ops._weights_from_features(features32, ip, ix, empty),
+        k1,
+        min(_half(k1) + 1, k1),
+        k2,
+    )
+    g_indptr, g_indices, g_data = _ops._jaccard_graph(indptr, indices, values, float(max_distance))
+    return scipy.sparse.csr_matrix(
+        (g_data.cpu().numpy(), g_indices.cpu().numpy(), g_indptr.cpu().numpy()), shape=(n, n)
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# GeM pooling
+
+
+def gem(x: torch.Tensor, p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Generalized-mean pooling (Radenovic et al.): (mean_hw max(x, eps)^p)^(1/p) -> (N, C).
+
+    x: (N, C, H, W), contiguous or channels_last; p: a one-element tensor (learnable). Fused
+    forward and backward kernels; gradients flow to x and p. The output has x's dtype.
+    """
+    if not isinstance(x, torch.Tensor) or not isinstance(p, torch.Tensor):
+        raise TypeError("gem expects torch tensors for x and p")
+    if x.dim() != 4:
+        raise ValueError(f"gem: x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if p.numel() != 1:
+        raise ValueError(f"gem: p must hold exactly one value, got shape {tuple(p.shape)}")
+    if not eps > 0:
+        raise ValueError(f"gem: eps must be > 0, got {eps}")
+    return _ops.gem(x, p, float(eps))
+
+
+# ----------------------------------------------------------------------------------------------
+# ranking metrics
+
+
+def evaluate_rank(
+    distmat: Any,
+    query_pids: Any,
+    gallery_pids: Any,
+    query_camids: Any,
+    gallery_camids: Any,
+    max_rank: int = 50,
+    ap_topk: int | None = None,
+) -> dict[str, Any]:
+    """CMC, mAP and mINP under the Market-1501 protocol.
+
+    Gallery items with the query's identity *and* camera are removed from its ranking; queries
+    without any remaining true match are excluded (reported in num_valid_queries). Ties in
+    distance are ranked by gallery index. ap_topk=100 gives the VisDA-2020 truncated AP: the
+    junk-free part of the first 100 ranks, normalised by the hits inside it. Returns
+    {"cmc": (max_rank,) array, "mAP", "mINP", "num_valid_queries", "all_ap", "all_inp", "valid"}.
+    """
+    dist, _ = _as_tensor(distmat, "distmat")
+    if dist.dim() != 2 or dist.numel() == 0:
+        raise ValueError(f"distmat must be a non-empty 2-D (num_query, num_gallery) matrix, got {tuple(dist.shape)}")
+    if torch.isnan(dist).any():
+        raise ValueError("distmat contains NaN values")
+    num_query, num_gallery = dist.shape
+    ids = {}
+    for value, name, expected in (
+        (query_pids, "query_pids", num_query),
+        (gallery_pids, "gallery_pids", num_gallery),
+        (query_camids, "query_camids", num_query),
+        (gallery_camids, "gallery_camids", num_gallery),
+    ):
+        array = torch.as_tensor(np.asarray(value.cpu() if isinstance(value, torch.Tensor) else value))
+        if array.dim() != 1 or array.numel() != expected:
+            raise ValueError(f"{name} must have {expected} entries (one per distmat {'row' if 'query' in name else 'column'}), got shape {tuple(array.shape)}")
+        if array.is_floating_point() or array.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integers, got dtype {array.dtype}")
+        ids[name] = array.to(torch.int64)
+    max_rank = _check_int(max_rank, "max_rank", 1, 1 << 30, "ranks reported in the CMC")
+    topk = 0 if ap_topk is None else _check_int(ap_topk, "ap_topk", 1, 1 << 30, "truncated AP")
+    cmc, ap, inp, valid = _ops._rank_metrics(
+        dist.cpu(), ids["query_pids"], ids["gallery_pids"], ids["query_camids"], ids["gallery_camids"], max_rank, topk
+    )
+    num_valid = int(valid.sum())
+    if num_valid == 0:
+        raise ValueError("no query has a valid match in the gallery (same identity seen by another camera)")
+    valid_np = valid.numpy()
+    return {
+        "cmc": cmc.numpy()[valid_np].astype(np.float64).mean(0),
+        "mAP": float(ap.numpy()[valid_np].mean()),
+        "mINP": float(inp.numpy()[valid_np].mean()),
+        "num_valid_queries": num_valid,
+        "all_ap": ap.numpy(),
+        "all_inp": inp.numpy(),
+        "valid": valid_np,
+    }
