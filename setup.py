@@ -23,6 +23,19 @@ def want_cuda() -> bool:
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
+def cuda_library_includes() -> list[str]:
+    """Header folders of the CUDA math libraries shipped as pip wheels (nvidia-*), which a bare
+    CUDA toolkit may lack (ATen's CUDA headers include cusparse.h / cublas_v2.h)."""
+    try:
+        import nvidia  # the namespace package installed with torch's CUDA wheels
+    except ImportError:
+        return []
+    found = []
+    for base in getattr(nvidia, "__path__", []):
+        found += [os.path.dirname(h) for h in glob.glob(os.path.join(base, "*", "include", "cusparse.h"))]
+    return sorted(set(found))
+
+
 def extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "ops", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "ops", "cpu", "*.cpp")))
@@ -34,6 +47,7 @@ def extension():
             "reid_ops._C",
             sources,
             define_macros=[("WITH_CUDA", None)],
+            include_dirs=cuda_library_includes(),
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]},
             extra_link_args=["-fopenmp"],
         )
