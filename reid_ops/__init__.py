@@ -225,15 +225,13 @@ def re_ranking_from_distances(
     n = num_query + num_gallery
     k1, k2, lambda_value = _check_rerank_params(k1, k2, lambda_value, n)
     qg, qq, gg = _float32(qg), _float32(qq), _float32(gg)
-    # The classic code normalises *columns* of the full matrix, then transposes; rows of the
-    # transposed blocks give the same result for non-symmetric q_q / g_g.
-    qq_t = qq if torch.equal(qq, qq.t()) else qq.t().contiguous()
-    gg_t = gg if torch.equal(gg, gg.t()) else gg.t().contiguous()
     kmax = max(k1 + 1, k2)
-    rank, row_max = _ops._neighbors_from_distances(qg, qq_t, gg_t, kmax)
+    # (the kernels follow the classic code exactly, including its column-wise normalisation, so
+    # non-symmetric q_q / g_g give the same result as the numpy version)
+    rank, row_max = _ops._neighbors_from_distances(qg, qq, gg, kmax)
     indptr, indices, values = _expanded_jaccard_rows(
         rank,
-        lambda ip, ix: _ops._weights_from_distances(qg, qq_t, gg_t, row_max, ip, ix),
+        lambda ip, ix: _ops._weights_from_distances(qg, qq, gg, row_max, ip, ix),
         k1 + 1,
         _half(k1) + 1,
         k2,

@@ -10,15 +10,16 @@ TORCH_LIBRARY_FRAGMENT(reid_ops, m) {
   // kNN lists (squared Euclidean, exact rescoring) of all rows against all rows, each row's
   // maximum squared distance, and (if num_query > 0) the query x gallery squared distances.
   m.def("_neighbors_from_features(Tensor features, int kmax, int num_query) -> (Tensor, Tensor, Tensor)");
-  // kNN lists of the rows of R = [[q_q^T, q_g], [q_g^T, g_g^T]] ordered by R^2 / rowmax(R^2).
-  m.def("_neighbors_from_distances(Tensor q_g, Tensor q_q_t, Tensor g_g_t, int kmax) -> (Tensor, Tensor)");
+  // kNN lists of the columns of M = [[q_q, q_g], [q_g^T, g_g]], ordered by M^2 / colmax(M^2) (the
+  // classic code normalises columns and transposes), and each column's maximum of M^2.
+  m.def("_neighbors_from_distances(Tensor q_g, Tensor q_q, Tensor g_g, int kmax) -> (Tensor, Tensor)");
   // CSR (indptr, indices) of the expanded k-reciprocal sets R*(i).
   m.def("_kreciprocal_expansion(Tensor rank, int list_len, int half_list_len) -> (Tensor, Tensor)");
   // Gaussian weights on the CSR pattern; row_max empty: exp(-||fi-fj||^2) (clustering variant),
   // otherwise exp(-||fi-fj||^2 / row_max[i]).
   m.def("_weights_from_features(Tensor features, Tensor indptr, Tensor indices, Tensor row_max) -> Tensor");
   m.def(
-      "_weights_from_distances(Tensor q_g, Tensor q_q_t, Tensor g_g_t, Tensor row_max, Tensor indptr, "
+      "_weights_from_distances(Tensor q_g, Tensor q_q, Tensor g_g, Tensor row_max, Tensor indptr, "
       "Tensor indices) -> Tensor");
   // V'[i] = mean of V over rows rank[i, :k2].
   m.def("_query_expansion(Tensor indptr, Tensor indices, Tensor values, Tensor rank, int k2) -> (Tensor, Tensor, Tensor)");

@@ -18,7 +18,7 @@
 namespace reid_ops {
 
 constexpr int64_t kRescoreMargin = 8;
-constexpr int64_t kRowBlock = 256;
+constexpr int64_t kRowBlock = 1024;
 constexpr int64_t kColBlock = 4096;
 
 inline std::vector<float> row_factors(const at::Tensor& x, int64_t metric) {

@@ -41,45 +41,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> neighbors_from_features_cpu(const
   return {rank, row_max, qg};
 }
 
-// Row i of R = [[q_q^T, q_g], [q_g^T, g_g^T]] (see ../rerank.cpp), squared, written to `out`.
+// The classic code squares M = [[q_q, q_g], [q_g^T, g_g]], divides each *column* by its maximum
+// and transposes, so row i of its normalised matrix is column i of M. value(i, j) = M[j, i]^2.
 struct DistanceRows {
   const float* qg;
-  const float* qqt;
-  const float* ggt;
+  const float* qq;
+  const float* gg;
   int64_t Q, G;
 
   float value(int64_t i, int64_t j) const {
     float r;
-    if (i < Q) {
-      r = j < Q ? qqt[i * Q + j] : qg[i * G + (j - Q)];
+    if (j < Q) {
+      r = i < Q ? qq[j * Q + i] : qg[j * G + (i - Q)];
     } else {
-      r = j < Q ? qg[j * G + (i - Q)] : ggt[(i - Q) * G + (j - Q)];
+      r = i < Q ? qg[i * G + (j - Q)] : gg[(j - Q) * G + (i - Q)];
     }
     return r * r;
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> neighbors_from_distances_cpu(const at::Tensor& qg_in, const at::Tensor& qqt_in,
-                                                                const at::Tensor& ggt_in, int64_t kmax) {
+std::tuple<at::Tensor, at::Tensor> neighbors_from_distances_cpu(const at::Tensor& qg_in, const at::Tensor& qq_in,
+                                                                const at::Tensor& gg_in, int64_t kmax) {
   const auto qg = qg_in.to(at::kFloat).contiguous();
-  const auto qqt = qqt_in.to(at::kFloat).contiguous();
-  const auto ggt = ggt_in.to(at::kFloat).contiguous();
+  const auto qq = qq_in.to(at::kFloat).contiguous();
+  const auto gg = gg_in.to(at::kFloat).contiguous();
   const int64_t Q = qg.size(0), G = qg.size(1), n = Q + G;
   TORCH_CHECK(kmax >= 1 && kmax <= n, "number of neighbours (", kmax, ") must be between 1 and Q + G = ", n);
   auto rank = at::empty({n, kmax}, qg.options().dtype(at::kLong));
   auto row_max = at::empty({n}, qg.options());
-  const DistanceRows rows{qg.data_ptr<float>(), qqt.data_ptr<float>(), ggt.data_ptr<float>(), Q, G};
+  const DistanceRows rows{qg.data_ptr<float>(), qq.data_ptr<float>(), gg.data_ptr<float>(), Q, G};
   int64_t* rp = rank.data_ptr<int64_t>();
   float* mp = row_max.data_ptr<float>();
-  // Gallery rows read a column of q_g: visit them in tiles of 16 so each cache line is used fully.
+  // Rows are columns of M: visit them in tiles of 16 so that every cache line read is used fully.
   constexpr int64_t kTile = 16;
-  const int64_t num_tiles = Q + (G + kTile - 1) / kTile;  // one "tile" per query row, then gallery tiles
+  const int64_t num_tiles = (n + kTile - 1) / kTile;
   at::parallel_for(0, num_tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> values(kTile * n);
     std::vector<float> heap_d(kmax);
     for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t first = tile < Q ? tile : Q + (tile - Q) * kTile;
-      const int64_t count = tile < Q ? 1 : std::min(kTile, n - first);
+      const int64_t first = tile * kTile;
+      const int64_t count = std::min(kTile, n - first);
       for (int64_t j = 0; j < n; ++j) {
         for (int64_t r = 0; r < count; ++r) values[r * n + j] = rows.value(first + r, j);
       }
@@ -166,14 +167,14 @@ at::Tensor weights_from_features_cpu(const at::Tensor& features_in, const at::Te
   });
 }
 
-at::Tensor weights_from_distances_cpu(const at::Tensor& qg_in, const at::Tensor& qqt_in, const at::Tensor& ggt_in,
+at::Tensor weights_from_distances_cpu(const at::Tensor& qg_in, const at::Tensor& qq_in, const at::Tensor& gg_in,
                                       const at::Tensor& row_max_in, const at::Tensor& indptr_in,
                                       const at::Tensor& indices_in) {
   const auto qg = qg_in.to(at::kFloat).contiguous();
-  const auto qqt = qqt_in.to(at::kFloat).contiguous();
-  const auto ggt = ggt_in.to(at::kFloat).contiguous();
+  const auto qq = qq_in.to(at::kFloat).contiguous();
+  const auto gg = gg_in.to(at::kFloat).contiguous();
   const auto row_max = row_max_in.contiguous();
-  const DistanceRows rows{qg.data_ptr<float>(), qqt.data_ptr<float>(), ggt.data_ptr<float>(), qg.size(0),
+  const DistanceRows rows{qg.data_ptr<float>(), qq.data_ptr<float>(), gg.data_ptr<float>(), qg.size(0),
                           qg.size(1)};
   const float* mp = row_max.const_data_ptr<float>();
   return gaussian_weights_cpu(indptr_in.contiguous(), indices_in.contiguous(),

@@ -42,17 +42,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> neighbors_from_features_cuda(cons
   return {rank, row_max, qg};
 }
 
+// value(i, j) = M[j, i]^2 for M = [[q_q, q_g], [q_g^T, g_g]] (see DistanceRows in ../cpu).
 struct DistanceRowsDevice {
   const float* qg;
-  const float* qqt;
-  const float* ggt;
+  const float* qq;
+  const float* gg;
   int64_t Q, G;
   __device__ float value(int64_t i, int64_t j) const {
     float r;
-    if (i < Q) {
-      r = j < Q ? qqt[i * Q + j] : qg[i * G + (j - Q)];
+    if (j < Q) {
+      r = i < Q ? qq[j * Q + i] : qg[j * G + (i - Q)];
     } else {
-      r = j < Q ? qg[j * G + (i - Q)] : ggt[(i - Q) * G + (j - Q)];
+      r = i < Q ? qg[i * G + (j - Q)] : gg[(j - Q) * G + (i - Q)];
     }
     return r * r;
   }
@@ -76,18 +77,18 @@ __global__ void neighbors_from_distances_kernel(DistanceRowsDevice rows, int64_t
   heap_sort_ascending(hd, hi, kmax);
 }
 
-std::tuple<at::Tensor, at::Tensor> neighbors_from_distances_cuda(const at::Tensor& qg_in, const at::Tensor& qqt_in,
-                                                                 const at::Tensor& ggt_in, int64_t kmax) {
+std::tuple<at::Tensor, at::Tensor> neighbors_from_distances_cuda(const at::Tensor& qg_in, const at::Tensor& qq_in,
+                                                                 const at::Tensor& gg_in, int64_t kmax) {
   c10::cuda::CUDAGuard guard(qg_in.device());
   const auto qg = qg_in.to(at::kFloat).contiguous();
-  const auto qqt = qqt_in.to(at::kFloat).contiguous();
-  const auto ggt = ggt_in.to(at::kFloat).contiguous();
+  const auto qq = qq_in.to(at::kFloat).contiguous();
+  const auto gg = gg_in.to(at::kFloat).contiguous();
   const int64_t Q = qg.size(0), G = qg.size(1), n = Q + G;
   TORCH_CHECK(kmax >= 1 && kmax <= n, "number of neighbours (", kmax, ") must be between 1 and Q + G = ", n);
   auto rank = at::empty({n, kmax}, qg.options().dtype(at::kLong));
   auto heap_d = at::empty({n, kmax}, qg.options());
   auto row_max = at::empty({n}, qg.options());
-  const DistanceRowsDevice rows{qg.data_ptr<float>(), qqt.data_ptr<float>(), ggt.data_ptr<float>(), Q, G};
+  const DistanceRowsDevice rows{qg.data_ptr<float>(), qq.data_ptr<float>(), gg.data_ptr<float>(), Q, G};
   neighbors_from_distances_kernel<<<blocks_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
       rows, kmax, heap_d.data_ptr<float>(), rank.data_ptr<int64_t>(), row_max.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -195,18 +196,18 @@ __global__ void weights_from_distances_kernel(DistanceRowsDevice rows, const flo
   gaussian_weights(values + indptr[i], indptr[i + 1] - indptr[i], ExpFunctor());
 }
 
-at::Tensor weights_from_distances_cuda(const at::Tensor& qg_in, const at::Tensor& qqt_in, const at::Tensor& ggt_in,
+at::Tensor weights_from_distances_cuda(const at::Tensor& qg_in, const at::Tensor& qq_in, const at::Tensor& gg_in,
                                        const at::Tensor& row_max_in, const at::Tensor& indptr_in,
                                        const at::Tensor& indices_in) {
   c10::cuda::CUDAGuard guard(qg_in.device());
   const auto qg = qg_in.to(at::kFloat).contiguous();
-  const auto qqt = qqt_in.to(at::kFloat).contiguous();
-  const auto ggt = ggt_in.to(at::kFloat).contiguous();
+  const auto qq = qq_in.to(at::kFloat).contiguous();
+  const auto gg = gg_in.to(at::kFloat).contiguous();
   const auto row_max = row_max_in.contiguous();
   const auto indptr = indptr_in.contiguous(), indices = indices_in.contiguous();
   const int64_t n = indptr.numel() - 1;
   auto values = at::empty({indices.numel()}, qg.options());
-  const DistanceRowsDevice rows{qg.data_ptr<float>(), qqt.data_ptr<float>(), ggt.data_ptr<float>(), qg.size(0),
+  const DistanceRowsDevice rows{qg.data_ptr<float>(), qq.data_ptr<float>(), gg.data_ptr<float>(), qg.size(0),
                                 qg.size(1)};
   weights_from_distances_kernel<<<blocks_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
       rows, row_max.data_ptr<float>(), indptr.data_ptr<int64_t>(), indices.data_ptr<int64_t>(), n,
