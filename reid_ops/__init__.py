@@ -162,9 +162,7 @@ def _expanded_jaccard_rows(rank: torch.Tensor, weights_fn, list_len: int, half_l
     return indptr, indices, values
 
 
-def re_ranking(
-    query_features: Any, gallery_features: Any, k1: int = 20, k2: int = 6, lambda_value: float = 0.3
-) -> Any:
+def re_ranking(query_features: Any, gallery_features: Any, k1: int = 20, k2: int = 6, lambda_value: float = 0.3) -> Any:
     """k-reciprocal re-ranking of the Euclidean distances between query and gallery features.
 
     Equals re_ranking_from_distances(euclidean q-g, q-q, g-g) (the classic algorithm), but the
@@ -217,9 +215,7 @@ def re_ranking_from_distances(
     if tuple(qq.shape) != (num_query, num_query):
         raise ValueError(f"q_q_dist must be ({num_query}, {num_query}) to match q_g_dist, got {tuple(qq.shape)}")
     if tuple(gg.shape) != (num_gallery, num_gallery):
-        raise ValueError(
-            f"g_g_dist must be ({num_gallery}, {num_gallery}) to match q_g_dist, got {tuple(gg.shape)}"
-        )
+        raise ValueError(f"g_g_dist must be ({num_gallery}, {num_gallery}) to match q_g_dist, got {tuple(gg.shape)}")
     if not (qg.device == qq.device == gg.device):
         raise ValueError("q_g_dist, q_q_dist and g_g_dist must be on the same device")
     n = num_query + num_gallery
@@ -331,7 +327,8 @@ def evaluate_rank(
     ):
         array = torch.as_tensor(np.asarray(value.cpu() if isinstance(value, torch.Tensor) else value))
         if array.dim() != 1 or array.numel() != expected:
-            raise ValueError(f"{name} must have {expected} entries (one per distmat {'row' if 'query' in name else 'column'}), got shape {tuple(array.shape)}")
+            axis = "row" if name.startswith("query") else "column"
+            raise ValueError(f"{name} must have {expected} entries (one per distmat {axis}), got {tuple(array.shape)}")
         if array.is_floating_point() or array.dtype == torch.bool:
             raise TypeError(f"{name} must hold integers, got dtype {array.dtype}")
         ids[name] = array.to(torch.int64)
