@@ -2,8 +2,8 @@
 //
 // Distances of a block of rows against a block of columns come from one GEMM (x.y^T) into a
 // fixed-size buffer; a bounded heap per row keeps the best k + kRescoreMargin candidates, which
-// are then rescored with the exact difference formula and re-sorted. Memory: the outputs plus one
-// block, never M x N.
+// are then rescored with the exact difference formula and re-sorted. Memory: the outputs, the
+// heaps and one block, never M x N.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -36,10 +36,134 @@ struct KnnExtras {
   int64_t dense_rows = 0;
 };
 
+// Turns one row of GEMM dot products into clamped distances, in place (a vectorisable loop), and
+// returns the row's maximum.
+inline float dots_to_distances(float* row, int64_t cols, float factor_i, const float* factors_j, int64_t metric) {
+  float maximum = 0.0f;
+  for (int64_t c = 0; c < cols; ++c) {
+    float d = expanded_distance(row[c], factor_i, factors_j[c], metric);
+    d = d > 0.0f ? d : 0.0f;
+    row[c] = d;
+    maximum = d > maximum ? d : maximum;
+  }
+  return maximum;
+}
+
+// Offers (distances[c], first_index + c) to a heap; most values fail the first comparison with
+// the current worst candidate, so the heap is rarely touched.
+inline void offer_row(const float* distances, int64_t cols, int64_t first_index, float* hd, int64_t* hi,
+                      int64_t candidates) {
+  for (int64_t c = 0; c < cols; ++c) {
+    const float d = distances[c];
+    if (d <= hd[0]) heap_offer(hd, hi, candidates, d, first_index + c);
+  }
+}
+
+// Exact rescoring of the candidates of row i, then the best k in (distance, index) order.
+inline void rescore_row(const float* xi, const float* y, int64_t D, float fxi, const std::vector<float>& fy,
+                        int64_t metric, float* hd, int64_t* hi, int64_t candidates, int64_t k, float* out_dist,
+                        int64_t* out_idx) {
+  for (int64_t t = 0; t < candidates; ++t) hd[t] = exact_distance(xi, y + hi[t] * D, D, fxi, fy[hi[t]], metric);
+  for (int64_t a = 1; a < candidates; ++a) {  // insertion sort by (distance, index)
+    const float vd = hd[a];
+    const int64_t vi = hi[a];
+    int64_t b = a - 1;
+    while (b >= 0 && pair_less(vd, vi, hd[b], hi[b])) {
+      hd[b + 1] = hd[b];
+      hi[b + 1] = hi[b];
+      --b;
+    }
+    hd[b + 1] = vd;
+    hi[b + 1] = vi;
+  }
+  std::copy(hd, hd + k, out_dist);
+  std::copy(hi, hi + k, out_idx);
+}
+
+// All-vs-all kNN of the rows of x (x against itself): the distance matrix is symmetric, so only
+// blocks on or above the diagonal are computed and each feeds the heaps of its rows and of its
+// columns. Half the GEMM work of the general case.
+inline void knn_self_blocked_cpu(const at::Tensor& x, int64_t k, int64_t metric, float* out_dist, int64_t* out_idx,
+                                 const KnnExtras& extras) {
+  constexpr int64_t kBlock = 2048;
+  constexpr int64_t kTile = 16;
+  const int64_t N = x.size(0), D = x.size(1);
+  const int64_t candidates = std::min(N, k + kRescoreMargin);
+  const auto f = row_factors(x, metric);
+  const float* xp = x.data_ptr<float>();
+  const int64_t block = std::min(N, kBlock);
+  auto buffer = at::empty({block, block}, x.options());
+  std::vector<float> heap_d(N * candidates);
+  std::vector<int64_t> heap_i(N * candidates);
+  std::vector<float> row_max(N, 0.0f);
+  for (int64_t i = 0; i < N; ++i) heap_init(&heap_d[i * candidates], &heap_i[i * candidates], candidates);
+  for (int64_t r0 = 0; r0 < N; r0 += block) {
+    const int64_t rows = std::min(block, N - r0);
+    for (int64_t c0 = r0; c0 < N; c0 += block) {
+      const int64_t cols = std::min(block, N - c0);
+      auto tile = buffer.narrow(0, 0, rows).narrow(1, 0, cols);
+      at::mm_out(tile, x.narrow(0, r0, rows), x.narrow(0, c0, cols).t());
+      float* bp = tile.data_ptr<float>();
+      const int64_t ld = tile.stride(0);
+      // rows of the block: distances in place, then offers (i = r0 + r, j = c0 + c)
+      at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t i = r0 + r;
+          float* row = bp + r * ld;
+          row_max[i] = std::max(row_max[i], dots_to_distances(row, cols, f[i], f.data() + c0, metric));
+          if (extras.dense_out != nullptr && i < extras.dense_rows) {
+            const int64_t width = N - extras.dense_col0;
+            for (int64_t c = std::max<int64_t>(0, extras.dense_col0 - c0); c < cols; ++c) {
+              extras.dense_out[i * width + (c0 + c - extras.dense_col0)] = row[c];
+            }
+          }
+          offer_row(row, cols, c0, &heap_d[i * candidates], &heap_i[i * candidates], candidates);
+        }
+      });
+      if (c0 == r0) continue;
+      // columns of the block (j = c0 + c) see the rows (i = r0 + r) as their neighbours; tiles of
+      // 16 columns read whole cache lines. (A column j > every row i here, so no dense copy: the
+      // caller's dense block has query rows and gallery columns, and queries come first.)
+      const int64_t tiles = (cols + kTile - 1) / kTile;
+      at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t first = t * kTile, width = std::min(kTile, cols - first);
+          float local_max[kTile];
+          for (int64_t w = 0; w < width; ++w) local_max[w] = row_max[c0 + first + w];
+          for (int64_t r = 0; r < rows; ++r) {
+            const float* line = bp + r * ld + first;
+            for (int64_t w = 0; w < width; ++w) {
+              const int64_t j = c0 + first + w;
+              const float d = line[w];
+              local_max[w] = d > local_max[w] ? d : local_max[w];
+              float* hd = &heap_d[j * candidates];
+              if (d <= hd[0]) heap_offer(hd, &heap_i[j * candidates], candidates, d, r0 + r);
+            }
+          }
+          for (int64_t w = 0; w < width; ++w) row_max[c0 + first + w] = local_max[w];
+        }
+      });
+    }
+  }
+  if (extras.row_max != nullptr) std::copy(row_max.begin(), row_max.end(), extras.row_max);
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      rescore_row(xp + i * D, xp, D, f[i], f, metric, &heap_d[i * candidates], &heap_i[i * candidates], candidates,
+                  k, out_dist + i * k, out_idx + i * k);
+    }
+  });
+}
+
 // x (M, D) and y (N, D) float32 contiguous. Writes k ascending (distance, index) pairs per row;
 // distances are squared Euclidean / cosine (the caller takes roots for the Euclidean metric).
 inline void knn_blocked_cpu(const at::Tensor& x, const at::Tensor& y, int64_t k, int64_t metric, float* out_dist,
                             int64_t* out_idx, const KnnExtras& extras = KnnExtras()) {
+  if (x.is_same(y)) {
+    knn_self_blocked_cpu(x, k, metric, out_dist, out_idx, extras);
+    return;
+  }
+  TORCH_CHECK(extras.row_max == nullptr && extras.dense_out == nullptr,
+              "knn_blocked_cpu: row maxima and dense copies are only produced for self-kNN");
   const int64_t M = x.size(0), N = y.size(0), D = x.size(1);
   const int64_t candidates = std::min(N, k + kRescoreMargin);
   const auto fx = row_factors(x, metric);
@@ -54,58 +178,25 @@ inline void knn_blocked_cpu(const at::Tensor& x, const at::Tensor& y, int64_t k,
   for (int64_t r0 = 0; r0 < M; r0 += kRowBlock) {
     const int64_t rows = std::min(kRowBlock, M - r0);
     for (int64_t r = 0; r < rows; ++r) heap_init(&heap_d[r * candidates], &heap_i[r * candidates], candidates);
-    if (extras.row_max != nullptr) std::fill(extras.row_max + r0, extras.row_max + r0 + rows, 0.0f);
     for (int64_t c0 = 0; c0 < N; c0 += col_block) {
       const int64_t cols = std::min(col_block, N - c0);
       auto block = buffer.narrow(0, 0, rows).narrow(1, 0, cols);
       at::mm_out(block, x.narrow(0, r0, rows), y.narrow(0, c0, cols).t());
-      const float* bp = block.data_ptr<float>();
+      float* bp = block.data_ptr<float>();
       const int64_t ld = block.stride(0);
-      at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
-          const int64_t i = r0 + r;
-          float* hd = &heap_d[r * candidates];
-          int64_t* hi = &heap_i[r * candidates];
-          float local_max = extras.row_max != nullptr ? extras.row_max[i] : 0.0f;
-          const bool copy_dense = extras.dense_out != nullptr && i < extras.dense_rows;
-          for (int64_t c = 0; c < cols; ++c) {
-            const int64_t j = c0 + c;
-            float d = expanded_distance(bp[r * ld + c], fx[i], fy[j], metric);
-            d = d > 0.0f ? d : 0.0f;
-            local_max = d > local_max ? d : local_max;
-            if (copy_dense && j >= extras.dense_col0) {
-              extras.dense_out[i * (N - extras.dense_col0) + (j - extras.dense_col0)] = d;
-            }
-            heap_offer(hd, hi, candidates, d, j);
-          }
-          if (extras.row_max != nullptr) extras.row_max[i] = local_max;
+          float* row = bp + r * ld;
+          dots_to_distances(row, cols, fx[r0 + r], fy.data() + c0, metric);
+          offer_row(row, cols, c0, &heap_d[r * candidates], &heap_i[r * candidates], candidates);
         }
       });
     }
-    // exact rescoring of the candidates, then keep the best k
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t i = r0 + r;
-        float* hd = &heap_d[r * candidates];
-        int64_t* hi = &heap_i[r * candidates];
-        for (int64_t t = 0; t < candidates; ++t) {
-          hd[t] = exact_distance(xp + i * D, yp + hi[t] * D, D, fx[i], fy[hi[t]], metric);
-        }
-        // insertion sort by (distance, index)
-        for (int64_t a = 1; a < candidates; ++a) {
-          const float vd = hd[a];
-          const int64_t vi = hi[a];
-          int64_t b = a - 1;
-          while (b >= 0 && pair_less(vd, vi, hd[b], hi[b])) {
-            hd[b + 1] = hd[b];
-            hi[b + 1] = hi[b];
-            --b;
-          }
-          hd[b + 1] = vd;
-          hi[b + 1] = vi;
-        }
-        std::copy(hd, hd + k, out_dist + i * k);
-        std::copy(hi, hi + k, out_idx + i * k);
+        rescore_row(xp + i * D, yp, D, fx[i], fy, metric, &heap_d[r * candidates], &heap_i[r * candidates],
+                    candidates, k, out_dist + i * k, out_idx + i * k);
       }
     });
   }
