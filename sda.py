@@ -33,7 +33,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -249,9 +249,7 @@ def relation_consistency_loss(
     pretrain's soft_triplet_loss(features, labels, reference_features). Its minimum over the translated
     features is the entropy of the source relations (not 0), reached when the translation reproduces the
     source relations."""
-    return pretrain.soft_triplet_loss(
-        translated_features.float(), source_pids, source_features.float().detach()
-    )
+    return pretrain.soft_triplet_loss(translated_features.float(), source_pids, source_features.float().detach())
 
 
 class ImagePool:
@@ -414,8 +412,8 @@ def generator_objective(
     return loss, terms, images
 
 
-def set_requires_grad(module: nn.Module, flag: bool) -> None:
-    for p in module.parameters():
+def set_requires_grad(parameters: Iterable[nn.Parameter], flag: bool) -> None:
+    for p in parameters:
         p.requires_grad_(flag)
 
 
@@ -426,18 +424,12 @@ def set_requires_grad(module: nn.Module, flag: bool) -> None:
 
 def check_image_size(height: int, width: int) -> None:
     if height % 4 or width % 4:
-        raise ValueError(
-            f"--height {height} / --width {width}: both must be multiples of 4 (two 2x downsamplings)"
-        )
+        raise ValueError(f"--height {height} / --width {width}: both must be multiples of 4 (two 2x downsamplings)")
     if min(height, width) < 24:
-        raise ValueError(
-            f"--height {height} / --width {width}: the PatchGAN discriminator needs at least 24 pixels"
-        )
+        raise ValueError(f"--height {height} / --width {width}: the PatchGAN discriminator needs at least 24 pixels")
 
 
-def save_sample_grid(
-    path: Path, source: torch.Tensor, translated: torch.Tensor, cycled: torch.Tensor
-) -> None:
+def save_sample_grid(path: Path, source: torch.Tensor, translated: torch.Tensor, cycled: torch.Tensor) -> None:
     """PNG grid: top row source images, middle row their translations, bottom row the cycled
     reconstructions."""
     rows = [denormalise_imagenet(t.detach().float().cpu()) for t in (source, translated, cycled)]
@@ -455,9 +447,7 @@ def architecture_of(args: argparse.Namespace) -> dict:
 def train(args: argparse.Namespace) -> None:
     check_image_size(args.height, args.width)
     if args.batch_size % args.num_instances:
-        raise ValueError(
-            f"--batch-size {args.batch_size} must be a multiple of --num-instances {args.num_instances}"
-        )
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of --num-instances {args.num_instances}")
     if args.lambda_relation > 0 and not args.source_encoder:
         raise ValueError(
             "--source-encoder is required for the relation-consistency term "
@@ -477,9 +467,7 @@ def train(args: argparse.Namespace) -> None:
     out_dir = Path(args.out)
     checkpoint_path = out_dir / CHECKPOINT_NAME
     if checkpoint_path.exists() and not args.resume:
-        raise FileExistsError(
-            f"{checkpoint_path} exists: pass --resume to continue it, or choose another --out"
-        )
+        raise FileExistsError(f"{checkpoint_path} exists: pass --resume to continue it, or choose another --out")
     if args.resume and not checkpoint_path.exists():
         raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path}")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -492,21 +480,15 @@ def train(args: argparse.Namespace) -> None:
     if not target.train:
         raise ValueError(f"--data-root {args.data_root}: no target_training images found")
     if len(target.train) < args.batch_size:
-        raise ValueError(
-            f"--batch-size {args.batch_size} exceeds the {len(target.train)} target training images"
-        )
+        raise ValueError(f"--batch-size {args.batch_size} exceeds the {len(target.train)} target training images")
     # SDA pipeline (reference §3.1): resize, flip, pad 10, crop, normalise; no AutoAugment, no random erasing.
-    transform = pretrain.build_train_transform(
-        args.height, args.width, autoaugment=False, random_erasing=False
-    )
+    transform = pretrain.build_train_transform(args.height, args.width, autoaugment=False, random_erasing=False)
     # The release shuffles images inside each P x K batch; every op here is per sample and mining uses the
     # labels, so the order inside a batch cannot matter and we do not shuffle.
     source_loader = DataLoader(
         pretrain.ImageDataset(source.train, transform),
         batch_size=args.batch_size,
-        sampler=pretrain.RandomIdentitySampler(
-            source.train, num_instances=args.num_instances, seed=args.seed + rank
-        ),
+        sampler=pretrain.RandomIdentitySampler(source.train, num_instances=args.num_instances, seed=args.seed + rank),
         num_workers=args.workers,
         drop_last=True,
         pin_memory=device.type == "cuda",
@@ -535,9 +517,7 @@ def train(args: argparse.Namespace) -> None:
 
     source_encoder = target_encoder = None
     if args.lambda_relation > 0:
-        source_encoder = freeze(load_encoder(args.arch, args.source_encoder)).to(
-            device, memory_format=memory_format
-        )
+        source_encoder = freeze(load_encoder(args.arch, args.source_encoder)).to(device, memory_format=memory_format)
         target_path = args.target_encoder or args.source_encoder
         if not args.target_encoder and main_process:
             print(f"no --target-encoder: {args.source_encoder} also measures the translations")
@@ -555,23 +535,21 @@ def train(args: argparse.Namespace) -> None:
             target_encoder.to(device, memory_format=memory_format)
             set_batchnorm_eval(target_encoder)
         else:
-            target_encoder = freeze(load_encoder(args.arch, target_path)).to(
-                device, memory_format=memory_format
-            )
+            target_encoder = freeze(load_encoder(args.arch, target_path)).to(device, memory_format=memory_format)
 
     optimizer_g = torch.optim.Adam(generators.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
     optimizer_d = torch.optim.Adam(discriminators.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
     optimizer_reid = None
+    # Only what build_model made trainable (its BNNeck bias stays frozen), toggled off during the G step.
+    reid_parameters = [p for p in target_encoder.parameters() if p.requires_grad] if target_encoder is not None else []
     if args.online_relation and target_encoder is not None:
         optimizer_reid = torch.optim.Adam(
-            [p for p in target_encoder.parameters() if p.requires_grad],
+            reid_parameters,
             lr=args.lr_reid,
             weight_decay=args.weight_decay_reid,
         )
     pool_target = ImagePool(args.pool_size, seed=args.seed + rank)  # translated source images for D_target
-    pool_source = ImagePool(
-        args.pool_size, seed=args.seed + 500 + rank
-    )  # translated target images for D_source
+    pool_source = ImagePool(args.pool_size, seed=args.seed + 500 + rank)  # translated target images for D_source
 
     start_epoch, start_iteration, global_step = 0, 0, 0
     if args.resume:
@@ -658,11 +636,11 @@ def train(args: argparse.Namespace) -> None:
             source_pids = source_pids.to(device)
 
             # (1) generators; discriminators frozen (called unwrapped, so DDP does not expect their gradients)
-            set_requires_grad(discriminators, False)
+            set_requires_grad(discriminators.parameters(), False)
             relation_encoder = target_encoder
             if optimizer_reid is not None:
                 relation_encoder = target_encoder.eval()
-                set_requires_grad(target_encoder, False)
+                set_requires_grad(reid_parameters, False)
             loss_g, terms, images = generator_objective(
                 generators_ddp,
                 discriminators,
@@ -681,7 +659,7 @@ def train(args: argparse.Namespace) -> None:
             optimizer_g.step()
 
             # (2) discriminators on real images vs pooled (history) translations
-            set_requires_grad(discriminators, True)
+            set_requires_grad(discriminators.parameters(), True)
             fake_target = pool_target.query(images["fake_target"].detach().float())
             fake_source = pool_source.query(images["fake_source"].detach().float())
             with autocast():
@@ -697,14 +675,14 @@ def train(args: argparse.Namespace) -> None:
 
             # (3) --online-relation: the target encoder learns on the translations with the source labels
             if optimizer_reid is not None:
-                set_requires_grad(target_encoder, True)
+                set_requires_grad(reid_parameters, True)
                 target_encoder.train()
                 set_batchnorm_eval(target_encoder)
                 with autocast():
                     f_pool, f_bn, logits = target_encoder_ddp(images["fake_target"].detach())
-                loss_reid = pretrain.label_smoothed_ce(
-                    logits.float(), source_pids
-                ) + pretrain.softmax_triplet_loss(f_pool.float(), source_pids)
+                loss_reid = pretrain.label_smoothed_ce(logits.float(), source_pids) + pretrain.softmax_triplet_loss(
+                    f_pool.float(), source_pids
+                )
                 relation_reid = relation_consistency_loss(f_bn, images["source_features"], source_pids)
                 loss_reid = loss_reid + args.lambda_relation * relation_reid
                 optimizer_reid.zero_grad(set_to_none=True)
@@ -761,17 +739,13 @@ def load_generator(path: str | Path) -> tuple[ResnetGenerator, dict]:
         raise FileNotFoundError(f"--checkpoint: no such file: {path} (run `sda.py train` first)")
     state = pretrain.load_checkpoint(path)
     if not isinstance(state, dict) or state.get("kind") != "sda" or "generators" not in state:
-        raise ValueError(
-            f"--checkpoint {path}: not an sda.py training checkpoint (no trained generator in it)"
-        )
+        raise ValueError(f"--checkpoint {path}: not an sda.py training checkpoint (no trained generator in it)")
     if state.get("global_step", 0) <= 0:
         raise ValueError(f"--checkpoint {path}: the generator was saved before any training step")
     architecture = state["architecture"]
     generator = ResnetGenerator(architecture["ngf"], architecture["n_blocks"])
     prefix = "source_to_target."
-    generator.load_state_dict(
-        {k[len(prefix) :]: v for k, v in state["generators"].items() if k.startswith(prefix)}
-    )
+    generator.load_state_dict({k[len(prefix) :]: v for k, v in state["generators"].items() if k.startswith(prefix)})
     return generator.eval(), architecture
 
 
@@ -796,17 +770,13 @@ def translate(args: argparse.Namespace) -> None:
         leftover.unlink()
     # Resumable: every output file is complete (temp name, then rename), so existing ones are simply skipped.
     todo = [item for item in items if not translated_path(out_root, item[0]).exists()]
-    print(
-        f"translate: {len(items)} source images, {len(items) - len(todo)} already done, writing to {out_dir}"
-    )
+    print(f"translate: {len(items)} source images, {len(items) - len(todo)} already done, writing to {out_dir}")
     if not todo:
         return
     # The generator runs at its training resolution; the result is resized back to the source image's own
     # size.
     loader = DataLoader(
-        pretrain.ImageDataset(
-            todo, pretrain.build_test_transform(architecture["height"], architecture["width"])
-        ),
+        pretrain.ImageDataset(todo, pretrain.build_test_transform(architecture["height"], architecture["width"])),
         batch_size=args.batch_size,
         shuffle=False,
         num_workers=args.workers,
@@ -867,27 +837,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="train the source<->target CycleGAN with relation consistency",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    t.add_argument(
-        "--preset", choices=sorted(PRESETS), help="defaults for a setting (explicit flags still win)"
-    )
-    t.add_argument(
-        "--data-root", required=True, help="VisDA-2020 layout root (personX/, target_training/, ...)"
-    )
+    t.add_argument("--preset", choices=sorted(PRESETS), help="defaults for a setting (explicit flags still win)")
+    t.add_argument("--data-root", required=True, help="VisDA-2020 layout root (personX/, target_training/, ...)")
     t.add_argument("--out", default="logs/sda", help="output folder: checkpoint.pt, log.jsonl, samples/")
     t.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     # relation consistency
-    t.add_argument(
-        "--arch", default="resnet50_ibn", help="architecture of both re-ID encoders (pretrain.build_model)"
-    )
+    t.add_argument("--arch", default="resnet50_ibn", help="architecture of both re-ID encoders (pretrain.build_model)")
     t.add_argument("--source-encoder", help="pretrain.py checkpoint trained on raw source images (E_s)")
     t.add_argument(
         "--target-encoder",
         help="checkpoint of the target-domain encoder E_t (mmt_plus.py model, or any pretrain.build_model "
         "checkpoint); defaults to --source-encoder",
     )
-    t.add_argument(
-        "--lambda-relation", type=float, default=1.0, help="relation-consistency weight (0 = CycleGAN)"
-    )
+    t.add_argument("--lambda-relation", type=float, default=1.0, help="relation-consistency weight (0 = CycleGAN)")
     t.add_argument(
         "--online-relation",
         action="store_true",
@@ -897,9 +859,7 @@ def build_parser() -> argparse.ArgumentParser:
         "produced the reported numbers (61.0 -> 71.2 mAP) and costs one encoder backward less per step",
     )
     t.add_argument("--lr-reid", type=float, default=3.5e-5, help="Adam lr of E_t with --online-relation")
-    t.add_argument(
-        "--weight-decay-reid", type=float, default=5e-4, help="weight decay of E_t (--online-relation)"
-    )
+    t.add_argument("--weight-decay-reid", type=float, default=5e-4, help="weight decay of E_t (--online-relation)")
     # CycleGAN
     t.add_argument("--height", type=int, default=384, help="training image height (multiple of 4)")
     t.add_argument("--width", type=int, default=128, help="training image width (multiple of 4)")
@@ -907,23 +867,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ndf", type=int, default=64, help="discriminator width")
     t.add_argument("--n-blocks", type=int, default=9, help="residual blocks per generator")
     t.add_argument("--lambda-cycle", type=float, default=10.0, help="cycle-consistency L1 weight")
-    t.add_argument(
-        "--lambda-identity", type=float, default=5.0, help="identity L1 weight (CycleGAN's 0.5 x 10)"
-    )
+    t.add_argument("--lambda-identity", type=float, default=5.0, help="identity L1 weight (CycleGAN's 0.5 x 10)")
     t.add_argument("--pool-size", type=int, default=50, help="image history per discriminator (0 = off)")
-    t.add_argument(
-        "--lr", type=float, default=2e-4, help="Adam learning rate of generators and discriminators"
-    )
+    t.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate of generators and discriminators")
     t.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 (beta2 = 0.999)")
     t.add_argument("--epochs-constant", type=int, default=50, help="epochs at the initial learning rate")
     t.add_argument("--epochs-decay", type=int, default=50, help="epochs of linear learning-rate decay")
     t.add_argument("--iters", type=int, default=200, help="iterations per epoch")
-    t.add_argument(
-        "--batch-size", type=int, default=32, help="source and target images per batch and process"
-    )
-    t.add_argument(
-        "--num-instances", type=int, default=4, help="images per identity in a source batch (K of PxK)"
-    )
+    t.add_argument("--batch-size", type=int, default=32, help="source and target images per batch and process")
+    t.add_argument("--num-instances", type=int, default=4, help="images per identity in a source batch (K of PxK)")
     # runtime
     t.add_argument("--workers", type=int, default=2, help="data-loading processes per loader")
     t.add_argument("--seed", type=int, default=1, help="random seed (offset by the DDP rank)")
@@ -935,13 +887,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=False,
         help="NHWC memory format (default off: measured ~10%% slower for these GAN nets on CPU)",
     )
-    t.add_argument(
-        "--sample-every", type=int, default=400, help="save a sample grid every N steps (and each epoch)"
-    )
+    t.add_argument("--sample-every", type=int, default=400, help="save a sample grid every N steps (and each epoch)")
     t.add_argument("--sample-count", type=int, default=8, help="images per sample grid")
-    t.add_argument(
-        "--checkpoint-every", type=int, default=0, help="extra checkpoint every N steps (0: per epoch)"
-    )
+    t.add_argument("--checkpoint-every", type=int, default=0, help="extra checkpoint every N steps (0: per epoch)")
 
     s = commands.add_parser(
         "translate",
@@ -950,15 +898,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--checkpoint", required=True, help="checkpoint.pt written by `sda.py train`")
     s.add_argument("--data-root", required=True, help="VisDA-2020 layout root holding personX/image_train")
-    s.add_argument(
-        "--out", required=True, help="root to write personX_sda/image_train/ into (usually --data-root)"
-    )
+    s.add_argument("--out", required=True, help="root to write personX_sda/image_train/ into (usually --data-root)")
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--device", help="torch device (default cpu)")
-    s.add_argument(
-        "--amp", action=argparse.BooleanOptionalAction, default=False, help="autocast (default fp32)"
-    )
+    s.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="autocast (default fp32)")
     s.add_argument("--jpeg-quality", type=int, default=95, help="quality of JPEG outputs")
     return parser
 

@@ -163,20 +163,14 @@ def test_relation_loss_matches_independent_reference(seed):
     pids = np.repeat(rng.permutation(5), 4)
     translated = rng.normal(size=(20, 7)).astype(np.float32)
     source = rng.normal(size=(20, 7)).astype(np.float32)
-    loss = sda.relation_consistency_loss(
-        torch.from_numpy(translated), torch.from_numpy(source), torch.from_numpy(pids)
-    )
+    loss = sda.relation_consistency_loss(torch.from_numpy(translated), torch.from_numpy(source), torch.from_numpy(pids))
     expected = reference_soft_triplet(translated.astype(np.float64), source.astype(np.float64), pids)
     assert loss.item() == pytest.approx(expected, rel=1e-4)
     # Edge case: identities with a single image in the batch (the hardest positive is the anchor itself).
     pids_single = np.array([0, 1, 1, 2, 2, 2, 3])
     t, s = translated[:7], source[:7]
-    loss = sda.relation_consistency_loss(
-        torch.from_numpy(t), torch.from_numpy(s), torch.from_numpy(pids_single)
-    )
-    assert loss.item() == pytest.approx(
-        reference_soft_triplet(t.astype(float), s.astype(float), pids_single), rel=1e-4
-    )
+    loss = sda.relation_consistency_loss(torch.from_numpy(t), torch.from_numpy(s), torch.from_numpy(pids_single))
+    assert loss.item() == pytest.approx(reference_soft_triplet(t.astype(float), s.astype(float), pids_single), rel=1e-4)
 
 
 def test_relation_loss_is_minimal_when_translations_reproduce_source_relations():
@@ -212,7 +206,7 @@ def test_generator_objective_matches_separate_computation():
     sda.init_weights_normal(generators)
     sda.init_weights_normal(discriminators)
     source_encoder, target_encoder = sda.freeze(TinyEncoder()), sda.freeze(TinyEncoder())
-    sda.set_requires_grad(discriminators, False)
+    sda.set_requires_grad(discriminators.parameters(), False)
     real_s, real_t, pids = torch.randn(8, 3, 64, 32), torch.randn(6, 3, 64, 32), pk_pids(2, 4)
     loss, terms, _ = sda.generator_objective(
         generators, discriminators, real_s, real_t, pids, source_encoder, target_encoder, 10.0, 5.0, 1.0
@@ -234,9 +228,7 @@ def test_generator_objective_matches_separate_computation():
     assert terms["g_relation"] == pytest.approx(relation, rel=1e-4)
     assert loss.item() == pytest.approx(adversarial + 10 * cycle + 5 * identity + relation, rel=1e-4)
     # Without the identity and relation terms, they are neither computed nor added.
-    loss, terms, _ = sda.generator_objective(
-        generators, discriminators, real_s, real_t, pids, None, None, 10, 0, 0
-    )
+    loss, terms, _ = sda.generator_objective(generators, discriminators, real_s, real_t, pids, None, None, 10, 0, 0)
     assert "g_identity" not in terms and "g_relation" not in terms
     assert loss.item() == pytest.approx(adversarial + 10 * cycle, rel=1e-4)
 
@@ -247,7 +239,7 @@ def test_relation_gradient_reaches_generator_through_frozen_encoder_only():
     discriminators = sda.Discriminators(ndf=4)
     encoder = sda.freeze(pretrain.build_model("resnet18", num_classes=0))
     bn_before = {k: v.clone() for k, v in encoder.state_dict().items() if "running" in k}
-    sda.set_requires_grad(discriminators, False)
+    sda.set_requires_grad(discriminators.parameters(), False)
     real_s, real_t, pids = torch.randn(8, 3, 64, 32), torch.randn(4, 3, 64, 32), pk_pids(2, 4)
     # Relation term alone: only G_s2t may receive a gradient, through the encoder.
     _, images = None, generators(real_s, real_t)
@@ -354,9 +346,7 @@ def test_train_writes_checkpoint_log_and_samples(trained_run):
     assert not list(trained_run.glob("*.tmp*"))
 
 
-def test_resume_continues_schedule_and_refuses_mismatch(
-    tmp_path, trained_run, tiny_data_root, encoder_checkpoint
-):
+def test_resume_continues_schedule_and_refuses_mismatch(tmp_path, trained_run, tiny_data_root, encoder_checkpoint):
     out = tmp_path / "run"
     out.mkdir()
     (out / "checkpoint.pt").write_bytes((trained_run / "checkpoint.pt").read_bytes())
@@ -431,19 +421,16 @@ def test_online_relation_updates_target_encoder_only(tmp_path, tiny_data_root, e
     out = tmp_path / "online"
     args = ["train", "--data-root", str(tiny_data_root), "--out", str(out), "--source-encoder"]
     sda.main(
-        args
-        + [str(encoder_checkpoint), "--online-relation", "--epochs-constant", "1", "--epochs-decay", "0"]
-        + TINY
+        args + [str(encoder_checkpoint), "--online-relation", "--epochs-constant", "1", "--epochs-decay", "0"] + TINY
     )
     state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
     original = sda.read_model_state(encoder_checkpoint)
     changed = [
-        k
-        for k, v in state["target_encoder"].items()
-        if v.is_floating_point() and not torch.equal(v, original[k])
+        k for k, v in state["target_encoder"].items() if v.is_floating_point() and not torch.equal(v, original[k])
     ]
     assert any(k.startswith("backbone.") for k in changed)
     assert not any("running_" in k for k in changed)  # BN statistics stay frozen
+    assert "bnneck.bias" not in changed  # and so does what build_model froze
     records = read_log(out / "log.jsonl")
     assert all(np.isfinite(r["reid_total"]) and np.isfinite(r["reid_relation"]) for r in records)
 
