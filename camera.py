@@ -128,7 +128,7 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += float(loss) * len(camids)
+        loss_sum += float(loss.detach()) * len(camids)
         correct += int((logits.argmax(dim=1) == camids).sum())
         seen += len(camids)
         progress.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
