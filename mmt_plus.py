@@ -1,0 +1,956 @@
+"""Stage III: Improved Mutual Mean-Teaching (MMT+), and the original MMT for the ablation.
+
+Slides ("Improved Mutual Mean-Teaching (MMT+) framework") and reference-implementation.md §6-§7:
+
+  * two students initialised from two pre-trained checkpoints (--init-1, --init-2: pretrain.py runs with different
+    seeds) and their two mean teachers (exponential moving average of the students' parameters, alpha 0.999 with the
+    ramp alpha_t = min(1 - 1/(t+1), alpha));
+  * every epoch, pseudo labels: the averaged, L2-normalised teacher features of the target training set ->
+    sparse k-reciprocal Jaccard graph (reid_ops.jaccard_graph, k1 20, k2 6) -> DBSCAN (eps 0.6, min_samples 4) on
+    the sparse graph -> outliers left out for the epoch -> target classes appended after the source identities;
+    the target rows of all four heads are set to the L2-normalised cluster centroids;
+  * domain-specific BatchNorm: every BatchNorm (BNNeck and the BN half of IBN layers included) becomes a pair
+    (BN_S, BN_T); training batches are [source ; target] so each branch sees one domain; BN_T at test time;
+  * losses per student i (j = the other pair):  (1 - w) * LSCE(z_i, y) + w * SoftCE(z_i <- teacher_j)
+    + optional hard / soft softmax-triplet + 0.1 * MoCo(student_i queries, teacher_i keys, queue_i) on target rows;
+  * ArcFace / CosFace heads (or a plain linear one), Adam 3.5e-4, optimiser reset at every re-clustering.
+
+`--mode mmt` trains the original MMT (Ge et al., ICLR 2020) from the same script: target batches only, plain BN,
+no MoCo, linear head, the MMT paper's DBSCAN-script weights (soft CE 0.5, hard triplet 0.2, soft triplet 0.8).
+
+Checkpoints (LOGS_DIR): checkpoint.pth (resume state of the whole run) and model_best.pth, the better mean teacher
+of the best epoch on target validation; both hold under "state_dict" a plain model (target BN branch, no head)
+that loads into `pretrain.build_model(arch, num_classes=0)`, which is what postprocess.py reads.
+
+    python mmt_plus.py --data-root DATA --arch resnet50_ibn --init-1 A/model_best.pth --init-2 B/model_best.pth
+    python mmt_plus.py --preset demo --data-root DATA --init-1 ... --init-2 ...      # minutes on 2 CPU cores
+    python mmt_plus.py --mode mmt ...                                                 # the original MMT
+    torchrun --nproc_per_node=2 mmt_plus.py ...                                       # DDP
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import random
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from pretrain import (
+    ImageDataset,
+    IterLoader,
+    JsonlLogger,
+    RandomIdentitySampler,
+    autocast_context,
+    build_model,
+    build_train_transform,
+    evaluate,
+    extract_features,
+    is_main_process,
+    label_smoothed_ce,
+    load_checkpoint,
+    load_model_weights,
+    read_dataset,
+    save_checkpoint,
+    set_seed,
+    setup_distributed,
+    soft_triplet_loss,
+    softmax_triplet_loss,
+)
+from sklearn.cluster import DBSCAN
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import reid_ops
+
+# --preset demo: the embedded synthetic benchmark on 2 CPU cores in a few minutes. Explicit flags still win.
+PRESETS = {
+    "demo": dict(arch="resnet18", height=128, width=64, batch_size=32, epochs=5, iters=20),
+}
+
+# ---------------------------------------------------------------------------------------------------------------
+# Domain-specific BatchNorm
+
+
+class DomainSpecificBatchNorm(nn.Module):
+    """A BatchNorm split into a source branch (BN_S) and a target branch (BN_T), both copies of the pre-trained BN.
+
+    Training mode: the batch is [source rows ; target rows]; the first `source_size` rows go through BN_S and the
+    rest through BN_T (`source_size` None = equal halves, which needs an even batch). Eval mode: BN_T for everything.
+    """
+
+    def __init__(self, batchnorm: nn.modules.batchnorm._BatchNorm):
+        super().__init__()
+        self.bn_source = copy.deepcopy(batchnorm)
+        self.bn_target = copy.deepcopy(batchnorm)
+        self.source_size: int | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return self.bn_target(x)
+        rows = x.shape[0]
+        split = self.source_size
+        if split is None:
+            if rows % 2:
+                raise ValueError(
+                    f"DomainSpecificBatchNorm: a training batch of {rows} rows cannot be split into equal "
+                    "[source ; target] halves; give an even batch or set source_size (set_source_size)"
+                )
+            split = rows // 2
+        if not 0 <= split <= rows:
+            raise ValueError(f"DomainSpecificBatchNorm: source_size {split} outside a batch of {rows} rows")
+        if split == 0:
+            return self.bn_target(x)
+        if split == rows:
+            return self.bn_source(x)
+        return torch.cat([self.bn_source(x[:split]), self.bn_target(x[split:])], dim=0)
+
+
+def convert_dsbn(model: nn.Module) -> nn.Module:
+    """Replace every BatchNorm1d/2d/3d of `model` (in place) by a DomainSpecificBatchNorm initialised from it.
+
+    InstanceNorm (the IN half of IBN layers) is left alone. The BN modules are deep-copied with their
+    `requires_grad` flags, so the BNNeck bias frozen by pretrain.build_model stays frozen (the release's conversion
+    makes it trainable as a side effect, reference §13.1.9; we keep the pre-training design)."""
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(model, name, DomainSpecificBatchNorm(child))
+        elif not isinstance(child, DomainSpecificBatchNorm):
+            convert_dsbn(child)
+    return model
+
+
+def set_source_size(model: nn.Module, source_size: int | None) -> None:
+    """Number of leading source rows of the next training batches in every DSBN layer (None = equal halves)."""
+    for module in model.modules():
+        if isinstance(module, DomainSpecificBatchNorm):
+            module.source_size = source_size
+
+
+def collapse_dsbn(model: nn.Module, branch: str = "target") -> nn.Module:
+    """A copy of `model` in which every DomainSpecificBatchNorm is replaced by its `branch` BN ("target"/"source"):
+    a plain model whose state_dict loads into the architecture it was converted from."""
+    if branch not in ("target", "source"):
+        raise ValueError(f"collapse_dsbn: branch must be 'target' or 'source', got {branch!r}")
+    plain = copy.deepcopy(model)
+
+    def replace(module: nn.Module) -> None:
+        for name, child in list(module.named_children()):
+            if isinstance(child, DomainSpecificBatchNorm):
+                setattr(module, name, child.bn_target if branch == "target" else child.bn_source)
+            else:
+                replace(child)
+
+    replace(plain)
+    return plain
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Classifier heads. forward(features, labels=None); only the first `num_active_classes` rows are used (source ids
+# followed by the current epoch's clusters; later rows are the upper bound C_max = #source ids + #target images).
+
+
+class MarginHead(nn.Module):
+    """ArcFace ("arc") or CosFace ("cos") head on the BNNeck feature (reference §6.7).
+
+    cos_theta = <f/|f|, W_c/|W_c|>. ArcFace: the labelled class gets s * cos(theta + m), with the usual fallback
+    cos_theta - m * sin(pi - m) where theta + m would pass pi (cos_theta <= cos(pi - m)). CosFace: s * (cos_theta - m).
+    Without labels (inference, mean-teacher soft labels) the logits are s * cos_theta."""
+
+    def __init__(self, in_features: int, num_classes: int, metric: str = "arc", scale: float = 64.0, margin=0.35):
+        super().__init__()
+        if metric not in ("arc", "cos"):
+            raise ValueError(f"MarginHead: metric must be 'arc' or 'cos', got {metric!r}")
+        self.metric, self.scale, self.margin = metric, float(scale), float(margin)
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features))
+        nn.init.xavier_uniform_(self.weight)
+        self.num_active_classes = num_classes
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        weight = self.weight[: self.num_active_classes].float()
+        features = features.float()
+        if self.metric == "arc":
+            cosine = F.normalize(features, dim=1) @ F.normalize(weight, dim=1).t()
+        else:
+            norms = features.norm(dim=1, keepdim=True) * weight.norm(dim=1)[None, :]
+            cosine = (features @ weight.t()) / norms.clamp_min(1e-8)
+        if labels is None:
+            return self.scale * cosine
+        one_hot = F.one_hot(labels, self.num_active_classes).to(cosine.dtype)
+        if self.metric == "arc":
+            sine = (1.0 - cosine.pow(2)).clamp_min(0.0).sqrt()
+            phi = cosine * math.cos(self.margin) - sine * math.sin(self.margin)
+            phi = torch.where(
+                cosine > math.cos(math.pi - self.margin), phi, cosine - self.margin * math.sin(math.pi - self.margin)
+            )
+            return self.scale * (one_hot * phi + (1.0 - one_hot) * cosine)
+        return self.scale * (cosine - self.margin * one_hot)
+
+
+class LinearHead(nn.Module):
+    """Plain bias-free linear classifier (the original MMT); labels are accepted and ignored."""
+
+    def __init__(self, in_features: int, num_classes: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features))
+        nn.init.normal_(self.weight, std=0.001)
+        self.num_active_classes = num_classes
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return features.float() @ self.weight[: self.num_active_classes].float().t()
+
+
+def build_head(metric: str, in_features: int, num_classes: int, scale: float, margin: float) -> nn.Module:
+    if metric == "linear":
+        return LinearHead(in_features, num_classes)
+    return MarginHead(in_features, num_classes, metric, scale, margin)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Losses, MoCo memory, EMA
+
+
+def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """MMT's mutual loss: mean_i sum_k -softmax(teacher)_ik log softmax(student)_ik, teacher detached."""
+    targets = F.softmax(teacher_logits.detach().float(), dim=1)
+    return -(targets * F.log_softmax(student_logits.float(), dim=1)).sum(dim=1).mean()
+
+
+class MocoQueue(nn.Module):
+    """MoCo memory of one student / mean-teacher pair: K unit-norm keys (rows) and a write pointer, both buffers so
+    that they are saved in checkpoints and persist across epochs (re-clustering does not touch them)."""
+
+    def __init__(
+        self, feature_dim: int, size: int, temperature: float = 0.07, generator: torch.Generator | None = None
+    ):
+        super().__init__()
+        if size < 1:
+            raise ValueError(f"MocoQueue: size must be >= 1, got {size}")
+        self.temperature = float(temperature)
+        self.register_buffer("keys", F.normalize(torch.randn(size, feature_dim, generator=generator), dim=1))
+        self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
+
+    def loss(self, queries: torch.Tensor, keys: torch.Tensor, enqueue_keys: torch.Tensor | None = None) -> torch.Tensor:
+        """InfoNCE: logits [q.k+, q.queue] / tau with the positive at index 0 (slides' MoCo loss); then the keys
+        (`enqueue_keys`, e.g. gathered from all processes, default `keys`) are written into the queue."""
+        queries = F.normalize(queries.float(), dim=1)
+        keys = F.normalize(keys.detach().float(), dim=1)
+        positive = (queries * keys).sum(dim=1, keepdim=True)
+        negative = queries @ self.keys.clone().t()  # copy: the in-place enqueue must not alter saved tensors
+        logits = torch.cat([positive, negative], dim=1) / self.temperature
+        loss = F.cross_entropy(logits, torch.zeros(len(queries), dtype=torch.long, device=queries.device))
+        self.enqueue(keys if enqueue_keys is None else F.normalize(enqueue_keys.detach().float(), dim=1))
+        return loss
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        size = self.keys.shape[0]
+        keys = keys[-size:]  # more keys than slots: only the newest fit
+        start = int(self.pointer)
+        positions = (start + torch.arange(len(keys), device=self.keys.device)) % size
+        self.keys[positions] = keys.to(self.keys.dtype)
+        self.pointer.fill_((start + len(keys)) % size)
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, alpha: float, global_step: int) -> float:
+    """Mean teacher: theta_T <- a theta_T + (1 - a) theta_S over parameters only (BN running statistics are the
+    teacher's own), with the ramp a = min(1 - 1/(t + 1), alpha) (t = 0 copies the student). Returns a."""
+    decay = min(1.0 - 1.0 / (global_step + 1), alpha)
+    for teacher_param, student_param in zip(teacher.parameters(), student.parameters(), strict=True):
+        teacher_param.mul_(decay).add_(student_param.detach(), alpha=1.0 - decay)
+    return decay
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pseudo labels
+
+
+def cluster_features(
+    features: torch.Tensor | np.ndarray, k1: int = 20, k2: int = 6, eps: float = 0.6, min_samples: int = 4
+) -> np.ndarray:
+    """DBSCAN labels (-1 = outlier) of L2-normalised features on the sparse k-reciprocal Jaccard graph (§7).
+
+    The graph stores every pair closer than slightly more than eps (DBSCAN itself applies <= eps), the diagonal as
+    explicit zeros; pairs not stored are "not neighbours" for sklearn's sparse precomputed metric. No dense N x N."""
+    features = torch.as_tensor(features).float().contiguous()
+    if features.ndim != 2 or len(features) == 0:
+        raise ValueError(f"cluster_features: expected an (N, D) feature matrix, got shape {tuple(features.shape)}")
+    graph = reid_ops.jaccard_graph(features, k1=k1, k2=k2, max_distance=min(1.0, eps + 1e-4))
+    return DBSCAN(eps=eps, min_samples=min_samples, metric="precomputed").fit_predict(graph)
+
+
+def cluster_centroids(features: torch.Tensor, labels: np.ndarray) -> torch.Tensor:
+    """(C, D) L2-normalised mean feature of each cluster 0..C-1 (outliers ignored)."""
+    labels_t = torch.as_tensor(labels, dtype=torch.long)
+    keep = labels_t >= 0
+    num_clusters = int(labels_t.max()) + 1 if keep.any() else 0
+    sums = torch.zeros(num_clusters, features.shape[1], dtype=torch.float64)
+    sums.index_add_(0, labels_t[keep], features[keep].double())
+    return F.normalize(sums, dim=1).float()
+
+
+def read_identity_file(data_root: str) -> dict[str, int] | None:
+    """Ground truth of target_training (`image_name pid` per line) for pseudo-label DIAGNOSTICS ONLY: the result is
+    logged, never used for training."""
+    path = Path(data_root) / "diagnostics" / "target_training_identities.txt"
+    if not path.exists():
+        return None
+    identities = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise ValueError(f"{path}:{number}: expected 'image_name pid', got {line!r}")
+        identities[os.path.basename(parts[0])] = int(parts[1])
+    return identities
+
+
+def pseudo_label_quality(labels: np.ndarray, true_ids: np.ndarray) -> dict:
+    """NMI / ARI / purity of the clustered (non-outlier) images against the ground-truth identities."""
+    keep = labels >= 0
+    if not keep.any():
+        return {"nmi": 0.0, "ari": 0.0, "purity": 0.0}
+    pairs = Counter(zip(labels[keep].tolist(), true_ids[keep].tolist(), strict=True))
+    best = {}
+    for (cluster, _), count in pairs.items():
+        best[cluster] = max(best.get(cluster, 0), count)
+    return {
+        "nmi": float(normalized_mutual_info_score(true_ids[keep], labels[keep])),
+        "ari": float(adjusted_rand_score(true_ids[keep], labels[keep])),
+        "purity": sum(best.values()) / int(keep.sum()),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data and distributed helpers
+
+
+class TwoViews:
+    """Two independent augmentations of the same image (the release's "mutual" preprocessor): view 1 feeds student
+    1 and teacher 1, view 2 feeds student 2 and teacher 2."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, image):
+        return self.transform(image), self.transform(image)
+
+
+def make_loader(items, transform, batch_size: int, iters: int, workers: int, seed: int) -> IterLoader:
+    sampler = RandomIdentitySampler(items, num_instances=4, seed=seed)
+    loader = DataLoader(
+        ImageDataset(items, TwoViews(transform)),
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        drop_last=len(sampler) >= batch_size,
+        persistent_workers=False,
+    )
+    return IterLoader(loader, iters)
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate (rank order) the rows every process holds; sizes may differ by process."""
+    rank, world_size = world()
+    if world_size == 1:
+        return tensor
+    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(world_size)]
+    dist.all_gather(sizes, torch.tensor([len(tensor)]))
+    longest = int(max(sizes))
+    padded = torch.zeros(longest, *tensor.shape[1:], dtype=tensor.dtype)
+    padded[: len(tensor)] = tensor.cpu()
+    parts = [torch.zeros_like(padded) for _ in range(world_size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[: int(size)] for part, size in zip(parts, sizes, strict=True)]).to(tensor.device)
+
+
+def distributed_features(model: nn.Module, items, args, device) -> torch.Tensor:
+    """Eval-mode features of `items` (in order), each process extracting every world_size-th item."""
+    rank, world_size = world()
+    shard = items[rank::world_size]
+    local = extract_features(
+        model, shard, args.height, args.width, batch_size=args.test_batch_size, workers=args.workers, device=device
+    )
+    gathered = gather_rows(local.float().cpu())
+    if world_size == 1:
+        return gathered
+    # undo the interleaving: process r held items r, r + W, r + 2W, ...
+    counts = [len(items[r::world_size]) for r in range(world_size)]
+    ordered = torch.empty(len(items), gathered.shape[1])
+    offset = 0
+    for r, count in enumerate(counts):
+        ordered[r::world_size] = gathered[offset : offset + count]
+        offset += count
+    return ordered
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def rank1(result: dict) -> float:
+    if "top1" in result:
+        return float(result["top1"])
+    return float(np.asarray(result["cmc"])[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def load_init(path: str, arch: str, num_source_classes: int, head: nn.Module, use_source_rows: bool) -> nn.Module:
+    """A plain pretrain.py network from checkpoint `path` with `head` as classifier. The pre-trained source
+    classifier rows are copied into the head's first rows when `use_source_rows` and the shapes agree (the release
+    cannot load them and restarts the 700 source prototypes from Xavier noise, reference §13.1.5)."""
+    checkpoint = load_checkpoint(path)
+    state_dict = checkpoint.get("state_dict", checkpoint)
+    state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
+    classifier = state_dict.pop("classifier.weight", None)
+    model = build_model(arch, num_classes=0)
+    load_model_weights(model, {k: v for k, v in state_dict.items() if not k.startswith("classifier.")})
+    if use_source_rows and classifier is not None and num_source_classes > 0:
+        if tuple(classifier.shape) != (num_source_classes, model.feature_dim):
+            raise ValueError(
+                f"{path}: classifier has shape {tuple(classifier.shape)}, expected ({num_source_classes}, "
+                f"{model.feature_dim}) for the source identities; pass --no-init-source-rows to start them at random"
+            )
+        with torch.no_grad():
+            head.weight[:num_source_classes] = classifier.float()
+    model.classifier = head
+    return model
+
+
+def plain_state(teacher: nn.Module) -> dict:
+    """State dict of the teacher as a plain model with the target BN branch and without the head."""
+    plain = collapse_dsbn(teacher, "target")
+    return {k: v.detach().cpu().clone() for k, v in plain.state_dict().items() if not k.startswith("classifier.")}
+
+
+def train_one_epoch(
+    students, teachers, queues, optimizer, source_loader, target_loader, epoch, global_step, args, device
+) -> tuple[dict, int]:
+    """`args.iters` iterations of MMT+ (or MMT). Returns the mean losses and the new global step."""
+    rank, world_size = world()
+    use_source = args.mode == "mmt+"
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    sums: dict[str, float] = {}
+    progress = tqdm(
+        range(args.iters),
+        desc=f"{args.mode} epoch {epoch + 1}/{args.epochs}",
+        disable=not is_main_process(),
+        dynamic_ncols=True,
+    )
+    for _ in progress:
+        (target_1, target_2), target_labels, _, _ = target_loader.next()
+        views, labels = [target_1, target_2], target_labels
+        source_rows = 0
+        if use_source:
+            (source_1, source_2), source_labels, _, _ = source_loader.next()
+            source_rows = len(source_labels)
+            views = [torch.cat([source_1, target_1]), torch.cat([source_2, target_2])]
+            labels = torch.cat([source_labels, target_labels])
+        views = [v.to(device, memory_format=memory_format, non_blocking=True) for v in views]
+        labels = labels.to(device)
+        for network in (*students, *teachers):
+            set_source_size(network, source_rows if use_source else None)
+
+        with autocast_context(device, args.amp):
+            outputs = [students[i](views[i], labels) for i in range(2)]
+            with torch.no_grad():
+                teacher_labels = labels if args.teacher_margin else None
+                teacher_outputs = [teachers[i](views[i], teacher_labels) for i in range(2)]
+        terms = {"ce": 0.0, "soft_ce": 0.0, "triplet": 0.0, "soft_triplet": 0.0, "moco": 0.0}
+        for i in range(2):
+            f_pool, f_bn, logits = outputs[i]
+            other_pool, _, other_logits = teacher_outputs[1 - i]
+            terms["ce"] = terms["ce"] + label_smoothed_ce(logits.float(), labels, epsilon=args.label_smoothing)
+            terms["soft_ce"] = terms["soft_ce"] + soft_cross_entropy(logits, other_logits)
+            if args.triplet_weight > 0:
+                terms["triplet"] = terms["triplet"] + softmax_triplet_loss(f_pool.float(), labels)
+            if args.soft_triplet_weight > 0:
+                terms["soft_triplet"] = terms["soft_triplet"] + soft_triplet_loss(
+                    f_pool.float(), labels, other_pool.float().detach()
+                )
+            if args.moco_weight > 0:
+                # query: student's target rows; key: its OWN teacher on the same view (slides' MoCo loss)
+                queries, keys = f_bn[source_rows:], teacher_outputs[i][1][source_rows:].float()
+                all_keys = gather_rows(keys.detach()) if world_size > 1 else None
+                terms["moco"] = terms["moco"] + queues[i].loss(queries, keys, all_keys)
+        loss = (
+            (1 - args.soft_ce_weight) * terms["ce"]
+            + args.soft_ce_weight * terms["soft_ce"]
+            + args.triplet_weight * terms["triplet"]
+            + args.soft_triplet_weight * terms["soft_triplet"]
+            + args.moco_weight * terms["moco"]
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        for i in range(2):
+            ema_update(
+                teachers[i],
+                students[i].module if hasattr(students[i], "module") else students[i],
+                args.ema_alpha,
+                global_step,
+            )
+        global_step += 1
+        for name, value in [("loss", loss), *terms.items()]:
+            sums[name] = sums.get(name, 0.0) + float(value.detach() if torch.is_tensor(value) else value)
+        sums["precision"] = sums.get("precision", 0.0) + float(
+            sum((outputs[i][2].argmax(1) == labels).float().mean() for i in range(2)) / 2
+        )
+        progress.set_postfix(loss=f"{float(loss.detach()):.3f}")
+    return {name: value / args.iters for name, value in sums.items()}, global_step
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="defaults for a setting (explicit flags win)")
+    parser.add_argument(
+        "--mode",
+        choices=["mmt+", "mmt"],
+        default="mmt+",
+        help="mmt+: DSBN, joint source batches, MoCo; mmt: the original MMT (target only)",
+    )
+    # data
+    parser.add_argument("--data-root", required=True, help="dataset root (VisDA-2020 layout)")
+    parser.add_argument("--source", default="personx", help="labelled source dataset (release: raw personx)")
+    parser.add_argument("--target", default="target_train", help="unlabelled target training set")
+    parser.add_argument("--val-dataset", default="target_val", help="labelled split for model selection")
+    parser.add_argument("--logs-dir", default="logs/mmt", help="output: checkpoint.pth, model_best.pth, log.jsonl")
+    parser.add_argument("--height", type=int, default=256, help="input height (release: 384)")
+    parser.add_argument("--width", type=int, default=128, help="input width")
+    parser.add_argument(
+        "--random-erasing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="random erasing (release: on, both domains)",
+    )
+    # model
+    parser.add_argument("--arch", default="resnet50_ibn", help="backbone (pretrain.build_model)")
+    parser.add_argument("--init-1", required=True, help="pretrain.py checkpoint of student/teacher 1")
+    parser.add_argument("--init-2", required=True, help="pretrain.py checkpoint of student/teacher 2 (other seed)")
+    parser.add_argument(
+        "--metric",
+        choices=["arc", "cos", "linear"],
+        default=None,
+        help="head: ArcFace, CosFace or bias-free linear (default: arc for mmt+, linear for mmt)",
+    )
+    parser.add_argument("--scale", type=float, default=64.0, help="s of the margin heads (official script: 64)")
+    parser.add_argument("--margin", type=float, default=0.35, help="m of the margin heads (official script: 0.35)")
+    parser.add_argument(
+        "--init-source-rows",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="copy the pre-trained source classifier into the head's source rows (release: no, they restart at random)",
+    )
+    # clustering
+    parser.add_argument("--k1", type=int, default=20, help="Jaccard graph: k-reciprocal neighbours")
+    parser.add_argument("--k2", type=int, default=6, help="Jaccard graph: query-expansion neighbours")
+    parser.add_argument("--eps", type=float, default=0.6, help="DBSCAN eps (Jaccard distance)")
+    parser.add_argument("--min-samples", type=int, default=4, help="DBSCAN min_samples (self included)")
+    # losses
+    parser.add_argument("--label-smoothing", type=float, default=0.1, help="epsilon of the label-smoothed CE")
+    parser.add_argument(
+        "--soft-ce-weight",
+        type=float,
+        default=None,
+        help="w: (1-w) LSCE + w soft CE from the other teacher (default 0.5)",
+    )
+    parser.add_argument(
+        "--triplet-weight",
+        type=float,
+        default=None,
+        help="hard softmax-triplet weight (default: 0 for mmt+ as the release, 0.2 for mmt)",
+    )
+    parser.add_argument(
+        "--soft-triplet-weight",
+        type=float,
+        default=None,
+        help="soft triplet weight (default: 0 for mmt+ as the release, 0.8 for mmt)",
+    )
+    parser.add_argument("--moco-weight", type=float, default=None, help="MoCo loss weight (default 0.1; mmt: 0)")
+    parser.add_argument(
+        "--moco-queue-size",
+        type=int,
+        default=None,
+        help="MoCo keys per queue (default: batch-size x iters, release 12,800)",
+    )
+    parser.add_argument("--moco-temperature", type=float, default=0.07, help="MoCo tau (code 0.07; report typo 0.7)")
+    parser.add_argument(
+        "--teacher-margin",
+        action="store_true",
+        help="give the teachers the labels so their soft targets include the margin (release "
+        "behaviour, §13.1.6); default: plain s*cos logits, the slides' mean classifier output",
+    )
+    # optimisation
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=64,
+        help="images per domain per iteration, all processes together (P x 4 instances)",
+    )
+    parser.add_argument("--lr", type=float, default=3.5e-4, help="Adam learning rate (constant)")
+    parser.add_argument("--weight-decay", type=float, default=5e-4, help="coupled L2 weight decay")
+    parser.add_argument("--epochs", type=int, default=40, help="epochs (= re-clusterings); release 40")
+    parser.add_argument("--iters", type=int, default=200, help="iterations per epoch")
+    parser.add_argument("--ema-alpha", type=float, default=0.999, help="mean-teacher EMA alpha")
+    parser.add_argument(
+        "--keep-optimizer-state",
+        action="store_true",
+        help="keep Adam moments across re-clusterings (the release's fp16 run); default: reset "
+        "(slides: 'reset optimizers upon re-clustering')",
+    )
+    # runtime
+    parser.add_argument("--seed", type=int, default=1, help="random seed")
+    parser.add_argument("--workers", type=int, default=2, help="data-loading worker processes")
+    parser.add_argument("--test-batch-size", type=int, default=128, help="feature-extraction batch")
+    parser.add_argument(
+        "--eval-initial",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="evaluate the initial teachers (= pre-trained models) before epoch 1",
+    )
+    parser.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="autocast for training (bf16 on CPU, fp16 on CUDA); evaluation and clustering are fp32",
+    )
+    parser.add_argument(
+        "--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory format for training"
+    )
+    parser.add_argument("--resume", action="store_true", help="continue from LOGS_DIR/checkpoint.pth if present")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    args = parser.parse_args(argv)
+    if args.preset:
+        parser.set_defaults(**PRESETS[args.preset])
+        args = parser.parse_args(argv)
+    mmt = args.mode == "mmt"
+    defaults = dict(
+        metric="linear" if mmt else "arc",
+        soft_ce_weight=0.5,
+        triplet_weight=0.2 if mmt else 0.0,
+        soft_triplet_weight=0.8 if mmt else 0.0,
+        moco_weight=0.0 if mmt else 0.1,
+        moco_queue_size=args.batch_size * args.iters,
+    )
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if mmt and args.moco_weight:
+        parser.error("--mode mmt has no MoCo loss; drop --moco-weight")
+    for name in ("epochs", "iters", "batch_size", "height", "width", "k1", "k2", "min_samples", "moco_queue_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.batch_size % 4:
+        parser.error(f"--batch-size {args.batch_size} must be a multiple of the 4 instances per identity")
+    if not 0 <= args.soft_ce_weight <= 1:
+        parser.error(f"--soft-ce-weight must be in [0, 1], got {args.soft_ce_weight}")
+    if not 0 < args.ema_alpha < 1:
+        parser.error(f"--ema-alpha must be in (0, 1), got {args.ema_alpha}")
+    for name in ("init_1", "init_2"):
+        if not Path(getattr(args, name)).is_file():
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: no such checkpoint file")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    distributed = setup_distributed()
+    rank, world_size = world()
+    if args.device:
+        device = torch.device(args.device)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        device = torch.device("cpu")
+    set_seed(args.seed + rank)
+    logs_dir = Path(args.logs_dir)
+    logs_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_path, best_path = logs_dir / "checkpoint.pth", logs_dir / "model_best.pth"
+    if args.batch_size % (4 * world_size):
+        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by 4 instances x {world_size} processes")
+    per_process_batch = args.batch_size // world_size
+
+    # data: target training set in a fixed (path) order; the source only for MMT+
+    target_items = sorted(read_dataset(args.target, args.data_root).train)
+    if not target_items:
+        raise SystemExit(f"--target {args.target}: no training images under {args.data_root}")
+    val_data = read_dataset(args.val_dataset, args.data_root)
+    if not val_data.query or not val_data.gallery:
+        raise SystemExit(f"--val-dataset {args.val_dataset}: no query/gallery images under {args.data_root}")
+    source_items, num_source_classes = [], 0
+    if args.mode == "mmt+":
+        source_data = read_dataset(args.source, args.data_root)
+        source_items, num_source_classes = list(source_data.train), int(source_data.num_train_pids)
+        if not source_items:
+            raise SystemExit(f"--source {args.source}: no training images under {args.data_root}")
+    identities = read_identity_file(args.data_root)  # diagnostics only
+    true_ids = None
+    if identities is not None:
+        true_ids = np.array([identities.get(os.path.basename(path), -1) for path, _, _ in target_items])
+        if (true_ids < 0).any():
+            true_ids = None  # incomplete ground truth: no diagnostics rather than wrong ones
+
+    # four networks: students from the two inits, teachers = copies; C_max = #source ids + #target images rows
+    max_classes = num_source_classes + len(target_items)
+    students, teachers = [], []
+    for index, init in enumerate((args.init_1, args.init_2)):
+        probe = build_model(args.arch, num_classes=0)
+        head = build_head(args.metric, probe.feature_dim, max_classes, args.scale, args.margin)
+        student = load_init(init, args.arch, num_source_classes, head, args.init_source_rows)
+        if args.mode == "mmt+":
+            convert_dsbn(student)
+        student = student.to(device)
+        if args.channels_last:
+            student = student.to(memory_format=torch.channels_last)
+        teacher = copy.deepcopy(student)
+        for param in teacher.parameters():
+            param.requires_grad_(False)
+        students.append(student)
+        teachers.append(teacher)
+        del probe, index
+    feature_dim = students[0].feature_dim
+    generator = torch.Generator().manual_seed(args.seed)
+    queues = [
+        MocoQueue(feature_dim, args.moco_queue_size, args.moco_temperature, generator).to(device) for _ in range(2)
+    ]
+
+    def trainable_parameters() -> list[nn.Parameter]:
+        return [p for s in students for p in s.parameters() if p.requires_grad]
+
+    optimizer = torch.optim.Adam(trainable_parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    start_epoch, global_step, best_map, best_epoch, history = 0, 0, -1.0, -1, []
+    if args.resume and checkpoint_path.exists():
+        state = load_checkpoint(checkpoint_path)
+        if state.get("mode") != args.mode or state.get("arch") != args.arch:
+            raise SystemExit(
+                f"{checkpoint_path}: a {state.get('mode')}/{state.get('arch')} run, not {args.mode}/{args.arch}"
+            )
+        for i in range(2):
+            students[i].load_state_dict(state["students"][i])
+            teachers[i].load_state_dict(state["teachers"][i])
+            queues[i].load_state_dict(state["moco_queues"][i])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, global_step = state["epoch"] + 1, state["global_step"]
+        best_map, best_epoch = state["best_mAP"], state["best_epoch"]
+        if world_size == 1 and "rng" in state:
+            set_rng_state(state["rng"])
+        if is_main_process():
+            print(f"[mmt] resumed from {checkpoint_path} at epoch {start_epoch + 1} (global step {global_step})")
+
+    training_students = students
+    if distributed:
+        ids = [device.index] if device.type == "cuda" else None
+        training_students = [nn.parallel.DistributedDataParallel(s, device_ids=ids) for s in students]
+
+    transform = build_train_transform(args.height, args.width, autoaugment=False, random_erasing=args.random_erasing)
+
+    logger = JsonlLogger(logs_dir / "log.jsonl") if is_main_process() else None
+    if logger is not None:
+        per_bn = (
+            {"source": per_process_batch, "target": per_process_batch}
+            if args.mode == "mmt+"
+            else {"target": per_process_batch}
+        )
+        logger.log(
+            {
+                "event": "start",
+                "args": vars(args),
+                "num_source_images": len(source_items),
+                "num_source_classes": num_source_classes,
+                "num_target_images": len(target_items),
+                "world_size": world_size,
+                "images_per_batchnorm_per_domain": per_bn,
+                "pseudo_label_diagnostics": true_ids is not None,
+                "start_epoch": start_epoch,
+            }
+        )
+
+    def evaluate_teachers() -> list[dict]:
+        results = []
+        for teacher in teachers:
+            result = evaluate(teacher, val_data.query, val_data.gallery, args.height, args.width)
+            results.append({"mAP": float(result["mAP"]), "top1": rank1(result)})
+        return results
+
+    if args.eval_initial and start_epoch == 0 and is_main_process():
+        initial = evaluate_teachers()
+        logger.log({"epoch": 0, "event": "initial", "val": initial})
+        print("[mmt] initial teachers: " + ", ".join(f"mAP {r['mAP']:.3f} top-1 {r['top1']:.3f}" for r in initial))
+
+    summary: dict = {}
+    for epoch in range(start_epoch, args.epochs):
+        start = time.time()
+        # 1. pseudo labels from the averaged mean-teacher features (eval mode: BN_T running statistics)
+        features = [F.normalize(distributed_features(t, target_items, args, device), dim=1) for t in teachers]
+        features = F.normalize((features[0] + features[1]) / 2, dim=1)
+        labels = torch.empty(len(target_items), dtype=torch.long)
+        if rank == 0:
+            labels = torch.from_numpy(cluster_features(features, args.k1, args.k2, args.eps, args.min_samples))
+        if distributed:
+            dist.broadcast(labels, src=0)
+        labels_np = labels.numpy()
+        num_clusters = int(labels_np.max()) + 1 if (labels_np >= 0).any() else 0
+        record = {
+            "epoch": epoch + 1,
+            "clusters": num_clusters,
+            "outlier_fraction": float((labels_np < 0).mean()),
+            "clustering_seconds": round(time.time() - start, 1),
+        }
+        if true_ids is not None:
+            record["pseudo_labels"] = pseudo_label_quality(labels_np, true_ids)
+        if num_clusters == 0:
+            raise SystemExit(
+                f"epoch {epoch + 1}: DBSCAN (eps {args.eps}, min_samples {args.min_samples}) found no cluster in "
+                f"{len(target_items)} target images; nothing to train on (try a larger --eps)"
+            )
+        # 2. target rows of all four heads <- L2-normalised centroids; logits restricted to the active classes
+        centroids = cluster_centroids(features, labels_np).to(device)
+        for network in (*students, *teachers):
+            with torch.no_grad():
+                network.classifier.weight[num_source_classes : num_source_classes + num_clusters] = centroids
+            network.classifier.num_active_classes = num_source_classes + num_clusters
+        if not args.keep_optimizer_state:
+            optimizer = torch.optim.Adam(trainable_parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        pseudo_items = [
+            (path, num_source_classes + int(label), camid)
+            for (path, _, camid), label in zip(target_items, labels_np, strict=True)
+            if label >= 0
+        ]
+        target_loader = make_loader(
+            pseudo_items,
+            transform,
+            per_process_batch,
+            args.iters,
+            args.workers,
+            seed=args.seed + 1000 * rank + 7 * epoch,
+        )
+        target_loader.new_epoch()
+        source_loader = None  # rebuilt each epoch with an epoch-dependent seed so that --resume continues exactly
+        if args.mode == "mmt+":
+            source_loader = make_loader(
+                source_items,
+                transform,
+                per_process_batch,
+                args.iters,
+                args.workers,
+                seed=args.seed + 1000 * rank + 7 * epoch + 3,
+            )
+            source_loader.new_epoch()
+
+        # 3. train
+        for student in students:
+            student.train()
+        for teacher in teachers:
+            # Teachers run in TRAIN mode, as in the release (§13.1.7): their soft labels and MoCo keys are computed
+            # with the same per-domain batch statistics as the student's forward on that batch, so teacher and
+            # student outputs differ only by the weights (EMA), not by BN statistics. Side effect: each teacher's
+            # BN running statistics (used for clustering and testing) are its own estimates of the domain
+            # statistics of the EMA weights, rather than an average of the students' stale ones.
+            teacher.train()
+        losses, global_step = train_one_epoch(
+            training_students,
+            teachers,
+            queues,
+            optimizer,
+            source_loader,
+            target_loader,
+            epoch,
+            global_step,
+            args,
+            device,
+        )
+        record["losses"] = losses
+        record["global_step"] = global_step
+
+        # 4. validate both teachers, keep the best, checkpoint (rank 0)
+        if is_main_process():
+            results = evaluate_teachers()
+            record["val"] = results
+            better = 0 if results[0]["mAP"] >= results[1]["mAP"] else 1
+            if results[better]["mAP"] > best_map:
+                best_map, best_epoch = results[better]["mAP"], epoch + 1
+                save_checkpoint(
+                    {
+                        "state_dict": plain_state(teachers[better]),
+                        "arch": args.arch,
+                        "feature_dim": feature_dim,
+                        "height": args.height,
+                        "width": args.width,
+                        "epoch": epoch + 1,
+                        "mAP": best_map,
+                        "teacher": better + 1,
+                        "mode": args.mode,
+                        "kind": "mmt",
+                        "args": vars(args),
+                    },
+                    best_path,
+                )
+            record.update(best_mAP=best_map, best_epoch=best_epoch, seconds=round(time.time() - start, 1))
+            save_checkpoint(
+                {
+                    "state_dict": plain_state(teachers[0]),
+                    "arch": args.arch,
+                    "feature_dim": feature_dim,
+                    "height": args.height,
+                    "width": args.width,
+                    "mode": args.mode,
+                    "kind": "mmt-resume",
+                    "epoch": epoch,
+                    "global_step": global_step,
+                    "best_mAP": best_map,
+                    "best_epoch": best_epoch,
+                    "students": [s.state_dict() for s in students],
+                    "teachers": [t.state_dict() for t in teachers],
+                    "moco_queues": [q.state_dict() for q in queues],
+                    "optimizer": optimizer.state_dict(),
+                    "rng": rng_state(),
+                    "args": vars(args),
+                },
+                checkpoint_path,
+            )
+            logger.log(record)
+            history.append(record)
+            print(
+                f"[mmt] epoch {epoch + 1}: {num_clusters} clusters, outliers {record['outlier_fraction']:.2f}, "
+                f"teacher mAP {results[0]['mAP']:.3f}/{results[1]['mAP']:.3f} (best {best_map:.3f})"
+            )
+        if distributed:
+            dist.barrier()
+
+    summary = {"best_mAP": best_map, "best_epoch": best_epoch, "model_best": str(best_path), "history": history}
+    if logger is not None:
+        logger.log({"event": "done", "best_mAP": best_map, "best_epoch": best_epoch})
+    if distributed:
+        dist.destroy_process_group()
+    return summary
+
+
+if __name__ == "__main__":
+    main()
