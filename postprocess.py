@@ -50,21 +50,21 @@ import reid_ops
 
 Item = tuple[str, int, int]
 
-CAMERA_FORMULAS = ("squared", "slides", "release")
+CAMERA_FORMULAS = ("slides", "squared", "release")
 CAMERA_FORMULA_HELP = """\
 how d = d_reid - w * d_cam is formed (features of both terms are L2-normalised):
-  squared (default): both terms are SQUARED Euclidean distances, d = |f_q-f_k|^2 - w |c_q-c_k|^2, the
-      release's correction (ref. §9, §13.1 item 13). Without re-ranking the ranking uses d as is (negative
-      entries simply rank first). For re-ranking, d is clamped at 0 and its square root is passed to
-      reid_ops.re_ranking_from_distances, which squares its inputs like the classic function: the re-ranking
-      therefore works on max(d, 0), i.e. on corrected squared distances, as the classic algorithm works on
-      squared Euclidean distances.
-  slides: both terms are Euclidean norms, d = |f_q-f_k| - w |c_q-c_k|, the formula written on the slides; for
-      re-ranking it is clamped at 0 and passed as a Euclidean-type distance (the re-ranking squares it).
+  slides (default): both terms are Euclidean norms, d = |f_q-f_k| - w |c_q-c_k|, the formula on the slides.
+      Without re-ranking the ranking uses d as is. For re-ranking d is clamped at 0 and passed as the
+      Euclidean-type distance reid_ops.re_ranking_from_distances expects (it squares its inputs like the
+      classic function). d < 0 needs |f_q-f_k| < w |c_q-c_k| <= 2w, which only near-duplicates reach.
+  squared: both terms are SQUARED Euclidean distances, d = |f_q-f_k|^2 - w |c_q-c_k|^2: the release's
+      correction (ref. §9, §13.1 item 13). For re-ranking d is clamped at 0 and its square root is passed,
+      so the re-ranking works on max(d, 0) as the classic one works on squared Euclidean distances. Here
+      d < 0 already when |f_q-f_k| < 0.32 |c_q-c_k| (w 0.1): many close pairs tie at 0 after clamping.
   release: the release's exact behaviour (ref. §13.1 item 12): squared distances as in 'squared' are passed
-      to the re-ranking unclamped, which squares them AGAIN; a negative entry (a very close cross-camera pair)
-      becomes a positive distance larger than that of less similar pairs (rank inversion). Offered only to
-      reproduce the release's numbers. Without re-ranking 'release' and 'squared' are identical."""
+      to the re-ranking unclamped, which squares them AGAIN; a negative entry (a very close cross-camera
+      pair) becomes a positive distance larger than that of less similar pairs (rank inversion). Offered
+      only to reproduce the release's numbers. Without re-ranking 'release' and 'squared' rank identically."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -96,7 +96,7 @@ def camera_corrected_distance(
     camera_a: np.ndarray | None,
     camera_b: np.ndarray | None,
     camera_weight: float,
-    formula: str = "squared",
+    formula: str = "slides",
 ) -> np.ndarray:
     """d(a, b) = d_reid(a, b) - camera_weight * d_cam(a, b) (slides: "negative camera similarities").
 
@@ -109,9 +109,7 @@ def camera_corrected_distance(
     metric = "euclidean" if formula == "slides" else "sqeuclidean"
     distance = np.asarray(reid_ops.pairwise_distance(features_a, features_b, metric=metric), dtype=np.float32)
     if camera_a is not None and camera_b is not None and camera_weight != 0.0:
-        camera_distance = np.asarray(
-            reid_ops.pairwise_distance(camera_a, camera_b, metric=metric), np.float32
-        )
+        camera_distance = np.asarray(reid_ops.pairwise_distance(camera_a, camera_b, metric=metric), np.float32)
         distance = distance - np.float32(camera_weight) * camera_distance
     return distance
 
@@ -138,13 +136,26 @@ def rerank(
     k1: int = 30,
     k2: int = 6,
     lambda_value: float = 0.3,
-    formula: str = "squared",
+    formula: str = "slides",
 ) -> np.ndarray:
     """k-reciprocal re-ranking (Zhong et al. 2017; slides: k1 30, k2 6, lambda 0.3) of corrected distances."""
+    inputs_qg, inputs_qq, inputs_gg = (rerank_input(d, formula) for d in (distance_qg, distance_qq, distance_gg))
+    # The re-ranking divides every row of [[qq, qg], [qg^T, gg]] by its maximum: a row without any positive
+    # distance (everything clamped to 0 by a strong camera term) has no defined ranking.
+    row_max = np.ones(1)
+    if formula != "release":  # (the release's inputs are squared again, so only all-zero rows would matter)
+        query_rows = np.concatenate([inputs_qq, inputs_qg], axis=1).max(axis=1, initial=0.0)
+        gallery_rows = np.concatenate([inputs_qg.T, inputs_gg], axis=1).max(axis=1, initial=0.0)
+        row_max = np.concatenate([query_rows, gallery_rows])
+    if np.any(row_max <= 0.0) or not all(np.isfinite(d).all() for d in (inputs_qg, inputs_qq, inputs_gg)):
+        raise ValueError(
+            f"re-ranking: {int(np.sum(row_max <= 0.0))} images have no positive distance to any other image after "
+            f"the camera correction ({formula!r}); lower --camera-weight or use another --camera-formula"
+        )
     reranked = reid_ops.re_ranking_from_distances(
-        rerank_input(distance_qg, formula),
-        rerank_input(distance_qq, formula),
-        rerank_input(distance_gg, formula),
+        inputs_qg,
+        inputs_qq,
+        inputs_gg,
         k1=k1,
         k2=k2,
         lambda_value=lambda_value,
@@ -212,13 +223,9 @@ def write_submission(distance: np.ndarray, out_dir: Path, topk: int = 100, index
     `index_digits`, separated by single spaces; plus `result.zip` holding result.txt (what the server takes).
     The release pads to 5 digits for validation and test alike; the organisers' validation example uses 4."""
     if distance.ndim != 2 or distance.shape[0] == 0 or distance.shape[1] == 0:
-        raise ValueError(
-            f"write_submission: expected a non-empty (queries, gallery) matrix, got {distance.shape}"
-        )
+        raise ValueError(f"write_submission: expected a non-empty (queries, gallery) matrix, got {distance.shape}")
     if distance.shape[1] < topk:
-        print(
-            f"[postprocess] warning: gallery has {distance.shape[1]} images < {topk}; lines list all of them"
-        )
+        print(f"[postprocess] warning: gallery has {distance.shape[1]} images < {topk}; lines list all of them")
     ranks = ranked_gallery_indices(distance, topk)
     lines = [" ".join(f"{index:0{index_digits}d}" for index in row) for row in ranks.tolist()]
     out_dir = Path(out_dir)
@@ -281,9 +288,7 @@ def draw_ranked_lists(
                 colour = red
             left = 4 * gap + (rank + 1) * (width + gap)
             canvas.paste(_thumbnail(gallery_path, thumb_size, border, colour), (left, gap))
-            draw.text(
-                (left, height + gap + 2), f"{rank + 1}: {distance[query_index, gallery_index]:.3f}", fill=0
-            )
+            draw.text((left, height + gap + 2), f"{rank + 1}: {distance[query_index, gallery_index]:.3f}", fill=0)
             if has_labels:
                 draw.text((left, height + gap + 13), f"pid {gallery_pid} c{gallery_cam}", fill=(0, 0, 0))
                 if gallery_pid == 0:
@@ -417,10 +422,7 @@ def cached_features(
     features = features.float().cpu()
     info["extract_seconds"] = round(time.time() - start, 2)
     info["cached"] = False
-    print(
-        f"[postprocess] extracted {tuple(features.shape)} features of {checkpoint} "
-        f"in {info['extract_seconds']} s"
-    )
+    print(f"[postprocess] extracted {tuple(features.shape)} features of {checkpoint} in {info['extract_seconds']} s")
     if not args.no_cache:
         save_checkpoint({"features": features, "paths": paths, "info": dict(info)}, cache_path)
     return features, info
@@ -436,18 +438,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter, allow_abbrev=False
     )
     # inputs
-    parser.add_argument(
-        "--checkpoints", nargs="+", required=True, help="re-ID checkpoints to ensemble (any arch)"
-    )
+    parser.add_argument("--checkpoints", nargs="+", required=True, help="re-ID checkpoints to ensemble (any arch)")
     parser.add_argument(
         "--archs",
         nargs="+",
         default=None,
         help="override the architecture stored in each checkpoint (one per checkpoint, or one for all)",
     )
-    parser.add_argument(
-        "--camera-checkpoint", default=None, help="camera model from camera.py (omit: no camera term)"
-    )
+    parser.add_argument("--camera-checkpoint", default=None, help="camera model from camera.py (omit: no camera term)")
     parser.add_argument("--camera-arch", default=None, help="override the camera checkpoint's architecture")
     parser.add_argument(
         "--dataset",
@@ -457,9 +455,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--data-root", required=True, help="dataset root (VisDA-2020 layout for target_val/target_test)"
     )
-    parser.add_argument(
-        "--out", required=True, help="output folder (results, submission, pictures, feature cache)"
-    )
+    parser.add_argument("--out", required=True, help="output folder (results, submission, pictures, feature cache)")
     # feature extraction
     parser.add_argument(
         "--flip",
@@ -470,20 +466,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--height", type=int, default=None, help="input height (default: from the checkpoint, else 256)"
     )
-    parser.add_argument(
-        "--width", type=int, default=None, help="input width (default: from the checkpoint, else 128)"
-    )
+    parser.add_argument("--width", type=int, default=None, help="input width (default: from the checkpoint, else 128)")
     parser.add_argument("--batch-size", type=int, default=128, help="feature-extraction batch size")
     parser.add_argument("--workers", type=int, default=2, help="data-loading worker processes")
     parser.add_argument("--cache-dir", default=None, help="feature cache folder (default: OUT/feature_cache)")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write the feature cache")
     # post-processing
-    parser.add_argument(
-        "--camera-weight", type=float, default=0.1, help="w in d = d_reid - w * d_cam (slides: 0.1)"
-    )
-    parser.add_argument(
-        "--camera-formula", choices=CAMERA_FORMULAS, default="squared", help=CAMERA_FORMULA_HELP
-    )
+    parser.add_argument("--camera-weight", type=float, default=0.1, help="w in d = d_reid - w * d_cam (slides: 0.1)")
+    parser.add_argument("--camera-formula", choices=CAMERA_FORMULAS, default="slides", help=CAMERA_FORMULA_HELP)
     parser.add_argument(
         "--rerank",
         action=argparse.BooleanOptionalAction,
@@ -501,9 +491,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="truncate AP to the top-k ranks (100 = the VisDA-2020 server's metric); default: full AP",
     )
     parser.add_argument("--max-rank", type=int, default=50, help="longest CMC rank reported")
-    parser.add_argument(
-        "--submission-topk", type=int, default=100, help="gallery indices per line of result.txt"
-    )
+    parser.add_argument("--submission-topk", type=int, default=100, help="gallery indices per line of result.txt")
     parser.add_argument(
         "--index-digits",
         type=int,
@@ -561,9 +549,7 @@ def run_variant(
         distance_gg = camera_corrected_distance(
             gallery_features, gallery_features, camera_gallery, camera_gallery, weight, formula
         )
-        distance_qg = rerank(
-            distance_qg, distance_qq, distance_gg, args.k1, args.k2, args.lambda_value, formula
-        )
+        distance_qg = rerank(distance_qg, distance_qq, distance_gg, args.k1, args.k2, args.lambda_value, formula)
     row = {
         "name": name,
         "models": [],
@@ -591,15 +577,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     query, gallery = list(data.query), list(data.gallery)
     if not query or not gallery:
         raise SystemExit(
-            f"--dataset {args.dataset} at {args.data_root}: empty query ({len(query)}) "
-            f"or gallery ({len(gallery)})"
+            f"--dataset {args.dataset} at {args.data_root}: empty query ({len(query)}) or gallery ({len(gallery)})"
         )
     items = query + gallery
     has_labels = args.dataset != "target_test" and len({pid for _, pid, _ in query}) > 1
-    print(
-        f"[postprocess] {args.dataset}: {len(query)} query, {len(gallery)} gallery images; "
-        f"labels: {has_labels}"
-    )
+    print(f"[postprocess] {args.dataset}: {len(query)} query, {len(gallery)} gallery images; labels: {has_labels}")
 
     archs = args.archs or [None]
     model_features, model_infos = [], []
@@ -610,9 +592,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         model_infos.append(info)
     camera_features, camera_info = None, None
     if args.camera_checkpoint:
-        camera_raw, camera_info = cached_features(
-            args.camera_checkpoint, args.camera_arch, items, args, cache_dir
-        )
+        camera_raw, camera_info = cached_features(args.camera_checkpoint, args.camera_arch, items, args, cache_dir)
         camera_features = l2_normalize(camera_raw)  # camera embeddings are L2-normalised (ref. §9)
 
     # Variants: the configured one last (it writes the submission); with --ablation (labelled splits) first
@@ -624,9 +604,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.ablation and has_labels:
         if len(model_infos) > 1:
             for index, info in enumerate(model_infos):
-                variants.append(
-                    (f"{info['arch']} (model {index + 1})", [index], camera_features, args.rerank)
-                )
+                variants.append((f"{info['arch']} (model {index + 1})", [index], camera_features, args.rerank))
         for camera in [None, camera_features] if camera_features is not None else [None]:
             for use_rerank in (False, True):
                 if camera is camera_features and use_rerank == args.rerank:

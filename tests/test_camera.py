@@ -14,7 +14,7 @@ import camera  # noqa: E402
 
 
 def release_factor(epoch: int) -> float:
-    """Reference §3.6: w(e) = 0.01 (1 - e/10) + e/10 for e < 10, else 1; x0.1 per milestone in {40, 70} <= e."""
+    """Reference §3.6: w(e) = 0.01 (1 - e/10) + e/10 for e < 10, else 1; x0.1 per milestone <= e."""
     warm = 0.01 * (1 - epoch / 10) + epoch / 10 if epoch < 10 else 1.0
     return warm * 0.1 ** ((epoch >= 40) + (epoch >= 70))
 

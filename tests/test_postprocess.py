@@ -134,26 +134,34 @@ def test_rerank_calls_reid_ops_with_documented_inputs():
         assert got.shape == qg.shape
 
 
-def test_default_formula_avoids_the_release_rank_inversion():
+def test_clamped_formulas_avoid_the_release_rank_inversion():
     """With lambda 1 the re-ranked distance is the original-distance term alone: the squared input divided by
-    its row maximum over [q_q | q_g]. The default keeps the order of the corrected distances (a negative entry
-    is clamped to the best value 0); the release's double squaring puts it behind smaller positive entries
-    (ref. §13.1 item 12)."""
+    its row maximum over [q_q | q_g]. 'slides' (default) and 'squared' keep the order of the corrected distances
+    (a negative entry is clamped to the best value 0); the release's double squaring puts it behind smaller
+    positive entries (ref. §13.1 item 12)."""
     rng = np.random.default_rng(12)
     qg = np.array([[-0.3, 0.1, 0.5, 0.8, 1.2, 1.5], [0.4, 0.2, 0.9, 1.1, 0.05, 1.3]], dtype=np.float32)
     qq = np.array([[0.0, 0.7], [0.7, 0.0]], dtype=np.float32)
     gg = rng.uniform(0.2, 1.6, size=(6, 6)).astype(np.float32)
     gg = np.triu(gg, 1) + np.triu(gg, 1).T
     options = dict(k1=3, k2=2, lambda_value=1.0)
-    default = postprocess.rerank(qg, qq, gg, formula="squared", **options)
-    for row in range(2):
-        full_row = np.maximum(np.concatenate([qq[row], qg[row]]), 0.0)
-        np.testing.assert_allclose(default[row], np.maximum(qg[row], 0.0) / full_row.max(), atol=1e-5)
-    assert np.argmin(default[0]) == 0  # the negative (closest) entry stays first
+    for formula, power in (("squared", 1), ("slides", 2)):
+        got = postprocess.rerank(qg, qq, gg, formula=formula, **options)
+        for row in range(2):
+            full_row = np.maximum(np.concatenate([qq[row], qg[row]]), 0.0) ** power
+            expected = np.maximum(qg[row], 0.0) ** power / full_row.max()
+            np.testing.assert_allclose(got[row], expected, atol=1e-5)
+        assert np.argmin(got[0]) == 0  # the negative (closest) entry stays first
     release = postprocess.rerank(qg, qq, gg, formula="release", **options)
-    assert (
-        release[0, 0] > release[0, 1]
-    )  # (-0.3)^2 > 0.1^2: the closest pair drops behind (the release's bug)
+    assert release[0, 0] > release[0, 1]  # (-0.3)^2 > 0.1^2: the closest pair drops behind (the release's bug)
+
+
+def test_rerank_refuses_rows_without_positive_distance():
+    qg = np.array([[-0.1, -0.2, -0.05], [0.3, 0.2, 0.4]], dtype=np.float32)
+    qq = np.array([[0.0, -0.1], [-0.1, 0.0]], dtype=np.float32)
+    gg = np.array([[0.0, 0.5, 0.6], [0.5, 0.0, 0.7], [0.6, 0.7, 0.0]], dtype=np.float32)
+    with pytest.raises(ValueError, match="1 images have no positive distance"):
+        postprocess.rerank(qg, qq, gg, k1=2, k2=1, formula="slides")
 
 
 def independent_map_top1(distance, q_pids, g_pids, q_cams, g_cams):
@@ -183,9 +191,7 @@ def test_evaluate_distances_matches_reid_ops_and_definition(seed):
     gallery = [(f"g{i}.jpg", int(p), int(c)) for i, (p, c) in enumerate(zip(g_pids, g_cams, strict=True))]
     for ap_topk in (None, 20):
         got = postprocess.evaluate_distances(distance, query, gallery, max_rank=50, ap_topk=ap_topk)
-        direct = reid_ops.evaluate_rank(
-            distance, q_pids, g_pids, q_cams, g_cams, max_rank=50, ap_topk=ap_topk
-        )
+        direct = reid_ops.evaluate_rank(distance, q_pids, g_pids, q_cams, g_cams, max_rank=50, ap_topk=ap_topk)
         assert got["mAP"] == pytest.approx(float(direct["mAP"]), abs=1e-9)
         assert got["mINP"] == pytest.approx(float(direct["mINP"]), abs=1e-9)
         assert got["top1"] == pytest.approx(float(direct["cmc"][0]), abs=1e-9)
@@ -250,9 +256,7 @@ def test_ranked_list_pictures(tmp_path):
         colours[i] = (pid, cam)
     query, gallery = [paths[0]], paths[1:]
     distance = np.array([[0.1, 0.2, 0.3, 0.4]], dtype=np.float32)  # order: match, wrong, distractor, junk
-    written = postprocess.draw_ranked_lists(
-        distance, query, gallery, tmp_path / "out", num_queries=3, topk=10
-    )
+    written = postprocess.draw_ranked_lists(distance, query, gallery, tmp_path / "out", num_queries=3, topk=10)
     assert len(written) == 1
     image = np.asarray(Image.open(written[0]).convert("RGB"))
     thumb_w, gap = 64, 4
@@ -284,9 +288,7 @@ def test_markdown_table_lists_every_row():
 def test_feature_cache_key_changes_with_inputs(tmp_path):
     checkpoint = tmp_path / "model.pth"
     checkpoint.write_bytes(b"abc")
-    base = dict(
-        dataset="target_val", data_root=str(tmp_path), flip=True, height=64, width=32, arch="resnet18"
-    )
+    base = dict(dataset="target_val", data_root=str(tmp_path), flip=True, height=64, width=32, arch="resnet18")
     key = postprocess.feature_cache_key(str(checkpoint), **base)
     assert key == postprocess.feature_cache_key(str(checkpoint), **base)
     for change in [dict(flip=False), dict(height=128), dict(dataset="target_test"), dict(arch="resnet50")]:
@@ -305,9 +307,7 @@ def save_random_checkpoint(path: Path, arch: str, num_classes: int, seed: int) -
 
     torch.manual_seed(seed)
     model = pretrain.build_model(arch, num_classes=num_classes)
-    pretrain.save_checkpoint(
-        {"state_dict": model.state_dict(), "arch": arch, "height": 64, "width": 32}, path
-    )
+    pretrain.save_checkpoint({"state_dict": model.state_dict(), "arch": arch, "height": 64, "width": 32}, path)
     return path
 
 
@@ -338,9 +338,7 @@ def test_end_to_end_on_tiny_data(tmp_path, tiny_data_root):
     assert not any(info["cached"] for info in results["models"])
 
     # the submission follows the final distance matrix: rebuild it from the cached features independently
-    features = [
-        torch.load(info["cache"], weights_only=True)["features"].numpy() for info in results["models"]
-    ]
+    features = [torch.load(info["cache"], weights_only=True)["features"].numpy() for info in results["models"]]
     normed = [f / np.linalg.norm(f, axis=1, keepdims=True) for f in features]
     joined = np.concatenate(normed, axis=1)
     joined /= np.linalg.norm(joined, axis=1, keepdims=True)
