@@ -101,7 +101,7 @@ if [[ $TINY -eq 1 ]]; then
     TINY_SDA=("${TINY_SIZE[@]}" --epochs-constant 1 --epochs-decay 0 --iters 2 --batch-size 8 --ngf 8 --ndf 8
               --n-blocks 1)
     TINY_PRETRAIN=("${TINY_SIZE[@]}" --epochs 1 --iters 2 --batch-size 16 --eval-step 1)
-    TINY_MMT=("${TINY_SIZE[@]}" --epochs 1 --iters 2 --batch-size 16)
+    TINY_MMT=("${TINY_SIZE[@]}" --epochs 1 --iters 2 --batch-size 16 --no-eval-initial)
     TINY_CAMERA=("${TINY_SIZE[@]}" --epochs 1 --iters 2 --batch-size 16 --eval-step 1 --warmup-epochs 1)
 fi
 read -r -a EXTRA_ENCODER <<< "${EXTRA_ENCODER_ARGS:-}"
@@ -126,7 +126,8 @@ run_stage() {
     echo "[pipeline] $name: started $(date -u +%H:%M:%S), log $log"
     {
         echo "# $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
-        printf '# %q ' "$@"
+        printf '#'
+        printf ' %q' "$@"
         echo
     } >> "$log"
     "$@" >> "$log" 2>&1 || status=$?
@@ -202,7 +203,7 @@ for arch in "${ARCH_LIST[@]}"; do
     done
     dir="$WORK/mmt-$arch"
     run_stage "mmt-$arch" "$dir" "$PYTHON" "$REPO/mmt_plus.py" "${PRESET_ARGS[@]}" --data-root "$DATA" --arch "$arch" \
-        --init-1 "${INIT[0]}" --init-2 "${INIT[1]}" --seed "${SEED_LIST[0]}" --workers "$WORKERS" --logs-dir "$dir" \
+        --init-1 "${INIT[0]}" --init-2 "${INIT[1]}" --seed "${SEED_LIST[0]}" --workers "$WORKERS" --logs-dir "$dir" --resume \
         "${TINY_MMT[@]}" "${EXTRA_MMT[@]}"
     checkpoint="$(best_checkpoint "$dir")"
     MMT_CHECKPOINTS+=("$checkpoint")
