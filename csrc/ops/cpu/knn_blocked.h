@@ -85,14 +85,14 @@ inline void rescore_row(const float* xi, const float* y, int64_t D, float fxi, c
 // columns. Half the GEMM work of the general case.
 inline void knn_self_blocked_cpu(const at::Tensor& x, int64_t k, int64_t metric, float* out_dist, int64_t* out_idx,
                                  const KnnExtras& extras) {
-  constexpr int64_t kBlock = 2048;
-  constexpr int64_t kTile = 16;
+  constexpr int64_t kBlock = 4096;  // 64 MB per buffer; smaller blocks lose GEMM efficiency
   const int64_t N = x.size(0), D = x.size(1);
   const int64_t candidates = std::min(N, k + kRescoreMargin);
   const auto f = row_factors(x, metric);
   const float* xp = x.data_ptr<float>();
   const int64_t block = std::min(N, kBlock);
   auto buffer = at::empty({block, block}, x.options());
+  auto buffer_t = at::empty({block, block}, x.options());
   std::vector<float> heap_d(N * candidates);
   std::vector<int64_t> heap_i(N * candidates);
   std::vector<float> row_max(N, 0.0f);
@@ -121,26 +121,22 @@ inline void knn_self_blocked_cpu(const at::Tensor& x, int64_t k, int64_t metric,
         }
       });
       if (c0 == r0) continue;
-      // columns of the block (j = c0 + c) see the rows (i = r0 + r) as their neighbours; tiles of
-      // 16 columns read whole cache lines. (A column j > every row i here, so no dense copy: the
-      // caller's dense block has query rows and gallery columns, and queries come first.)
-      const int64_t tiles = (cols + kTile - 1) / kTile;
-      at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t t = begin; t < end; ++t) {
-          const int64_t first = t * kTile, width = std::min(kTile, cols - first);
-          float local_max[kTile];
-          for (int64_t w = 0; w < width; ++w) local_max[w] = row_max[c0 + first + w];
-          for (int64_t r = 0; r < rows; ++r) {
-            const float* line = bp + r * ld + first;
-            for (int64_t w = 0; w < width; ++w) {
-              const int64_t j = c0 + first + w;
-              const float d = line[w];
-              local_max[w] = d > local_max[w] ? d : local_max[w];
-              float* hd = &heap_d[j * candidates];
-              if (d <= hd[0]) heap_offer(hd, &heap_i[j * candidates], candidates, d, r0 + r);
-            }
-          }
-          for (int64_t w = 0; w < width; ++w) row_max[c0 + first + w] = local_max[w];
+      // columns of the block (j = c0 + c) see the rows (i = r0 + r) as their neighbours: read them
+      // from a transposed copy (a strided column walk thrashes the TLB). A column j > every row i
+      // here, so no dense copy is needed: the caller's dense block has query rows and gallery
+      // columns, and queries come first.
+      auto tile_t = buffer_t.narrow(0, 0, cols).narrow(1, 0, rows);
+      tile_t.copy_(tile.t());
+      const float* tp = tile_t.data_ptr<float>();
+      const int64_t ld_t = tile_t.stride(0);
+      at::parallel_for(0, cols, 8, [&](int64_t begin, int64_t end) {
+        for (int64_t c = begin; c < end; ++c) {
+          const int64_t j = c0 + c;
+          const float* column = tp + c * ld_t;
+          float maximum = row_max[j];
+          for (int64_t r = 0; r < rows; ++r) maximum = column[r] > maximum ? column[r] : maximum;
+          row_max[j] = maximum;
+          offer_row(column, rows, r0, &heap_d[j * candidates], &heap_i[j * candidates], candidates);
         }
       });
     }
