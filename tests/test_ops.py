@@ -17,8 +17,6 @@ import numpy as np
 import pytest
 import scipy.sparse
 import torch
-
-import reid_ops
 from reference_ops import (
     evaluate_rank_ref,
     gem_ref,
@@ -30,6 +28,8 @@ from reference_ops import (
     re_ranking_classic,
     re_ranking_ref,
 )
+
+import reid_ops
 
 REPO = Path(__file__).resolve().parents[1]
 BAD_INPUT = (ValueError, RuntimeError)
@@ -222,7 +222,7 @@ def test_knn_distances_consistent_with_pairwise_distance():
 def test_knn_bad_k_names_k_and_len_y(k):
     x = np.ones((3, 4), np.float32)
     y = np.random.default_rng(k + 5).normal(size=(10, 4)).astype(np.float32)
-    with pytest.raises(BAD_INPUT, match=rf"(?s)(\bk\b.*\b10\b|\b10\b.*\bk\b)"):
+    with pytest.raises(BAD_INPUT, match=r"(?s)(\bk\b.*\b10\b|\b10\b.*\bk\b)"):
         reid_ops.knn(x, y, k)
 
 
@@ -300,7 +300,7 @@ def test_re_ranking_from_distances_duplicates_and_ties():
 def test_re_ranking_from_distances_arbitrary_nonnegative_matrices():
     # the classic API squares and column-normalises whatever it gets; integer-valued entries give many exact ties
     rng = make_rng("rr-ints")
-    num_query, num_gallery = 12, 48
+    num_query = 12
     m = rng.integers(1, 6, size=(60, 60)).astype(np.float32)
     m = np.triu(m, 1) + np.triu(m, 1).T  # symmetric, zero diagonal
     q_g, q_q, g_g = m[:num_query, num_query:], m[:num_query, :num_query], m[num_query:, num_query:]

@@ -1,0 +1,296 @@
+"""Benchmark of the reid_ops extension against the dense/unfused references it replaces.
+
+Run from the repository root:  python bench/ops.py [--quick] [--msmt] [--out bench/results/ops.json]
+
+Every case runs in a fresh process (multiprocessing "spawn"), so its peak memory is its own: the child builds its
+inputs, resets its RSS high-water mark (/proc/self/clear_refs), runs the operation and reports the wall time and
+the high-water mark minus the RSS it had before the operation (inputs excluded, outputs included). A table with the
+ratio of each op to its reference and the issue's targets is printed and the numbers are written to a JSON file
+(atomically: temp file, then os.replace). This is a benchmark, never a test: nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # the references live beside the tests that validate them
+
+FULL_SIZES = {
+    "rerank": {"num_query": 2000, "num_gallery": 10000, "dim": 2048},
+    "jaccard": {"n": 30000, "dim": 2048},
+    "jaccard_dense": {"n": 10000, "dim": 2048},  # the dense reference needs ~3 N^2 float32 (10.8 GB at 30,000)
+    "gem": {"shape": (64, 2048, 24, 8)},
+    "metrics": {"num_query": 2000, "num_gallery": 10000},
+    "msmt": {"num_query": 11659, "num_gallery": 82161, "dim": 2048},
+}
+QUICK_SIZES = {
+    "rerank": {"num_query": 60, "num_gallery": 300, "dim": 64},
+    "jaccard": {"n": 500, "dim": 64},
+    "jaccard_dense": {"n": 500, "dim": 64},
+    "gem": {"shape": (4, 64, 24, 8)},
+    "metrics": {"num_query": 100, "num_gallery": 500},
+    "msmt": {"num_query": 100, "num_gallery": 700, "dim": 64},
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Inputs (built inside each child from a seed, so no large array crosses a process boundary)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def clustered_features(n: int, dim: int, seed: int, num_clusters: int | None = None) -> np.ndarray:
+    """L2-normalised float32 features around Gaussian identity centres (~8 images per centre by default)."""
+    gen = torch.Generator().manual_seed(seed)
+    num_clusters = num_clusters or max(1, n // 8)
+    centres = torch.randn(num_clusters, dim, generator=gen)
+    assignment = torch.randint(0, num_clusters, (n,), generator=gen)
+    x = centres[assignment]
+    x += 0.7 * torch.randn(n, dim, generator=gen)
+    x = torch.nn.functional.normalize(x, dim=1)
+    return x.numpy()
+
+
+def euclidean_blocks_torch(query: torch.Tensor, gallery: torch.Tensor):
+    """q_g, q_q, g_g Euclidean distances as a user of the classic API computes them (torch.cdist, fp32)."""
+    return tuple(torch.cdist(a, b).numpy() for a, b in ((query, gallery), (query, query), (gallery, gallery)))
+
+
+def ranking_problem(num_query: int, num_gallery: int, seed: int):
+    rng = np.random.default_rng(seed)
+    num_pids = max(2, num_gallery // 10)
+    query_pids = rng.integers(0, num_pids, num_query)
+    gallery_pids = rng.integers(0, num_pids, num_gallery)
+    query_camids = rng.integers(0, 6, num_query)
+    gallery_camids = rng.integers(0, 6, num_gallery)
+    distmat = rng.random((num_query, num_gallery), dtype=np.float32)
+    distmat -= 0.2 * (query_pids[:, None] == gallery_pids[None, :])
+    return distmat, query_pids, gallery_pids, query_camids, gallery_camids
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Cases: each returns a callable that runs the measured work once, built after the inputs exist
+# --------------------------------------------------------------------------------------------------------------
+
+
+def prepare_case(name: str, sizes: dict, k1: int, k2: int, lambda_value: float):
+    from reference_ops import evaluate_rank_ref, gem_ref, jaccard_dense, knn_blocked_torch, re_ranking_classic
+
+    import reid_ops
+
+    if name.startswith("rerank"):
+        s = sizes["msmt"] if name == "rerank_msmt_ops" else sizes["rerank"]
+        features = clustered_features(s["num_query"] + s["num_gallery"], s["dim"], seed=1)
+        query, gallery = torch.from_numpy(features[: s["num_query"]]), torch.from_numpy(features[s["num_query"] :])
+        if name in ("rerank_features_ops", "rerank_msmt_ops"):
+            return lambda: reid_ops.re_ranking(query, gallery, k1, k2, lambda_value)
+        if name == "rerank_features_classic":
+            return lambda: re_ranking_classic(*euclidean_blocks_torch(query, gallery), k1, k2, lambda_value)
+        q_g, q_q, g_g = euclidean_blocks_torch(query, gallery)  # precomputed: not part of the measurement
+        if name == "rerank_distances_ops":
+            return lambda: reid_ops.re_ranking_from_distances(q_g, q_q, g_g, k1, k2, lambda_value)
+        if name == "rerank_distances_classic":
+            return lambda: re_ranking_classic(q_g, q_q, g_g, k1, k2, lambda_value)
+    if name.startswith("jaccard"):
+        s = sizes["jaccard_dense"] if name.endswith("_small") or name == "jaccard_dense" else sizes["jaccard"]
+        features = clustered_features(s["n"], s["dim"], seed=2)
+        if name.startswith("jaccard_ops"):
+            return lambda: reid_ops.jaccard_graph(features, 20, 6)
+        if name.startswith("jaccard_knn_gemm"):
+            features_t = torch.from_numpy(features)
+            return lambda: knn_blocked_torch(features_t, 20)
+        if name == "jaccard_dense":
+            return lambda: jaccard_dense(features, 20, 6)
+    if name.startswith("gem"):
+        gen = torch.Generator().manual_seed(3)
+        x = (torch.rand(sizes["gem"]["shape"], generator=gen) + 1e-3).requires_grad_()
+        p = torch.nn.Parameter(torch.tensor([3.0]))
+        grad_out = torch.randn(sizes["gem"]["shape"][:2], generator=gen)
+        if name == "gem_ops":
+            fn = reid_ops.gem
+        elif name == "gem_eager":
+            fn = gem_ref
+        else:
+            fn = torch.compile(gem_ref)
+
+        def forward_backward():
+            x.grad = None
+            p.grad = None
+            fn(x, p).backward(grad_out)
+
+        return forward_backward
+    if name.startswith("metrics"):
+        s = sizes["metrics"]
+        problem = ranking_problem(s["num_query"], s["num_gallery"], seed=4)
+        if name == "metrics_ops":
+            return lambda: reid_ops.evaluate_rank(*problem, max_rank=50)
+        return lambda: evaluate_rank_ref(*problem, max_rank=50)
+    raise ValueError(f"unknown case {name!r}")
+
+
+REPEATED_CASES = {"gem_ops": 10, "gem_eager": 10, "gem_compiled": 10}  # short ops: median of several runs
+
+
+def read_status_kb(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def run_case(name: str, sizes: dict, k1: int, k2: int, lambda_value: float, threads: int) -> dict:
+    """Child-process body: build inputs, warm up short ops, reset the high-water mark, measure."""
+    torch.set_num_threads(threads)
+    work = prepare_case(name, sizes, k1, k2, lambda_value)
+    repeats = REPEATED_CASES.get(name, 1)
+    if repeats > 1:
+        for _ in range(3):  # warm-up (includes torch.compile's compilation)
+            work()
+    result = None
+    rss_before = read_status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # reset VmHWM to the current RSS
+    times = []
+    for _ in range(repeats):
+        result = None  # free the previous output before the next run
+        start = time.perf_counter()
+        result = work()
+        times.append(time.perf_counter() - start)
+    peak_kb = read_status_kb("VmHWM")
+    del result
+    return {"time_s": float(np.median(times)), "peak_mb": max(peak_kb - rss_before, 0) / 1024.0, "repeats": repeats}
+
+
+def measure(name: str, sizes: dict, args: argparse.Namespace) -> dict:
+    """Runs one case in a fresh spawned process."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+        out = pool.submit(run_case, name, sizes, args.k1, args.k2, args.lambda_value, args.threads).result()
+    print(f"  {name:<28} {format_time(out['time_s']):>10}  {out['peak_mb']:9.1f} MB", flush=True)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Comparisons: (op, what is compared, our case, reference case, time target, memory target)
+# time target = minimal reference_time / our_time; memory target = minimal reference_peak / our_peak
+# --------------------------------------------------------------------------------------------------------------
+
+
+def comparisons(sizes: dict) -> list[dict]:
+    r, j, jd, g, m = sizes["rerank"], sizes["jaccard"], sizes["jaccard_dense"], sizes["gem"], sizes["metrics"]
+    rr_size = f"Q={r['num_query']} G={r['num_gallery']} D={r['dim']}"
+    return [
+        dict(op="re_ranking_from_distances", size=rr_size + " (distances given)", ours="rerank_distances_ops",
+             reference="rerank_distances_classic", reference_label="classic dense numpy", time_target=30.0,
+             memory_target=10.0),
+        dict(op="re_ranking", size=rr_size + " (from features)", ours="rerank_features_ops",
+             reference="rerank_features_classic", reference_label="torch.cdist + classic dense numpy",
+             time_target=30.0, memory_target=10.0),
+        dict(op="jaccard_graph", size=f"N={j['n']} D={j['dim']}", ours="jaccard_ops",
+             reference="jaccard_knn_gemm", reference_label="fp32 kNN GEMM alone (floor)", time_target=1 / 1.5,
+             memory_target=None),
+        dict(op="jaccard_graph", size=f"N={jd['n']} D={jd['dim']}", ours="jaccard_ops_small",
+             reference="jaccard_dense", reference_label="dense numpy Jaccard (SpCL/MMT+)", time_target=5.0,
+             memory_target=None),
+        dict(op="gem", size="x".join(map(str, g["shape"])) + " fwd+bwd", ours="gem_ops", reference="gem_eager",
+             reference_label="unfused eager PyTorch", time_target=5.0, memory_target=None),
+        dict(op="gem", size="x".join(map(str, g["shape"])) + " fwd+bwd", ours="gem_ops", reference="gem_compiled",
+             reference_label="torch.compile of the same expression", time_target=1.0, memory_target=None),
+        dict(op="evaluate_rank", size=f"{m['num_query']}x{m['num_gallery']}", ours="metrics_ops",
+             reference="metrics_loop", reference_label="per-query numpy loop", time_target=20.0, memory_target=None),
+    ]  # fmt: skip
+
+
+def format_time(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f}ms" if seconds < 1 else f"{seconds:.2f}s"
+
+
+def write_json_atomically(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test, < 1 minute)")
+    parser.add_argument("--msmt", action="store_true", help="also run re_ranking from features at MSMT17 size")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "ops.json", help="JSON output")
+    parser.add_argument("--k1", type=int, default=30, help="re-ranking k1 (MMT+ test setting; field notes use 30)")
+    parser.add_argument("--k2", type=int, default=6, help="re-ranking k2")
+    parser.add_argument("--lambda-value", type=float, default=0.3, help="re-ranking lambda")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch/OpenMP threads")
+    args = parser.parse_args()
+    sizes = QUICK_SIZES if args.quick else FULL_SIZES
+
+    rows = comparisons(sizes)
+    cases = list(dict.fromkeys([c for row in rows for c in (row["ours"], row["reference"])]))
+    print(f"bench/ops.py ({'quick' if args.quick else 'full'} sizes, {args.threads} threads); per case:", flush=True)
+    measured = {name: measure(name, sizes, args) for name in cases}
+    if args.msmt:
+        measured["rerank_msmt_ops"] = measure("rerank_msmt_ops", sizes, args)
+
+    header = (
+        f"{'op':<26} {'size':<40} {'reid_ops':>9} {'peak MB':>9}  {'reference':<38} {'ref time':>9} {'peak MB':>9}"
+        f"  {'time ratio':>10} {'target':>7} {'mem ratio':>9} {'target':>7}"
+    )
+    print("\n" + header + "\n" + "-" * len(header))
+    for row in rows:
+        ours, ref = measured[row["ours"]], measured[row["reference"]]
+        row["ours_time_s"], row["ours_peak_mb"] = ours["time_s"], ours["peak_mb"]
+        row["reference_time_s"], row["reference_peak_mb"] = ref["time_s"], ref["peak_mb"]
+        row["time_ratio"] = ref["time_s"] / ours["time_s"]  # > 1: reid_ops is faster
+        row["memory_ratio"] = ref["peak_mb"] / max(ours["peak_mb"], 1.0)  # > 1: reid_ops needs less
+        row["time_target_met"] = row["time_ratio"] >= row["time_target"]
+        row["memory_target_met"] = None if row["memory_target"] is None else row["memory_ratio"] >= row["memory_target"]
+        mem_target = "-" if row["memory_target"] is None else f">={row['memory_target']:g}x"
+        flag = "" if row["time_target_met"] and row["memory_target_met"] in (None, True) else "  MISSED"
+        flag = "" if args.quick else flag  # the targets are defined at the full sizes
+        print(
+            f"{row['op']:<26} {row['size']:<40} {format_time(ours['time_s']):>9} {ours['peak_mb']:9.1f}  "
+            f"{row['reference_label']:<38} {format_time(ref['time_s']):>9} {ref['peak_mb']:9.1f}  "
+            f"{row['time_ratio']:9.2f}x {'>=' + format(row['time_target'], '.3g') + 'x':>7} "
+            f"{row['memory_ratio']:8.2f}x {mem_target:>7}{flag}"
+        )
+    print(
+        "time ratio = reference time / reid_ops time (for the kNN-GEMM row: GEMM time / jaccard_graph time, target "
+        ">= 1/1.5); mem ratio = reference peak / reid_ops peak (RSS high-water delta of a fresh process)."
+    )
+    if args.quick:
+        print("quick sizes: the targets are defined at the full sizes and are not judged here.")
+    if args.msmt:
+        s, res = sizes["msmt"], measured["rerank_msmt_ops"]
+        print(
+            f"re_ranking from features, Q={s['num_query']} G={s['num_gallery']} D={s['dim']}: "
+            f"{res['time_s']:.1f} s, peak {res['peak_mb'] / 1024:.2f} GB above the inputs (no reference)"
+        )
+    payload = {
+        "mode": "quick" if args.quick else "full",
+        "threads": args.threads,
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+        "rerank_params": {"k1": args.k1, "k2": args.k2, "lambda_value": args.lambda_value},
+        "jaccard_params": {"k1": 20, "k2": 6},
+        "sizes": sizes,
+        "cases": measured,
+        "comparisons": rows,
+        "synthetic_inputs": "random clustered L2-normalised features / random distance matrices",
+    }
+    write_json_atomically(args.out, payload)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
