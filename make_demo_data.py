@@ -614,6 +614,13 @@ def draw_person(
     draw.rectangle([cx - 0.025 * h, y(0.11), cx + 0.025 * h, y(0.17)], fill=skin)
     head = [cx - 0.052 * h, y(0.0), cx + 0.052 * h, y(0.13)]
     hair, style = person["hair"], person["hair_style"]
+    # hair hanging behind the head (over the back when seen from behind)
+    if style == "long" and view != "front":
+        x_back = cx - facing * 0.03 * h if side else cx
+        draw.rectangle([x_back - 0.05 * h, y(0.06), x_back + 0.05 * h, y(0.24)], fill=hair)
+    if style == "ponytail" and view != "front":
+        x_tail = cx - facing * 0.06 * h if side else cx
+        draw.ellipse([x_tail - 0.02 * h, y(0.05), x_tail + 0.02 * h, y(0.17)], fill=hair)
     draw.ellipse(head, fill=skin)
     if style == "cap":
         draw.chord([head[0], head[1] - 0.01 * h, head[2], head[3] - 0.03 * h], 180, 360, fill=person["cap"])
@@ -634,12 +641,6 @@ def draw_person(
             draw.chord([head[0], head[1], head[2], head[3] - 0.06 * h], 180, 360, fill=hair)
         else:
             draw.chord([head[0], head[1], head[2], head[3] - 0.07 * h], 180, 360, fill=hair)
-        if style == "long" and view != "front":
-            x_back = cx - facing * 0.03 * h if side else cx
-            draw.rectangle([x_back - 0.05 * h, y(0.06), x_back + 0.05 * h, y(0.24)], fill=hair)
-        if style == "ponytail" and view != "front":
-            x_tail = cx - facing * 0.06 * h if side else cx
-            draw.ellipse([x_tail - 0.02 * h, y(0.05), x_tail + 0.02 * h, y(0.17)], fill=hair)
     if view == "front":
         eye = max(1.0, 0.008 * h)
         for sx in (-1, 1):
