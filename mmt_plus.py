@@ -422,16 +422,18 @@ def rank1(result: dict) -> float:
 # Training
 
 
-def load_init(path: str, arch: str, num_source_classes: int, head: nn.Module, use_source_rows: bool) -> nn.Module:
-    """A plain pretrain.py network from checkpoint `path` with `head` as classifier. The pre-trained source
-    classifier rows are copied into the head's first rows when `use_source_rows` and the shapes agree (the release
-    cannot load them and restarts the 700 source prototypes from Xavier noise, reference §13.1.5)."""
+def load_init(path: str, arch: str, head_args: dict, num_source_classes: int, use_source_rows: bool) -> nn.Module:
+    """A plain pretrain.py network from checkpoint `path` whose classifier is a new head
+    `build_head(in_features=D, **head_args)`. The pre-trained source classifier rows are copied into the head's first
+    rows when `use_source_rows` (the release cannot load them into its bigger head and restarts the source
+    prototypes from Xavier noise, reference §13.1.5)."""
     checkpoint = load_checkpoint(path)
     state_dict = checkpoint.get("state_dict", checkpoint)
     state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
     classifier = state_dict.pop("classifier.weight", None)
     model = build_model(arch, num_classes=0)
     load_model_weights(model, {k: v for k, v in state_dict.items() if not k.startswith("classifier.")})
+    head = build_head(in_features=model.feature_dim, **head_args)
     if use_source_rows and classifier is not None and num_source_classes > 0:
         if tuple(classifier.shape) != (num_source_classes, model.feature_dim):
             raise ValueError(
@@ -689,7 +691,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     else:
         device = torch.device("cpu")
-    set_seed(args.seed + rank)
+    set_seed(args.seed)  # the same head initialisation and MoCo queues on every process
     logs_dir = Path(args.logs_dir)
     logs_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path, best_path = logs_dir / "checkpoint.pth", logs_dir / "model_best.pth"
@@ -720,22 +722,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # four networks: students from the two inits, teachers = copies; C_max = #source ids + #target images rows
     max_classes = num_source_classes + len(target_items)
     students, teachers = [], []
-    for index, init in enumerate((args.init_1, args.init_2)):
-        probe = build_model(args.arch, num_classes=0)
-        head = build_head(args.metric, probe.feature_dim, max_classes, args.scale, args.margin)
-        student = load_init(init, args.arch, num_source_classes, head, args.init_source_rows)
+    head_args = dict(metric=args.metric, num_classes=max_classes, scale=args.scale, margin=args.margin)
+    for init in (args.init_1, args.init_2):
+        student = load_init(init, args.arch, head_args, num_source_classes, args.init_source_rows)
         if args.mode == "mmt+":
             convert_dsbn(student)
         student = student.to(device)
         if args.channels_last:
             student = student.to(memory_format=torch.channels_last)
-        teacher = copy.deepcopy(student)
+        teacher = copy.deepcopy(student)  # the mean teacher starts as the student (EMA at t = 0 copies it anyway)
         for param in teacher.parameters():
             param.requires_grad_(False)
         students.append(student)
         teachers.append(teacher)
-        del probe, index
     feature_dim = students[0].feature_dim
+    set_seed(args.seed + rank)  # different augmentations per process from here on
     generator = torch.Generator().manual_seed(args.seed)
     queues = [
         MocoQueue(feature_dim, args.moco_queue_size, args.moco_temperature, generator).to(device) for _ in range(2)

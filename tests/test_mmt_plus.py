@@ -403,7 +403,7 @@ def inits(tmp_path_factory, tiny_data_root):
 def test_run_resume_and_checkpoint_loading(tmp_path, tiny_data_root, inits):
     pretrain = pytest.importorskip("pretrain")
     full = tmp_path / "full"
-    summary = mmt_plus.main(tiny_args(tiny_data_root, full, inits, epochs=2))
+    summary = mmt_plus.main(tiny_args(tiny_data_root, full, inits, epochs=2) + ["--moco-queue-size", "20"])
     records = [r for r in read_log(full / "log.jsonl") if "losses" in r]
     assert [r["epoch"] for r in records] == [1, 2]
     for r in records:
@@ -427,11 +427,11 @@ def test_run_resume_and_checkpoint_loading(tmp_path, tiny_data_root, inits):
 
     # interrupted after epoch 1, resumed for epoch 2: same result as the uninterrupted run
     resumed = tmp_path / "resumed"
-    mmt_plus.main(tiny_args(tiny_data_root, resumed, inits, epochs=1))
+    mmt_plus.main(tiny_args(tiny_data_root, resumed, inits, epochs=1) + ["--moco-queue-size", "20"])
     state = torch.load(resumed / "checkpoint.pth", map_location="cpu", weights_only=False)
     assert state["epoch"] == 0 and state["global_step"] == 2 and len(state["moco_queues"]) == 2
-    assert int(state["moco_queues"][0]["pointer"]) == 16  # 2 iterations x 8 target keys
-    mmt_plus.main(tiny_args(tiny_data_root, resumed, inits, epochs=2) + ["--resume"])
+    assert int(state["moco_queues"][0]["pointer"]) == 16  # 2 iterations x 8 target keys (queue of 20)
+    mmt_plus.main(tiny_args(tiny_data_root, resumed, inits, epochs=2) + ["--moco-queue-size", "20", "--resume"])
     resumed_records = [r for r in read_log(resumed / "log.jsonl") if "losses" in r]
     assert [r["epoch"] for r in resumed_records] == [1, 2]
     assert resumed_records[1]["clusters"] == records[1]["clusters"]
@@ -457,9 +457,13 @@ def test_bad_arguments_fail_clearly(tmp_path, tiny_data_root, inits):
 
 
 def test_torchrun_two_processes(tmp_path, tiny_data_root, inits):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(REPO / "mmt_plus.py"), *tiny_args(tiny_data_root, tmp_path, inits, epochs=1)]  # fmt: skip
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    environment = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
     done = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     log = read_log(tmp_path / "log.jsonl")
