@@ -177,8 +177,10 @@ class MarginHead(nn.Module):
         self.num_active_classes = num_classes
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        weight = self.weight[: self.num_active_classes].float()
-        features = features.float()
+        with torch.autocast(features.device.type, enabled=False):  # fp32 cosines: s = 64 magnifies bf16 rounding
+            return self._logits(features.float(), self.weight[: self.num_active_classes].float(), labels)
+
+    def _logits(self, features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         if self.metric == "arc":
             cosine = F.normalize(features, dim=1) @ F.normalize(weight, dim=1).t()
         else:
@@ -207,7 +209,8 @@ class LinearHead(nn.Module):
         self.num_active_classes = num_classes
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        return features.float() @ self.weight[: self.num_active_classes].float().t()
+        with torch.autocast(features.device.type, enabled=False):
+            return features.float() @ self.weight[: self.num_active_classes].float().t()
 
 
 def build_head(metric: str, in_features: int, num_classes: int, scale: float, margin: float) -> nn.Module:
@@ -809,6 +812,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for epoch in range(start_epoch, args.epochs):
         start = time.time()
         # 1. pseudo labels from the averaged mean-teacher features (eval mode: BN_T running statistics)
+        if distributed:  # teachers' BN statistics come from each process's own batches: use rank 0's everywhere
+            for teacher in teachers:
+                for buffer in teacher.buffers():
+                    dist.broadcast(buffer, src=0)
         features = [F.normalize(distributed_features(t, target_items, args, device), dim=1) for t in teachers]
         features = F.normalize((features[0] + features[1]) / 2, dim=1)
         labels = torch.empty(len(target_items), dtype=torch.long)
