@@ -197,10 +197,10 @@ def knn_blocked_torch(features: torch.Tensor, k: int, block: int = 4096) -> tupl
     norms = (features * features).sum(dim=1)
     distances, indices = [], []
     for start in range(0, features.shape[0], block):
-        rows = features[start : start + block]
-        d = norms[start : start + block, None] + norms[None, :] - 2.0 * torch.mm(rows, features.T)
+        # ||y||^2 - 2 <x, y> in one fused addmm; the row's own ||x||^2 does not change its ranking
+        d = torch.addmm(norms[None, :], features[start : start + block], features.T, alpha=-2.0)
         values, idx = torch.topk(d, k, dim=1, largest=False, sorted=True)
-        distances.append(values)
+        distances.append(values + norms[start : start + block, None])
         indices.append(idx)
     return torch.cat(distances), torch.cat(indices)
 
@@ -300,6 +300,43 @@ def evaluate_rank_ref(
         raise ValueError("no query has a valid match in the gallery")
     return {
         "cmc": np.mean(np.stack(all_cmc), axis=0),
+        "mAP": float(np.mean(all_ap)),
+        "mINP": float(np.mean(all_inp)),
+        "num_valid_queries": len(all_cmc),
+    }
+
+
+def evaluate_rank_torchreid_loop(
+    distmat: np.ndarray,
+    query_pids: np.ndarray,
+    gallery_pids: np.ndarray,
+    query_camids: np.ndarray,
+    gallery_camids: np.ndarray,
+    max_rank: int = 50,
+) -> dict:
+    """The per-query python/numpy loop of torchreid's Market-1501 evaluation (with fast-reid's mINP), written from
+    that protocol: one argsort of the whole matrix, then per query a python list comprehension for precision@k.
+    Baseline of bench/ops.py (the field notes' 17.5 s row). Assumes every kept ranking has >= max_rank entries."""
+    indices = np.argsort(distmat, axis=1, kind="stable")
+    matches = (gallery_pids[indices] == query_pids[:, np.newaxis]).astype(np.int32)
+    all_cmc, all_ap, all_inp = [], [], []
+    for q_idx in range(distmat.shape[0]):
+        order = indices[q_idx]
+        remove = (gallery_pids[order] == query_pids[q_idx]) & (gallery_camids[order] == query_camids[q_idx])
+        raw_cmc = matches[q_idx][np.invert(remove)]
+        if not np.any(raw_cmc):
+            continue
+        cmc = raw_cmc.cumsum()
+        last_positive = np.max(np.where(raw_cmc == 1))
+        all_inp.append(cmc[last_positive] / (last_positive + 1.0))
+        cmc[cmc > 1] = 1
+        all_cmc.append(cmc[:max_rank])
+        precision = [x / (i + 1.0) for i, x in enumerate(raw_cmc.cumsum())]
+        all_ap.append((np.asarray(precision) * raw_cmc).sum() / raw_cmc.sum())
+    if not all_cmc:
+        raise ValueError("no query has a valid match in the gallery")
+    return {
+        "cmc": np.asarray(all_cmc, dtype=np.float64).mean(axis=0),
         "mAP": float(np.mean(all_ap)),
         "mINP": float(np.mean(all_inp)),
         "num_valid_queries": len(all_cmc),

@@ -19,6 +19,7 @@ import scipy.sparse
 import torch
 from reference_ops import (
     evaluate_rank_ref,
+    evaluate_rank_torchreid_loop,
     gem_ref,
     jaccard_dense,
     jaccard_pairwise_bruteforce,
@@ -269,6 +270,7 @@ def test_reference_re_ranking_loop_equals_classic_vectorised():
         (40, 160, 12, 30, 6, 0.3),  # the MMT+ test setting k1 = 30
         (25, 120, 32, 5, 1, 0.5),  # k2 = 1: no query expansion; round(2.5) = 2 (half to even)
         (60, 300, 10, 7, 3, 0.0),  # round(3.5) = 4; lambda 0: pure Jaccard
+        (100, 300, 48, 20, 6, 0.3),  # larger and higher-dimensional
         (10, 11, 6, 20, 21, 1.0),  # k1 + 1 == Q + G, k2 == Q + G, lambda 1: pure original distance
     ],
 )
@@ -416,6 +418,7 @@ def check_jaccard_graph(features: np.ndarray, k1: int, k2: int, max_distance: fl
         (90, 32, 7, 1, 1.0),  # k2 = 1, round(3.5) = 4
         (40, 6, 40, 40, 1.0),  # k1 == N, k2 == k1
         (120, 10, 5, 5, 0.3),  # round(2.5) = 2
+        (400, 24, 20, 6, 1.0),  # larger
     ],
 )
 def test_jaccard_graph_matches_reference(n, dim, k1, k2, max_distance):
@@ -572,6 +575,14 @@ def test_evaluate_rank_matches_reference(num_query, num_gallery, num_pids, num_c
     assert_metrics_equal(got, expected, max_rank)
     got_torch = reid_ops.evaluate_rank(*(torch.from_numpy(np.asarray(a)) for a in args), max_rank, ap_topk)
     assert_metrics_equal(got_torch, expected, max_rank)
+
+
+def test_reference_metrics_two_loops_agree():
+    """Validates the references: the definition-level loop and the torchreid-style loop of the benchmark."""
+    rng = make_rng("eval-refs")
+    args = random_ranking_problem(rng, 80, 400, 30, 4)
+    expected = evaluate_rank_ref(*args, max_rank=50)
+    assert_metrics_equal(evaluate_rank_torchreid_loop(*args, max_rank=50), expected, 50)
 
 
 def test_evaluate_rank_ties_use_stable_order():
