@@ -817,11 +817,11 @@ PRESETS = {
         n_blocks=4,
         batch_size=16,
         num_instances=4,
-        iters=40,
+        iters=50,
         epochs_constant=3,
         epochs_decay=3,
         arch="resnet18",
-        sample_every=40,
+        sample_every=50,
     ),
 }
 
@@ -878,6 +878,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--num-instances", type=int, default=4, help="images per identity in a source batch (K of PxK)")
     # runtime
     t.add_argument("--workers", type=int, default=2, help="data-loading processes per loader")
+    t.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's; 1 is faster on a shared CPU)")
     t.add_argument("--seed", type=int, default=1, help="random seed (offset by the DDP rank)")
     t.add_argument("--device", help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
     t.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16/fp16 autocast")
@@ -902,6 +903,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--device", help="torch device (default cpu)")
+    s.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     s.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="autocast (default fp32)")
     s.add_argument("--jpeg-quality", type=int, default=95, help="quality of JPEG outputs")
     return parser
@@ -919,6 +921,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.command == "train":
         train(args)
     else:
