@@ -13,6 +13,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import camera  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One intra-op thread: on the shared 2-core CI machine OpenMP spin-waiting makes these small runs many
+    times slower with 2 threads (measured: 17 s vs 133 s for this file and test_postprocess.py)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def release_factor(epoch: int) -> float:
     """Reference §3.6: w(e) = 0.01 (1 - e/10) + e/10 for e < 10, else 1; x0.1 per milestone <= e."""
     warm = 0.01 * (1 - epoch / 10) + epoch / 10 if epoch < 10 else 1.0

@@ -38,7 +38,7 @@ def pipeline_command(work: Path) -> list[str]:
 def environment() -> dict:
     env = dict(os.environ)
     env["PYTHON"] = sys.executable
-    env.setdefault("OMP_NUM_THREADS", "2")
+    env["OMP_NUM_THREADS"] = "1"  # see the thread note in test_camera.py
     return env
 
 
