@@ -97,7 +97,9 @@ PRESETS: dict[str, dict] = {
         test_queries_per_id=(2, 4),
         test_gallery_per_id=(12, 20),
         test_distractors=400,
-        target_style_strength=1.0,
+        # 0.5: a from-scratch CNN trained on source labels reaches ~10 % target-val mAP vs ~55 % with no gap
+        # (strength 0) and chance level (~1 %) at strength 1; see docs/demo_data.md
+        target_style_strength=0.5,
         colour_cast=0.25,
         exposure=0.35,
         contrast=0.35,
@@ -1107,7 +1109,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--target-style-strength",
         type=float,
         default=None,
-        help="multiplies every target effect below; 0 = target rendered like the source (1.0)",
+        help="multiplies every effect below; 0 = target looks like the source, 1 = full values (0.5)",
     )
     helps = dict(
         colour_cast="max per-channel gain deviation of a camera's colour cast / white balance (0.25)",
