@@ -37,15 +37,16 @@ from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
-import pretrain
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
+
+import pretrain
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -302,40 +303,37 @@ def linear_decay_multiplier(epoch: int, epochs_constant: int, epochs_decay: int)
 # ------------------------------------------------------------------------------------------------------------
 
 
-def read_model_state(path: str | Path) -> dict:
-    """State dict stored in a pretrain.py / mmt_plus.py checkpoint (or a bare state dict)."""
+def read_encoder_checkpoint(path: str | Path, arch: str | None = None) -> tuple[dict, str]:
+    """(state dict without 'module.' prefixes, architecture) of a pretrain.py / mmt_plus.py checkpoint (or of a
+    bare state dict). The architecture is the checkpoint's "arch" entry; `arch` (--arch) must agree with it, or
+    name it when the checkpoint does not."""
     checkpoint = pretrain.load_checkpoint(path)
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ValueError(f"{path}: no model state_dict found (keys: {sorted(checkpoint)[:10]})")
-    return state
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"checkpoint {path}: no model state_dict in it")
+    saved_arch = checkpoint.get("arch") if isinstance(checkpoint.get("arch"), str) else None
+    if arch and saved_arch and arch != saved_arch:
+        raise ValueError(f"checkpoint {path} holds a {saved_arch} model, but --arch is {arch}")
+    if not (arch or saved_arch):
+        raise ValueError(f"checkpoint {path} does not name its architecture: pass --arch")
+    return {k.removeprefix("module."): v for k, v in state.items()}, arch or saved_arch
 
 
-def load_encoder(arch: str, path: str | Path, num_classes: int = 0) -> nn.Module:
-    """A pretrain.ReIDModel with weights from `path`. num_classes 0 drops the classifier (frozen relation
-    encoder); otherwise a classifier of that size is kept, loaded when the checkpoint has one of the same
-    shape."""
+def build_encoder(state: dict, arch: str, num_classes: int = 0) -> nn.Module:
+    """A pretrain.ReIDModel with these weights. num_classes 0 drops the classifier (frozen relation encoder);
+    otherwise a classifier of that size is kept, loaded when the state has one of the same shape."""
     model = pretrain.build_model(arch, num_classes=num_classes)
-    state = read_model_state(path)
-    if num_classes == 0:
-        state = {k: v for k, v in state.items() if not k.removeprefix("module.").startswith("classifier.")}
-    else:
-        expected = model.classifier.weight.shape
-        state = {
-            k: v
-            for k, v in state.items()
-            if not k.removeprefix("module.").startswith("classifier.") or v.shape == expected
-        }
-    pretrain.load_model_weights(model, state)
+    shape = model.classifier.weight.shape if num_classes else None
+    pretrain.load_model_weights(
+        model, {k: v for k, v in state.items() if not k.startswith("classifier.") or v.shape == shape}
+    )
     return model
 
 
-def classifier_weight(path: str | Path, shape: torch.Size) -> torch.Tensor | None:
-    """The checkpoint's `classifier.weight` if it exists with this shape, else None."""
-    for key, value in read_model_state(path).items():
-        if key.removeprefix("module.") == "classifier.weight" and value.shape == shape:
-            return value
-    return None
+def classifier_weight(state: dict, shape: torch.Size) -> torch.Tensor | None:
+    """The state's `classifier.weight` if it exists with this shape, else None."""
+    weight = state.get("classifier.weight")
+    return weight if weight is not None and weight.shape == shape else None
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -483,28 +481,26 @@ def train(args: argparse.Namespace) -> None:
         raise ValueError(f"--batch-size {args.batch_size} exceeds the {len(target.train)} target training images")
     # SDA pipeline (reference §3.1): resize, flip, pad 10, crop, normalise; no AutoAugment, no random erasing.
     transform = pretrain.build_train_transform(args.height, args.width, autoaugment=False, random_erasing=False)
-    # The release shuffles images inside each P x K batch; every op here is per sample and mining uses the
-    # labels, so the order inside a batch cannot matter and we do not shuffle.
-    source_loader = DataLoader(
-        pretrain.ImageDataset(source.train, transform),
+    # Samplers from pretrain.py: deterministic per (seed, epoch), sharded across DDP ranks, exactly
+    # iters x batch samples per rank and epoch, with per-sample augmentation seeds, so that a resumed run sees
+    # the same images as an uninterrupted one. The release shuffles images inside each P x K batch; every op
+    # here is per sample and mining uses the labels, so the order inside a batch cannot matter.
+    samples_per_epoch = args.iters * args.batch_size
+    source_sampler = pretrain.RandomIdentitySampler(
+        source.train, args.num_instances, args.seed, num_samples=samples_per_epoch, seed_samples=True
+    )
+    target_sampler = pretrain.SeededRandomSampler(
+        len(target.train), args.seed + 1000, num_samples=samples_per_epoch, seed_samples=True
+    )
+    loader_options = dict(
         batch_size=args.batch_size,
-        sampler=pretrain.RandomIdentitySampler(source.train, num_instances=args.num_instances, seed=args.seed + rank),
         num_workers=args.workers,
         drop_last=True,
         pin_memory=device.type == "cuda",
-        persistent_workers=args.workers > 0,
+        persistent_workers=False,  # a new iterator per epoch picks up the sampler's new epoch
     )
-    target_loader = DataLoader(
-        pretrain.ImageDataset(target.train, transform),
-        batch_size=args.batch_size,
-        sampler=RandomSampler(target.train, generator=torch.Generator().manual_seed(args.seed + 1000 + rank)),
-        num_workers=args.workers,
-        drop_last=True,
-        pin_memory=device.type == "cuda",
-        persistent_workers=args.workers > 0,
-    )
-    source_iter = pretrain.IterLoader(source_loader, args.iters)
-    target_iter = pretrain.IterLoader(target_loader, args.iters)
+    source_loader = DataLoader(pretrain.ImageDataset(source.train, transform), sampler=source_sampler, **loader_options)
+    target_loader = DataLoader(pretrain.ImageDataset(target.train, transform), sampler=target_sampler, **loader_options)
 
     # ---- networks
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -517,25 +513,26 @@ def train(args: argparse.Namespace) -> None:
 
     source_encoder = target_encoder = None
     if args.lambda_relation > 0:
-        source_encoder = freeze(load_encoder(args.arch, args.source_encoder)).to(device, memory_format=memory_format)
-        target_path = args.target_encoder or args.source_encoder
-        if not args.target_encoder and main_process:
+        source_state, arch = read_encoder_checkpoint(args.source_encoder, args.arch)
+        source_encoder = freeze(build_encoder(source_state, arch)).to(device, memory_format=memory_format)
+        target_state, target_arch = source_state, arch
+        if args.target_encoder:
+            target_state, target_arch = read_encoder_checkpoint(args.target_encoder, args.arch)
+        elif main_process:
             print(f"no --target-encoder: {args.source_encoder} also measures the translations")
         if args.online_relation:
             # The target encoder gets its own re-ID loss on the translations (source labels), so it needs a
-            # source-identity classifier: loaded from the target checkpoint if shapes match, else from the
-            # source encoder checkpoint (trained on the same identities), else pretrain's fresh
-            # initialisation.
-            target_encoder = load_encoder(args.arch, target_path, num_classes=source.num_train_pids)
+            # source-identity classifier: the target checkpoint's if its shape fits, else the source encoder's
+            # (trained on the same identities), else pretrain's fresh initialisation.
+            target_encoder = build_encoder(target_state, target_arch, num_classes=source.num_train_pids)
             shape = target_encoder.classifier.weight.shape
-            if classifier_weight(target_path, shape) is None:
-                source_classifier = classifier_weight(args.source_encoder, shape)
-                if source_classifier is not None:
-                    target_encoder.classifier.weight.data.copy_(source_classifier)
+            if classifier_weight(target_state, shape) is None and classifier_weight(source_state, shape) is not None:
+                target_encoder.classifier.weight.data.copy_(classifier_weight(source_state, shape))
             target_encoder.to(device, memory_format=memory_format)
             set_batchnorm_eval(target_encoder)
         else:
-            target_encoder = freeze(load_encoder(args.arch, target_path)).to(device, memory_format=memory_format)
+            target_encoder = freeze(build_encoder(target_state, target_arch)).to(device, memory_format=memory_format)
+        del source_state, target_state
 
     optimizer_g = torch.optim.Adam(generators.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
     optimizer_d = torch.optim.Adam(discriminators.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
@@ -570,6 +567,7 @@ def train(args: argparse.Namespace) -> None:
                 raise ValueError(f"{checkpoint_path}: was trained without --online-relation")
             target_encoder.load_state_dict(state["target_encoder"])
             optimizer_reid.load_state_dict(state["optimizer_reid"])
+        pretrain.set_rng_state(state["rng"])
         start_epoch, start_iteration, global_step = state["epoch"], state["iteration"], state["global_step"]
         if start_iteration >= args.iters:
             start_epoch, start_iteration = start_epoch + 1, 0
@@ -598,6 +596,7 @@ def train(args: argparse.Namespace) -> None:
             "optimizer_d": optimizer_d.state_dict(),
             "pool_target": pool_target.state_dict(),
             "pool_source": pool_source.state_dict(),
+            "rng": pretrain.rng_state(),
         }
         if optimizer_reid is not None:
             state["target_encoder"] = target_encoder.state_dict()
@@ -617,8 +616,10 @@ def train(args: argparse.Namespace) -> None:
         for optimizer in (optimizer_g, optimizer_d):
             for group in optimizer.param_groups:
                 group["lr"] = lr
-        source_iter.new_epoch()
-        target_iter.new_epoch()
+        skip = start_iteration * args.batch_size
+        source_sampler.set_epoch(epoch, skip)
+        target_sampler.set_epoch(epoch, skip)
+        source_batches, target_batches = iter(source_loader), iter(target_loader)
         generators.train()
         discriminators.train()
         progress = tqdm(
@@ -629,8 +630,8 @@ def train(args: argparse.Namespace) -> None:
         )
         for iteration in progress:
             tic = time.perf_counter()
-            real_source, source_pids, _, _ = source_iter.next()
-            real_target, _, _, _ = target_iter.next()
+            real_source, source_pids, _, _ = next(source_batches)
+            real_target, _, _, _ = next(target_batches)
             real_source = real_source.to(device, non_blocking=True).contiguous(memory_format=memory_format)
             real_target = real_target.to(device, non_blocking=True).contiguous(memory_format=memory_format)
             source_pids = source_pids.to(device)
@@ -820,7 +821,6 @@ PRESETS = {
         iters=50,
         epochs_constant=3,
         epochs_decay=3,
-        arch="resnet18",
         sample_every=50,
     ),
 }
@@ -842,7 +842,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="logs/sda", help="output folder: checkpoint.pt, log.jsonl, samples/")
     t.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     # relation consistency
-    t.add_argument("--arch", default="resnet50_ibn", help="architecture of both re-ID encoders (pretrain.build_model)")
+    t.add_argument(
+        "--arch", help="architecture of the re-ID encoders (default: the 'arch' their checkpoints name); checked"
+    )
     t.add_argument("--source-encoder", help="pretrain.py checkpoint trained on raw source images (E_s)")
     t.add_argument(
         "--target-encoder",

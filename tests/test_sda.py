@@ -12,12 +12,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pretrain
 import pytest
 import torch
 import torch.nn as nn
 from PIL import Image
 
+import pretrain
 import sda
 
 
@@ -386,6 +386,15 @@ def test_resume_continues_schedule_and_refuses_mismatch(tmp_path, trained_run, t
     key = "source_to_target.net.1.weight"
     moved = (resumed["generators"][key] - saved["generators"][key]).abs().max().item()
     assert 0 < moved < 0.01
+    # Seeded samplers, per-sample augmentation seeds, saved pools and RNG state: the resumed run ends exactly
+    # where an uninterrupted run of the same schedule ends.
+    straight = tmp_path / "straight"
+    base[base.index("--out") + 1] = str(straight)
+    sda.main(base + ["--epochs-constant", "1", "--epochs-decay", "1", *TINY])
+    uninterrupted = torch.load(straight / "checkpoint.pt", map_location="cpu", weights_only=False)
+    for part in ("generators", "discriminators"):
+        for name, value in uninterrupted[part].items():
+            assert torch.equal(value, resumed[part][name]), (part, name)
 
 
 def test_translate_keeps_names_counts_sizes_and_resumes(tmp_path, trained_run, tiny_data_root):
@@ -428,6 +437,20 @@ def test_translate_refuses_without_a_trained_generator(tmp_path, tiny_data_root,
     assert not (tmp_path / "personX_sda").exists()
 
 
+def test_encoder_checkpoint_architecture_is_checked(encoder_checkpoint, tmp_path):
+    state, arch = sda.read_encoder_checkpoint(encoder_checkpoint)
+    assert arch == "resnet18" and not any(k.startswith("module.") for k in state)
+    with pytest.raises(ValueError, match="holds a resnet18 model, but --arch is resnet50"):
+        sda.read_encoder_checkpoint(encoder_checkpoint, "resnet50")
+    bare = tmp_path / "bare.pt"
+    torch.save({f"module.{k}": v for k, v in state.items()}, bare)
+    with pytest.raises(ValueError, match="pass --arch"):
+        sda.read_encoder_checkpoint(bare)
+    loaded, arch = sda.read_encoder_checkpoint(bare, "resnet18")
+    encoder = sda.build_encoder(loaded, arch)
+    assert encoder.classifier is None and torch.equal(encoder.state_dict()["bnneck.weight"], state["bnneck.weight"])
+
+
 def test_online_relation_updates_target_encoder_only(tmp_path, tiny_data_root, encoder_checkpoint):
     out = tmp_path / "online"
     args = ["train", "--data-root", str(tiny_data_root), "--out", str(out), "--source-encoder"]
@@ -435,7 +458,7 @@ def test_online_relation_updates_target_encoder_only(tmp_path, tiny_data_root, e
         args + [str(encoder_checkpoint), "--online-relation", "--epochs-constant", "1", "--epochs-decay", "0"] + TINY
     )
     state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
-    original = sda.read_model_state(encoder_checkpoint)
+    original, _ = sda.read_encoder_checkpoint(encoder_checkpoint)
     changed = [
         k for k, v in state["target_encoder"].items() if v.is_floating_point() and not torch.equal(v, original[k])
     ]
