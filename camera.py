@@ -27,32 +27,33 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
+
 from pretrain import (
     ImageDataset,
-    IterLoader,
     JsonlLogger,
+    SeededRandomSampler,
     autocast_context,
     build_model,
     build_train_transform,
     extract_features,
     is_main_process,
     load_checkpoint,
+    lr_factor,
+    make_loader,
     read_dataset,
+    rng_state,
     save_checkpoint,
+    set_rng_state,
     set_seed,
     setup_distributed,
 )
-from torch.utils.data import DataLoader
-from torch.utils.data.distributed import DistributedSampler
-from tqdm import tqdm
 
 # --preset demo: the embedded synthetic benchmark on 2 CPU cores in minutes. Explicit flags still win.
 PRESETS = {
@@ -68,16 +69,6 @@ PRESETS = {
         eval_step=2,
     ),
 }
-
-
-def warmup_multistep_factor(epoch: int, warmup_epochs: int, warmup_factor: float, milestones: Sequence[int]):
-    """Learning-rate multiplier of epoch `epoch` (0-based), stepped once per epoch (ref. §3.6): linear warm-up
-    from `warmup_factor` to 1 over `warmup_epochs`, then x0.1 at every milestone passed."""
-    warmup = 1.0
-    if epoch < warmup_epochs:
-        progress = epoch / warmup_epochs
-        warmup = warmup_factor * (1.0 - progress) + progress
-    return warmup * 0.1 ** sum(1 for milestone in milestones if milestone <= epoch)
 
 
 def camera_accuracy(
@@ -102,24 +93,24 @@ def camera_accuracy(
 
 def train_one_epoch(
     model: torch.nn.Module,
-    loader: IterLoader,
+    loader: torch.utils.data.DataLoader,
     optimizer: torch.optim.Optimizer,
     device: torch.device,
     epoch: int,
     args: argparse.Namespace,
 ) -> dict:
-    """`args.iters` iterations of plain cross-entropy on camera labels."""
+    """One epoch (`args.iters` batches from the seeded random sampler) of plain cross-entropy on cameras."""
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
     progress = tqdm(
-        range(args.iters),
+        loader,
+        total=args.iters,
         desc=f"camera epoch {epoch + 1}/{args.epochs}",
         disable=not is_main_process(),
         dynamic_ncols=True,
     )
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    for _ in progress:
-        images, _, camids, _ = loader.next()
+    for images, _, camids, _ in progress:
         images = images.to(device, memory_format=memory_format, non_blocking=True)
         camids = camids.to(device)
         with autocast_context(device, args.amp):
@@ -135,26 +126,12 @@ def train_one_epoch(
     return {"loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
 
 
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument(
-        "--preset", choices=sorted(PRESETS), help="defaults for a setting (explicit flags win)"
-    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="defaults for a setting (explicit flags win)")
     # data
     parser.add_argument("--data-root", required=True, help="dataset root (VisDA-2020 layout)")
-    parser.add_argument(
-        "--train-dataset", default="target_train", help="images with camera labels to train on"
-    )
+    parser.add_argument("--train-dataset", default="target_train", help="images with camera labels to train on")
     parser.add_argument(
         "--val-dataset",
         default="target_val",
@@ -172,9 +149,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="random erasing (the MMT+ transform the release uses for the camera model)",
     )
     # model
-    parser.add_argument(
-        "--arch", default="resnest50", help="backbone (pretrain.build_model); slides: resnest50"
-    )
+    parser.add_argument("--arch", default="resnest50", help="backbone (pretrain.build_model); slides: resnest50")
     parser.add_argument(
         "--pretrained",
         default=None,
@@ -182,20 +157,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "only); default: random init",
     )
     # optimisation
-    parser.add_argument(
-        "--batch-size", type=int, default=64, help="images per batch (all processes together)"
-    )
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (all processes together)")
     parser.add_argument("--lr", type=float, default=3.5e-4, help="Adam learning rate")
     parser.add_argument("--weight-decay", type=float, default=5e-4, help="coupled L2 weight decay (Adam)")
     parser.add_argument("--epochs", type=int, default=120, help="epochs")
     parser.add_argument("--iters", type=int, default=200, help="iterations per epoch")
-    parser.add_argument("--warmup-epochs", type=int, default=10, help="linear warm-up epochs")
-    parser.add_argument("--warmup-factor", type=float, default=0.01, help="learning-rate factor at epoch 0")
+    parser.add_argument("--warmup-epochs", type=int, default=10, help="linear warm-up from 0.01 x lr (epochs)")
     parser.add_argument("--milestones", type=int, nargs="*", default=[40, 70], help="x0.1 at these epochs")
     parser.add_argument("--eval-step", type=int, default=10, help="validate every N epochs (and the last)")
     # runtime
     parser.add_argument("--seed", type=int, default=1, help="random seed")
     parser.add_argument("--workers", type=int, default=2, help="data-loading worker processes")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument(
         "--amp",
         action=argparse.BooleanOptionalAction,
@@ -208,9 +181,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=True,
         help="NHWC memory format for training",
     )
-    parser.add_argument(
-        "--resume", action="store_true", help="continue from LOGS_DIR/checkpoint.pth if present"
-    )
+    parser.add_argument("--resume", action="store_true", help="continue from LOGS_DIR/checkpoint.pth if present")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     args = parser.parse_args(argv)
     if args.preset:
@@ -224,16 +195,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     distributed = setup_distributed()
     world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     if args.device:
         device = torch.device(args.device)
     elif torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     else:
         device = torch.device("cpu")
-    set_seed(args.seed + rank)
+    set_seed(args.seed)
     logs_dir = Path(args.logs_dir)
     logs_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path, best_path = logs_dir / "checkpoint.pth", logs_dir / "model_best.pth"
@@ -253,25 +225,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if len(train_items) < per_process_batch * world_size:
         raise SystemExit(f"{len(train_items)} training images < one batch of {args.batch_size}")
 
-    # Plain random batches (the release builds the camera loader without P x K sampling).
-    transform = build_train_transform(
-        args.height, args.width, autoaugment=False, random_erasing=args.random_erasing
-    )
+    # Plain random batches (the release builds the camera loader without P x K sampling). The sampler is seeded
+    # per (seed, epoch), sharded across DDP processes and seeds each sample's augmentation: a resumed run sees
+    # the same images and augmentations as an uninterrupted one.
+    transform = build_train_transform(args.height, args.width, autoaugment=False, random_erasing=args.random_erasing)
     dataset = ImageDataset(train_items, transform)
-    sampler = (
-        DistributedSampler(dataset, shuffle=True, seed=args.seed, drop_last=True) if distributed else None
-    )
-    loader = DataLoader(
-        dataset,
-        batch_size=per_process_batch,
-        shuffle=sampler is None,
-        sampler=sampler,
-        num_workers=args.workers,
-        drop_last=True,
-        pin_memory=device.type == "cuda",
-        persistent_workers=args.workers > 0,
-    )
-    train_loader = IterLoader(loader, args.iters)
+    sampler = SeededRandomSampler(len(train_items), args.seed, args.iters * per_process_batch, seed_samples=True)
+    loader = make_loader(dataset, sampler, per_process_batch, args.workers)
 
     model = build_model(args.arch, num_classes=num_cameras, pretrained=args.pretrained).to(device)
     if args.channels_last:
@@ -280,11 +240,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     optimizer = torch.optim.Adam(trainable, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda epoch: warmup_multistep_factor(epoch, args.warmup_epochs, args.warmup_factor, args.milestones),
+        lambda epoch: lr_factor(epoch, args.warmup_epochs, args.milestones),
     )
     start_epoch, best_accuracy, best_epoch = 0, -1.0, -1
     if args.resume and checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path)
+        if state.get("arch") != args.arch or state.get("num_classes") != num_cameras:
+            raise SystemExit(
+                f"--resume: {checkpoint_path} holds a {state.get('arch')} model with {state.get('num_classes')} "
+                f"cameras, not {args.arch} with {num_cameras}; use another --logs-dir"
+            )
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -293,8 +258,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             state["best_accuracy"],
             state["best_epoch"],
         )
-        if "rng" in state and world_size == 1:
-            set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         if is_main_process():
             print(f"[camera] resumed from {checkpoint_path} at epoch {start_epoch}")
     training_model = model
@@ -333,11 +297,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         }
 
     for epoch in range(start_epoch, args.epochs):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        train_loader.new_epoch()
+        sampler.set_epoch(epoch)
         start = time.time()
-        stats = train_one_epoch(training_model, train_loader, optimizer, device, epoch, args)
+        stats = train_one_epoch(training_model, loader, optimizer, device, epoch, args)
         learning_rate = optimizer.param_groups[0]["lr"]
         scheduler.step()
         record = {"epoch": epoch + 1, "lr": learning_rate, "seconds": round(time.time() - start, 1), **stats}
@@ -351,10 +313,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     best_accuracy, best_epoch = accuracy, epoch + 1
                     save_checkpoint(model_state(epoch), best_path)
                 record["best_val_camera_accuracy"] = best_accuracy
-                print(
-                    f"[camera] epoch {epoch + 1}: val camera accuracy {accuracy:.3f} "
-                    f"(best {best_accuracy:.3f})"
-                )
+                print(f"[camera] epoch {epoch + 1}: val camera accuracy {accuracy:.3f} (best {best_accuracy:.3f})")
             state = model_state(epoch)
             state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=rng_state())
             save_checkpoint(state, checkpoint_path)
@@ -369,10 +328,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     }
     if logger is not None:
         logger.log({"event": "done", **summary})
-        print(
-            f"[camera] done: best val camera accuracy {best_accuracy:.3f} at epoch {best_epoch} "
-            f"-> {best_path}"
-        )
+        print(f"[camera] done: best val camera accuracy {best_accuracy:.3f} at epoch {best_epoch} -> {best_path}")
     if distributed:
         torch.distributed.destroy_process_group()
     return summary

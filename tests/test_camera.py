@@ -23,21 +23,6 @@ def one_torch_thread():
     torch.set_num_threads(previous)
 
 
-def release_factor(epoch: int) -> float:
-    """Reference §3.6: w(e) = 0.01 (1 - e/10) + e/10 for e < 10, else 1; x0.1 per milestone <= e."""
-    warm = 0.01 * (1 - epoch / 10) + epoch / 10 if epoch < 10 else 1.0
-    return warm * 0.1 ** ((epoch >= 40) + (epoch >= 70))
-
-
-def test_warmup_multistep_schedule_matches_release():
-    for epoch in range(120):
-        got = camera.warmup_multistep_factor(epoch, 10, 0.01, [40, 70])
-        assert got == pytest.approx(release_factor(epoch), rel=1e-12), epoch
-    assert camera.warmup_multistep_factor(0, 10, 0.01, [40, 70]) == pytest.approx(0.01)
-    assert camera.warmup_multistep_factor(1, 10, 0.01, [40, 70]) == pytest.approx(0.109)
-    assert camera.warmup_multistep_factor(5, 0, 0.01, [3]) == pytest.approx(0.1)  # no warm-up
-
-
 def tiny_args(data_root: Path, logs_dir: Path, epochs: int) -> list[str]:
     return ["--preset", "demo", "--data-root", str(data_root), "--logs-dir", str(logs_dir),
             "--epochs", str(epochs), "--iters", "2", "--batch-size", "8", "--height", "64", "--width", "32",
