@@ -1,0 +1,451 @@
+"""Tests of pretrain.py: backbones, GeM, sampler, readers, weights loading, losses, resume and DDP.
+
+References are written here from the definitions (IBN-Net placement, the release's sampler rule in
+reference-implementation.md §3.3, the loss formulas of §3.5), not from pretrain.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import pretrain  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# backbones
+
+
+def _ibn_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.InstanceNorm2d)}
+
+
+@pytest.mark.parametrize(
+    "arch, dim, stride",
+    [
+        ("resnet18", 512, 16),
+        ("resnet50", 2048, 16),
+        ("resnet50_ibn", 2048, 16),
+        ("densenet169_ibn", 1664, 32),
+        ("resnest50", 2048, 32),
+    ],
+)
+def test_backbone_forward_backward_dim_and_stride(arch, dim, stride):
+    torch.manual_seed(0)
+    model = pretrain.build_model(arch, num_classes=7)
+    model.train()
+    x = torch.randn(2, 3, 64, 32)
+    f_pool, f_bn, logits = model(x)
+    assert f_pool.shape == (2, dim) and f_bn.shape == (2, dim) and logits.shape == (2, 7)
+    assert model.feature_dim == dim
+    feature_map = model.backbone(x)
+    assert feature_map.shape[1:] == (dim, 64 // stride, 32 // stride)
+    (logits.square().sum() + f_pool.sum()).backward()
+    assert model.pool.p.grad is not None and torch.isfinite(model.pool.p.grad).all() and model.pool.p.grad.abs() > 0
+    assert model.bnneck.bias.grad is None  # BNNeck bias frozen
+    model.eval()
+    assert model(x).shape == (2, dim)
+
+
+@pytest.mark.parametrize("arch, blocks", [("resnet101_ibn", [3, 4, 23, 3]), ("resnext101_ibn", [3, 4, 23, 3])])
+def test_deep_ibn_resnets_structure(arch, blocks):
+    model = pretrain.build_model(arch, num_classes=0)
+    trunk = model.backbone
+    assert [len(getattr(trunk, f"layer{i}")) for i in range(1, 5)] == blocks
+    # IBN-a: bn1 of every block of stages 1-3 holds IN on the first half of the channels; none in stage 4
+    for stage in (1, 2, 3):
+        for block in getattr(trunk, f"layer{stage}"):
+            planes = block.conv1.out_channels
+            assert isinstance(block.bn1.IN, torch.nn.InstanceNorm2d) and block.bn1.IN.affine
+            assert block.bn1.IN.num_features == planes // 2 and block.bn1.BN.num_features == planes - planes // 2
+    assert not any(isinstance(m, torch.nn.InstanceNorm2d) for m in trunk.layer4.modules())
+    assert len(_ibn_modules(model)) == sum(blocks[:3])
+    # last stride 1
+    assert trunk.layer4[0].conv2.stride == (1, 1) and trunk.layer4[0].downsample[0].stride == (1, 1)
+    if arch == "resnext101_ibn":
+        assert trunk.layer1[0].conv2.groups == 32 and trunk.layer1[0].conv2.out_channels == 128  # 32x4d
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 32)).shape == (1, 2048)
+
+
+def test_resnet50_ibn_placement_and_stem():
+    model = pretrain.build_model("resnet50_ibn", num_classes=0)
+    names = sorted(_ibn_modules(model))
+    expected = sorted(f"backbone.layer{s}.{b}.bn1.IN" for s, n in ((1, 3), (2, 4), (3, 6)) for b in range(n))
+    assert names == expected
+    assert isinstance(model.backbone.bn1, torch.nn.BatchNorm2d)
+
+
+def test_densenet_ibn_placement():
+    model = pretrain.build_model("densenet169_ibn", num_classes=0)
+    features = model.backbone.features
+    for block_index, size in ((1, 6), (2, 12), (3, 32), (4, 32)):
+        layers = list(getattr(features, f"denseblock{block_index}").children())
+        assert len(layers) == size
+        for index, layer in enumerate(layers):
+            has_ibn = hasattr(layer.norm1, "IN")
+            assert has_ibn == (block_index <= 3 and index % 3 == 0), (block_index, index)
+            if has_ibn:  # BN on the first 60 %, IN (affine) on the remaining 40 %
+                channels = layer.conv1.in_channels
+                assert layer.norm1.BN.num_features == int(channels * 0.6)
+                assert layer.norm1.IN.num_features == channels - int(channels * 0.6)
+
+
+def test_resnest_split_attention_shapes_and_radix_softmax():
+    torch.manual_seed(0)
+    conv = pretrain.SplitAttentionConv(16, 8, radix=2)
+    conv.eval()
+    x = torch.randn(3, 16, 6, 4)
+    out = conv(x)
+    assert out.shape == (3, 8, 6, 4)
+    # reference: attention over the two branches from the pooled sum, softmax across radix
+    branches = torch.relu(conv.bn0(conv.conv(x)))
+    a, b = branches[:, :8], branches[:, 8:]
+    gap = (a + b).mean((2, 3), keepdim=True)
+    logits = conv.fc2(torch.relu(conv.bn1(conv.fc1(gap))))
+    weights = torch.softmax(torch.stack([logits[:, :8], logits[:, 8:]], 0), 0)
+    torch.testing.assert_close(out, weights[0] * a + weights[1] * b)
+
+
+def test_unknown_arch_names_choices():
+    with pytest.raises(ValueError, match="unknown --arch 'resnet9'"):
+        pretrain.build_model("resnet9", 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# ImageNet weights
+
+
+def test_pretrained_loads_torchvision_format_and_rejects_mismatch(tmp_path):
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "resnet18-test.pth"
+    torch.save(reference.state_dict(), path)
+    model = pretrain.build_model("resnet18", num_classes=3, pretrained=str(path))
+    for key, value in reference.state_dict().items():
+        if not key.startswith("fc."):
+            torch.testing.assert_close(model.backbone.state_dict()[key], value)
+    # a ResNet-50 file into a ResNet-18 trunk: refused with the shapes named
+    other = tmp_path / "resnet50.pth"
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), other)
+    with pytest.raises(ValueError, match="shapes do not match resnet18"):
+        pretrain.build_model("resnet18", num_classes=3, pretrained=str(other))
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        pretrain.build_model("resnet18", num_classes=3, pretrained=str(tmp_path / "absent.pth"))
+
+
+def test_pretrained_imagenet_needs_local_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="Nothing is downloaded"):
+        pretrain.build_model("resnet50_ibn", num_classes=0, pretrained="imagenet")
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), cache / "resnet18-f37072fd.pth")
+    pretrain.build_model("resnet18", num_classes=0, pretrained="imagenet")
+
+
+def test_densenet_old_torchvision_key_names_are_converted():
+    state = {"features.denseblock1.denselayer1.norm.1.weight": torch.ones(1), "classifier.weight": torch.ones(1)}
+    converted = pretrain._convert_release_keys(state)
+    assert list(converted) == ["features.denseblock1.denselayer1.norm1.weight"]
+
+
+# ---------------------------------------------------------------------------------------------
+# sampler
+
+
+def _sampler_items(rng: np.random.Generator) -> list[tuple[str, int, int]]:
+    items = []
+    for pid in range(12):
+        n = int(rng.integers(1, 9))
+        cams = rng.integers(0, 1 if pid == 3 else 4, n)  # pid 3: a single camera
+        items += [(f"img_{pid}_{i}.jpg", pid, int(c)) for i, c in enumerate(cams)]
+    return items
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_identity_sampler_pk_and_camera_rule(seed):
+    rng = np.random.default_rng(seed)
+    items = _sampler_items(rng)
+    k = 4
+    sampler = pretrain.RandomIdentitySampler(items, num_instances=k, seed=seed)
+    indices = list(sampler)
+    assert len(indices) == len(sampler) == 12 * k
+    by_pid = defaultdict(list)
+    for index, (_, pid, cam) in enumerate(items):
+        by_pid[pid].append((index, cam))
+    seen = set()
+    for start in range(0, len(indices), k):
+        group = indices[start : start + k]
+        pids = {items[i][1] for i in group}
+        assert len(pids) == 1, "each group of K holds one identity"
+        pid = pids.pop()
+        seen.add(pid)
+        anchor_cam = items[group[0]][2]
+        other_cam = [i for i, c in by_pid[pid] if c != anchor_cam]
+        rest = group[1:]
+        if other_cam:
+            assert all(items[i][2] != anchor_cam for i in rest), "rest must come from other cameras"
+            if len(other_cam) >= k:
+                assert len(set(rest)) == len(rest), "without replacement when at least K candidates"
+        elif len(by_pid[pid]) > 1:
+            assert group[0] not in rest or len(by_pid[pid]) - 1 < k - 1
+    assert seen == set(range(12))
+    # deterministic per (seed, epoch), different across epochs
+    assert list(sampler) == indices
+    sampler.set_epoch(1)
+    assert list(sampler) != indices
+
+
+def test_identity_sampler_shards_whole_groups_and_resumes(monkeypatch):
+    items = [(f"{p}_{i}.jpg", p, i % 3) for p in range(10) for i in range(6)]
+    full = pretrain.RandomIdentitySampler(items, 4, seed=5, num_samples=None)
+    monkeypatch.setattr(pretrain, "_world", lambda: (1, 2))
+    shard = pretrain.RandomIdentitySampler(items, 4, seed=5)
+    shard_indices = list(shard)
+    groups = [list(full)[i : i + 4] for i in range(0, 40, 4)]
+    assert shard_indices == [i for g in groups[1::2] for i in g]
+    # a stream of fixed length that skips its first samples continues exactly where it stopped
+    stream = pretrain.RandomIdentitySampler(items, 4, seed=5, num_samples=100, seed_samples=True)
+    stream.set_epoch(3)
+    whole = list(stream)
+    stream.set_epoch(3, skip=36)
+    assert list(stream) == whole[36:]
+    assert len(whole) == 100 and all(isinstance(k, tuple) for k in whole)
+
+
+# ---------------------------------------------------------------------------------------------
+# readers
+
+
+def _jpeg(path: Path, color=(120, 30, 40)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 16), color).save(path)
+
+
+def _visda_tree(root: Path) -> None:
+    for name in ("0005_c1s1_000010_00.jpg", "0005_c3s1_000020_00.jpg", "0002_c6s1_000030_00.jpg"):
+        _jpeg(root / "personX" / "image_train" / name)
+    (root / "target_training" / "image_train").mkdir(parents=True)
+    lines = []
+    for i, cam in enumerate([1, 2, 4, 5, 6, 6]):
+        _jpeg(root / "target_training" / "image_train" / f"{i:05d}.jpg")
+        lines.append(f"{i:05d}.jpg {cam}")
+    (root / "target_training" / "label_target_training.txt").write_text("\n".join(lines) + "\n")
+    _jpeg(root / "target_validation" / "image_query" / "0077_c5s1_003471_01.jpg")
+    _jpeg(root / "target_validation" / "image_gallery" / "0000_c1s1_000001_01.jpg")
+    _jpeg(root / "target_validation" / "image_gallery" / "0077_c2s1_000002_01.jpg")
+    (root / "index_validation_query.txt").write_text("0077_c5s1_003471_01.jpg 5 077 0000\n")
+    (root / "index_validation_gallery.txt").write_text(
+        "0077_c2s1_000002_01.jpg 2 077 0000\n0000_c1s1_000001_01.jpg 1 000 0001\n"
+    )
+    _jpeg(root / "target_test" / "image_query" / "0000.jpg")
+    _jpeg(root / "target_test" / "image_gallery" / "0000.jpg")
+    (root / "index_test_query.txt").write_text("0000.jpg  0000\n")
+    (root / "index_test_gallery.txt").write_text("0000.jpg  0000\n")
+
+
+def test_visda_readers(tmp_path):
+    root = tmp_path / "x2_c9"  # a parent folder that looks like a re-ID name must not matter
+    _visda_tree(root)
+    source = pretrain.read_dataset("personx", root)
+    assert [Path(p).name for p, _, _ in source.train][0] == "0002_c6s1_000030_00.jpg"
+    assert [(pid, cam) for _, pid, cam in source.train] == [(0, 5), (1, 0), (1, 2)]
+    assert source.num_train_pids == 2 and all(Path(p).is_absolute() for p, _, _ in source.train)
+    target = pretrain.read_dataset("target_train", root)
+    assert [cam for _, _, cam in target.train] == [0, 1, 2, 3, 4, 4] and {p for _, p, _ in target.train} == {0}
+    val = pretrain.read_dataset("target_val", root)
+    assert [(pid, cam) for _, pid, cam in val.query] == [(77, 3)]
+    assert [(pid, cam) for _, pid, cam in val.gallery] == [(77, 1), (0, 0)]  # index-file order
+    test = pretrain.read_dataset("target_test", root)
+    assert len(test.query) == 1 and len(test.gallery) == 1
+
+
+def test_visda_reader_errors(tmp_path):
+    root = tmp_path / "data"
+    _visda_tree(root)
+    with pytest.raises(FileNotFoundError, match="personX_sda/image_train"):
+        pretrain.read_dataset("personx_sda", root)
+    (root / "index_validation_query.txt").unlink()
+    with pytest.raises(FileNotFoundError, match="index_validation_query.txt"):
+        pretrain.read_dataset("target_val", root)
+    label_file = root / "target_training" / "label_target_training.txt"
+    label_file.write_text("00000.jpg 3\n")
+    with pytest.raises(ValueError, match="label_target_training.txt:1"):
+        pretrain.read_dataset("target_train", root)
+    _jpeg(root / "personX" / "image_train" / "badname.jpg")
+    with pytest.raises(ValueError, match="badname.jpg"):
+        pretrain.read_dataset("personx", root)
+    with pytest.raises(ValueError, match="unknown dataset 'visda'"):
+        pretrain.read_dataset("visda", root)
+    with pytest.raises(FileNotFoundError, match="missing folder"):
+        pretrain.read_dataset("personx", tmp_path / "nowhere")
+
+
+def test_market_msmt_and_folder_readers(tmp_path):
+    market = tmp_path / "market"
+    for name in ("0002_c1s1_000451_03.jpg", "0007_c2s3_070952_01.jpg", "-1_c1s1_000001_00.jpg"):
+        _jpeg(market / "bounding_box_train" / name)
+    _jpeg(market / "query" / "0003_c1s1_000001_00.jpg")
+    for name in ("0003_c2s1_000002_00.jpg", "0000_c3s1_000003_00.jpg", "-1_c1s1_000004_00.jpg"):
+        _jpeg(market / "bounding_box_test" / name)
+    data = pretrain.read_dataset("market1501", market)
+    assert [(pid, cam) for _, pid, cam in data.train] == [(0, 0), (1, 1)]  # junk (-1) dropped
+    assert sorted((pid, cam) for _, pid, cam in data.gallery) == [(0, 2), (3, 1)]
+    msmt = tmp_path / "msmt"
+    _jpeg(msmt / "train" / "0000" / "0000_000_01_0303morning_0015_0.jpg")
+    _jpeg(msmt / "train" / "0009" / "0009_000_07_0303morning_0016_0.jpg")
+    _jpeg(msmt / "test" / "0100" / "0100_000_03_0303morning_0017_0.jpg")
+    (msmt / "list_train.txt").write_text(
+        "0000/0000_000_01_0303morning_0015_0.jpg 0\n0009/0009_000_07_0303morning_0016_0.jpg 9\n"
+    )
+    (msmt / "list_query.txt").write_text("0100/0100_000_03_0303morning_0017_0.jpg 100\n")
+    (msmt / "list_gallery.txt").write_text("0100/0100_000_03_0303morning_0017_0.jpg 100\n")
+    data = pretrain.read_dataset("msmt17", msmt)
+    assert [(pid, cam) for _, pid, cam in data.train] == [(0, 0), (1, 6)]
+    assert [(pid, cam) for _, pid, cam in data.query] == [(100, 2)]
+    folder = pretrain.read_dataset("folder", market)
+    assert len(folder.train) == 7
+
+
+def test_corrupt_image_error_names_it_and_skip_option(tmp_path):
+    good, bad = tmp_path / "0001_c1s1_0_0.jpg", tmp_path / "0001_c2s1_0_0.jpg"
+    _jpeg(good)
+    bad.write_bytes(b"not a jpeg at all")
+    items = [(str(bad), 0, 1), (str(good), 0, 0)]
+    dataset = pretrain.ImageDataset(items, pretrain.build_test_transform(16, 8))
+    with pytest.raises(RuntimeError, match=str(bad)):
+        dataset[0]
+    skipping = pretrain.ImageDataset(items, pretrain.build_test_transform(16, 8), skip_bad_images=True)
+    image, pid, cam, index = skipping[0]
+    assert image.shape == (3, 16, 8) and index == 1 and skipping.bad_images == [str(bad)]
+
+
+def test_seeded_samples_make_augmentation_repeatable(tmp_path):
+    path = tmp_path / "0001_c1s1_0_0.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 16, 3), dtype=np.uint8)).save(path)
+    dataset = pretrain.ImageDataset([(str(path), 0, 0)], pretrain.build_train_transform(32, 16, True, True))
+    a, b, c = dataset[(0, 123)][0], dataset[(0, 123)][0], dataset[(0, 124)][0]
+    torch.testing.assert_close(a, b)
+    assert not torch.equal(a, c)
+
+
+# ---------------------------------------------------------------------------------------------
+# losses
+
+
+def test_label_smoothed_ce_formula():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(5, 7), torch.tensor([0, 3, 6, 2, 2])
+    q = torch.full((5, 7), 0.1 / 7)
+    q[torch.arange(5), targets] += 0.9
+    expected = -(q * torch.log_softmax(logits, 1)).sum(1).mean()
+    torch.testing.assert_close(pretrain.label_smoothed_ce(logits, targets, 0.1), expected)
+
+
+def test_softmax_triplet_and_soft_triplet_against_loops():
+    torch.manual_seed(1)
+    features, reference = torch.randn(8, 5), torch.randn(8, 5)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 2, 3])
+    d = torch.cdist(features.double(), features.double())
+    dr = torch.cdist(reference.double(), reference.double())
+    hard, soft = [], []
+    for i in range(8):
+        pos = [j for j in range(8) if labels[j] == labels[i]]
+        neg = [j for j in range(8) if labels[j] != labels[i]]
+        p = max(pos, key=lambda j: d[i, j])
+        n = min(neg, key=lambda j: d[i, j])
+        hard.append(-torch.log(torch.exp(d[i, n]) / (torch.exp(d[i, p]) + torch.exp(d[i, n]))))
+        target = torch.softmax(torch.stack([dr[i, p], dr[i, n]]), 0)
+        soft.append(-(target * torch.log_softmax(torch.stack([d[i, p], d[i, n]]), 0)).sum())
+    torch.testing.assert_close(
+        pretrain.softmax_triplet_loss(features, labels).double(), torch.stack(hard).mean(), atol=1e-4, rtol=1e-4
+    )
+    torch.testing.assert_close(
+        pretrain.soft_triplet_loss(features, labels, reference).double(), torch.stack(soft).mean(), atol=1e-4, rtol=1e-4
+    )
+
+
+def test_lr_schedule_matches_release_table():
+    factors = [pretrain.lr_factor(e, 10, [40, 70]) for e in (0, 1, 9, 10, 39, 40, 69, 70, 119)]
+    np.testing.assert_allclose(factors, [0.01, 0.109, 0.901, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01], rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# training runs on the tiny generated benchmark
+
+
+def _train_args(data_root: Path, logs: Path, *extra: str) -> list[str]:
+    return [
+        "--data-root", str(data_root), "--source", "personx", "--logs-dir", str(logs), "--arch", "resnet18",
+        "--height", "32", "--width", "16", "--batch-size", "8", "--num-instances", "4", "--epochs", "2",
+        "--iters", "3", "--eval-every", "2", "--warmup-epochs", "1", "--milestones", "1", "--workers", "0",
+        "--threads", "1", "--seed", "3", *extra,
+    ]  # fmt: skip
+
+
+def _losses(log: Path) -> list[tuple[int, int, float]]:
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    return [(r["epoch"], r["iteration"], r["loss"]) for r in records if "iteration" in r and "loss" in r]
+
+
+def test_resume_after_interruption_reproduces_the_uninterrupted_run(tiny_data_root, tmp_path):
+    straight = tmp_path / "straight"
+    pretrain.main(_train_args(tiny_data_root, straight))
+    interrupted = tmp_path / "interrupted"
+    stopped = pretrain.main(_train_args(tiny_data_root, interrupted, "--max-iters", "4"))  # mid-epoch 2
+    assert stopped["stopped"] and (interrupted / "checkpoint.pth").is_file()
+    pretrain.main(_train_args(tiny_data_root, interrupted, "--resume"))
+    reference, resumed = _losses(straight / "log.jsonl"), _losses(interrupted / "log.jsonl")
+    assert [r[:2] for r in resumed] == [r[:2] for r in reference] == [(e, i) for e in range(2) for i in range(3)]
+    np.testing.assert_allclose([r[2] for r in resumed], [r[2] for r in reference], rtol=1e-5)
+    best = pretrain.load_checkpoint(straight / "model_best.pth")
+    assert best["arch"] == "resnet18" and best["feature_dim"] == 512
+    model = pretrain.build_model("resnet18", num_classes=best["num_classes"])
+    pretrain.load_model_weights(model, best["state_dict"])
+
+
+def test_target_labels_upper_bound_reads_diagnostics(tiny_data_root, tmp_path):
+    summary = pretrain.main(
+        _train_args(
+            tiny_data_root, tmp_path / "ub", "--target-labels-upper-bound", "--epochs", "1", "--eval-every", "1"
+        )
+    )
+    assert summary["best_epoch"] == 1
+    start = json.loads((tmp_path / "ub" / "log.jsonl").read_text().splitlines()[0])
+    assert start["target_images"] == 0 and start["num_classes"] > 1
+
+
+def test_torchrun_two_processes(tiny_data_root, tmp_path):
+    logs = tmp_path / "ddp"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29613",
+        str(ROOT / "pretrain.py"),
+        *_train_args(tiny_data_root, logs, "--epochs", "1", "--eval-every", "1"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    start = json.loads((logs / "log.jsonl").read_text().splitlines()[0])
+    assert start["world_size"] == 2 and start["bn_batch_source"] == 8
+    assert (logs / "model_best.pth").is_file()
