@@ -7,8 +7,9 @@ translated images (Ge et al., "Structured Domain Adaptation with Online Relation
 2003.06650; used as stage I of MMT+, VisDA-2020). The translated source set (``personX_sda/image_train``) is
 what stage II (``pretrain.py -ds personx_sda``) trains on.
 
-    python sda.py train --data-root DATA --out logs/sda --arch resnet50_ibn \
-        --source-encoder logs/pretrain/personx/model_best.pt --target-encoder logs/mmt/model_best.pt
+    python pretrain.py --data-root DATA --source personx --arch resnet50_ibn --logs-dir logs/pretrain-personx
+    python sda.py train --data-root DATA --out logs/sda \
+        --source-encoder logs/pretrain-personx/model_best.pth [--target-encoder logs/mmt/model_best.pth]
     python sda.py translate --checkpoint logs/sda/checkpoint.pt --data-root DATA --out DATA
     python sda.py train --preset demo ...       # small generator and images: minutes on 2 CPU cores
 
