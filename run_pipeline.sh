@@ -97,10 +97,10 @@ TINY_MMT=()
 TINY_CAMERA=()
 if [[ $TINY -eq 1 ]]; then
     TINY_SIZE=(--height 64 --width 32)
-    TINY_ENCODER=("${TINY_SIZE[@]}" --epochs 1 --iters 2 --batch-size 16 --eval-step 1)
+    TINY_ENCODER=("${TINY_SIZE[@]}" --epochs 1 --iters 2 --batch-size 16 --eval-every 1)
     TINY_SDA=("${TINY_SIZE[@]}" --epochs-constant 1 --epochs-decay 0 --iters 2 --batch-size 8 --ngf 8 --ndf 8
               --n-blocks 1)
-    TINY_PRETRAIN=("${TINY_SIZE[@]}" --epochs 1 --iters 2 --batch-size 16 --eval-step 1)
+    TINY_PRETRAIN=("${TINY_SIZE[@]}" --epochs 1 --iters 2 --batch-size 16 --eval-every 1)
     TINY_MMT=("${TINY_SIZE[@]}" --epochs 1 --iters 2 --batch-size 16 --no-eval-initial)
     TINY_CAMERA=("${TINY_SIZE[@]}" --epochs 1 --iters 2 --batch-size 16 --eval-step 1 --warmup-epochs 1)
 fi
