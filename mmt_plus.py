@@ -34,7 +34,6 @@ import argparse
 import copy
 import math
 import os
-import random
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -44,6 +43,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from sklearn.cluster import DBSCAN
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import reid_ops
 from pretrain import (
     ImageDataset,
     IterLoader,
@@ -59,19 +65,14 @@ from pretrain import (
     load_checkpoint,
     load_model_weights,
     read_dataset,
+    rng_state,
     save_checkpoint,
+    set_rng_state,
     set_seed,
     setup_distributed,
     soft_triplet_loss,
     softmax_triplet_loss,
 )
-from sklearn.cluster import DBSCAN
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
-from torch import nn
-from torch.utils.data import DataLoader
-from tqdm import tqdm
-
-import reid_ops
 
 # --preset demo: the embedded synthetic benchmark on 2 CPU cores in a few minutes. Explicit flags still win.
 PRESETS = {
@@ -351,15 +352,21 @@ class TwoViews:
         return self.transform(image), self.transform(image)
 
 
-def make_loader(items, transform, batch_size: int, iters: int, workers: int, seed: int) -> IterLoader:
-    sampler = RandomIdentitySampler(items, num_instances=4, seed=seed)
+def make_loader(items, transform, batch_size: int, iters: int, workers: int, seed: int, epoch: int) -> IterLoader:
+    """`iters` P x 4 batches of two-view samples. The sampler shards identities across DDP processes, and its stream
+    and every sample's augmentation seed are functions of (seed, epoch), so a resumed run sees the same batches."""
+    sampler = RandomIdentitySampler(
+        items, num_instances=4, seed=seed, num_samples=iters * batch_size, seed_samples=True
+    )
+    sampler.set_epoch(epoch)
     loader = DataLoader(
         ImageDataset(items, TwoViews(transform)),
         batch_size=batch_size,
         sampler=sampler,
         num_workers=workers,
-        drop_last=len(sampler) >= batch_size,
+        drop_last=True,
         persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),
     )
     return IterLoader(loader, iters)
 
@@ -403,22 +410,6 @@ def distributed_features(model: nn.Module, items, args, device) -> torch.Tensor:
         ordered[r::world_size] = gathered[offset : offset + count]
         offset += count
     return ordered
-
-
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-
-
-def rank1(result: dict) -> float:
-    if "top1" in result:
-        return float(result["top1"])
-    return float(np.asarray(result["cmc"])[0])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -494,9 +485,10 @@ def train_one_epoch(
             other_pool, _, other_logits = teacher_outputs[1 - i]
             terms["ce"] = terms["ce"] + label_smoothed_ce(logits.float(), labels, epsilon=args.label_smoothing)
             terms["soft_ce"] = terms["soft_ce"] + soft_cross_entropy(logits, other_logits)
-            if args.triplet_weight > 0:
+            several_ids = bool((labels != labels[0]).any())  # triplets need a negative for every anchor
+            if args.triplet_weight > 0 and several_ids:
                 terms["triplet"] = terms["triplet"] + softmax_triplet_loss(f_pool.float(), labels)
-            if args.soft_triplet_weight > 0:
+            if args.soft_triplet_weight > 0 and several_ids:
                 terms["soft_triplet"] = terms["soft_triplet"] + soft_triplet_loss(
                     f_pool.float(), labels, other_pool.float().detach()
                 )
@@ -800,7 +792,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         results = []
         for teacher in teachers:
             result = evaluate(teacher, val_data.query, val_data.gallery, args.height, args.width)
-            results.append({"mAP": float(result["mAP"]), "top1": rank1(result)})
+            results.append({"mAP": float(result["mAP"]), "top1": float(result["top1"])})
         return results
 
     if args.eval_initial and start_epoch == 0 and is_main_process():
@@ -833,10 +825,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         }
         if true_ids is not None:
             record["pseudo_labels"] = pseudo_label_quality(labels_np, true_ids)
-        if num_clusters == 0:
+        if num_clusters < world_size:
             raise SystemExit(
-                f"epoch {epoch + 1}: DBSCAN (eps {args.eps}, min_samples {args.min_samples}) found no cluster in "
-                f"{len(target_items)} target images; nothing to train on (try a larger --eps)"
+                f"epoch {epoch + 1}: DBSCAN (eps {args.eps}, min_samples {args.min_samples}) found {num_clusters} "
+                f"clusters in {len(target_items)} target images; at least one per process ({world_size}) is needed "
+                "(a better initialisation or a larger --eps)"
             )
         # 2. target rows of all four heads <- L2-normalised centroids; logits restricted to the active classes
         centroids = cluster_centroids(features, labels_np).to(device)
@@ -852,23 +845,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
             if label >= 0
         ]
         target_loader = make_loader(
-            pseudo_items,
-            transform,
-            per_process_batch,
-            args.iters,
-            args.workers,
-            seed=args.seed + 1000 * rank + 7 * epoch,
+            pseudo_items, transform, per_process_batch, args.iters, args.workers, args.seed, epoch
         )
         target_loader.new_epoch()
-        source_loader = None  # rebuilt each epoch with an epoch-dependent seed so that --resume continues exactly
+        source_loader = None
         if args.mode == "mmt+":
             source_loader = make_loader(
-                source_items,
-                transform,
-                per_process_batch,
-                args.iters,
-                args.workers,
-                seed=args.seed + 1000 * rank + 7 * epoch + 3,
+                source_items, transform, per_process_batch, args.iters, args.workers, args.seed + 1, epoch
             )
             source_loader.new_epoch()
 

@@ -388,11 +388,20 @@ def tiny_args(data_root: Path, logs_dir: Path, inits, epochs: int) -> list[str]:
     return ["--preset", "demo", "--data-root", str(data_root), "--logs-dir", str(logs_dir),
             "--init-1", str(inits[0]), "--init-2", str(inits[1]), "--epochs", str(epochs), "--iters", "2",
             "--batch-size", "8", "--height", "64", "--width", "32", "--workers", "0", "--test-batch-size", "64",
-            "--eps", "0.9", "--no-eval-initial"]  # fmt: skip
+            "--no-eval-initial"]  # fmt: skip
 
 
 def read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread: on the shared 2-core CPU, OpenMP spin-waits make small convolutions many times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
