@@ -566,12 +566,12 @@ def run_variant(
     return row, distance_qg
 
 
+@torch.no_grad()
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(args.cache_dir) if args.cache_dir else out_dir / "feature_cache"
-    torch.set_grad_enabled(False)
 
     data = read_dataset(args.dataset, args.data_root)
     query, gallery = list(data.query), list(data.gallery)
