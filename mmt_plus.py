@@ -641,6 +641,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory format for training"
     )
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--resume", action="store_true", help="continue from LOGS_DIR/checkpoint.pth if present")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     args = parser.parse_args(argv)
@@ -686,6 +687,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     else:
         device = torch.device("cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     set_seed(args.seed)  # the same head initialisation and MoCo queues on every process
     logs_dir = Path(args.logs_dir)
     logs_dir.mkdir(parents=True, exist_ok=True)
