@@ -65,6 +65,7 @@ from pretrain import (
     load_checkpoint,
     load_model_weights,
     read_dataset,
+    read_diagnostic_identities,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -302,23 +303,6 @@ def cluster_centroids(features: torch.Tensor, labels: np.ndarray) -> torch.Tenso
     sums = torch.zeros(num_clusters, features.shape[1], dtype=torch.float64)
     sums.index_add_(0, labels_t[keep], features[keep].double())
     return F.normalize(sums, dim=1).float()
-
-
-def read_identity_file(data_root: str) -> dict[str, int] | None:
-    """Ground truth of target_training (`image_name pid` per line) for pseudo-label DIAGNOSTICS ONLY: the result is
-    logged, never used for training."""
-    path = Path(data_root) / "diagnostics" / "target_training_identities.txt"
-    if not path.exists():
-        return None
-    identities = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        parts = line.split()
-        if len(parts) != 2:
-            raise ValueError(f"{path}:{number}: expected 'image_name pid', got {line!r}")
-        identities[os.path.basename(parts[0])] = int(parts[1])
-    return identities
 
 
 def pseudo_label_quality(labels: np.ndarray, true_ids: np.ndarray) -> dict:
@@ -710,7 +694,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         source_items, num_source_classes = list(source_data.train), int(source_data.num_train_pids)
         if not source_items:
             raise SystemExit(f"--source {args.source}: no training images under {args.data_root}")
-    identities = read_identity_file(args.data_root)  # diagnostics only
+    # Ground truth of the embedded benchmark, for the pseudo-label DIAGNOSTICS in the log only (never for training).
+    has_truth = (Path(args.data_root) / "diagnostics" / "target_training_identities.txt").is_file()
+    identities = read_diagnostic_identities(args.data_root) if has_truth else None
     true_ids = None
     if identities is not None:
         true_ids = np.array([identities.get(os.path.basename(path), -1) for path, _, _ in target_items])
@@ -794,7 +780,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     def evaluate_teachers() -> list[dict]:
         results = []
         for teacher in teachers:
-            result = evaluate(teacher, val_data.query, val_data.gallery, args.height, args.width)
+            result = evaluate(
+                teacher,
+                val_data.query,
+                val_data.gallery,
+                args.height,
+                args.width,
+                batch_size=args.test_batch_size,
+                workers=args.workers,
+                device=device,
+            )
             results.append({"mAP": float(result["mAP"]), "top1": float(result["top1"])})
         return results
 
