@@ -18,6 +18,14 @@ Slides ("Improved Mutual Mean-Teaching (MMT+) framework") and reference-implemen
 `--mode mmt` trains the original MMT (Ge et al., ICLR 2020) from the same script: target batches only, plain BN,
 no MoCo, linear head, the MMT paper's DBSCAN-script weights (soft CE 0.5, hard triplet 0.2, soft triplet 0.8).
 
+Where the slides and the release differ we follow the slides; the release's behaviour stays available as a flag:
+  * Adam is reset at every re-clustering (slides); --keep-optimizer-state = the release's fp16 run (§13.1.4);
+  * the teachers' soft labels are their plain s*cos logits (slides' E[C](E[F](x))); --teacher-margin = release;
+  * the pre-trained source classifier seeds the source rows of the head; --no-init-source-rows = release (§13.1.5);
+  * the BNNeck bias stays frozen after the DSBN conversion (the release's conversion unfreezes it, §13.1.9).
+Kept as in the release: teachers run in train mode (per-domain batch statistics, see train loop), the MoCo key is
+the own teacher's output on the same view, outliers are dropped for the epoch, triplet weights 0 in MMT+.
+
 Checkpoints (LOGS_DIR): checkpoint.pth (resume state of the whole run) and model_best.pth, the better mean teacher
 of the best epoch on target validation; both hold under "state_dict" a plain model (target BN branch, no head)
 that loads into `pretrain.build_model(arch, num_classes=0)`, which is what postprocess.py reads.
