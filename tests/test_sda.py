@@ -478,7 +478,7 @@ def test_random_seed_module_is_not_shared():
     assert torch.equal(out_a, b.query(batch))
 
 
-@pytest.mark.slow  # three fresh Python processes: ~5 s alone, ~25 s on the loaded shared CPU
+@pytest.mark.slow  # three fresh Python processes: 11-31 s measured on the loaded shared CPU
 def test_ddp_with_torchrun_two_processes(tmp_path, tiny_data_root, encoder_checkpoint):
     """Two CPU processes (gloo) with --online-relation: every DDP-wrapped module gets gradients each step."""
     out = tmp_path / "ddp"
