@@ -61,6 +61,12 @@ def _as_tensor(value: Any, name: str) -> tuple[torch.Tensor, bool]:
     return tensor, was_numpy
 
 
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """NaN/Inf check in slices of 4M elements, so no input-sized temporary is allocated."""
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(part).all()) for part in flat.split(1 << 22))
+
+
 def _check_features(tensor: torch.Tensor, name: str) -> None:
     if tensor.dim() != 2:
         raise ValueError(f"{name} must be 2-D (num_samples, dim), got shape {tuple(tensor.shape)}")
@@ -68,7 +74,7 @@ def _check_features(tensor: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} is empty (0 rows)")
     if tensor.shape[1] == 0:
         raise ValueError(f"{name} has 0 feature dimensions")
-    if not bool(torch.isfinite(tensor).all()):
+    if not _all_finite(tensor):
         raise ValueError(f"{name} contains NaN or Inf values")
 
 
@@ -209,7 +215,7 @@ def re_ranking_from_distances(
     for tensor, name in ((qg, "q_g_dist"), (qq, "q_q_dist"), (gg, "g_g_dist")):
         if tensor.dim() != 2 or tensor.numel() == 0:
             raise ValueError(f"{name} must be a non-empty 2-D matrix, got shape {tuple(tensor.shape)}")
-        if not bool(torch.isfinite(tensor).all()):
+        if not _all_finite(tensor):
             raise ValueError(f"{name} contains NaN or Inf values")
     num_query, num_gallery = qg.shape
     if tuple(qq.shape) != (num_query, num_query):
@@ -315,7 +321,7 @@ def evaluate_rank(
     dist, _ = _as_tensor(distmat, "distmat")
     if dist.dim() != 2 or dist.numel() == 0:
         raise ValueError(f"distmat must be a non-empty 2-D (num_query, num_gallery) matrix, got {tuple(dist.shape)}")
-    if torch.isnan(dist).any():
+    if any(bool(torch.isnan(part).any()) for part in dist.reshape(-1).split(1 << 22)):
         raise ValueError("distmat contains NaN values")
     num_query, num_gallery = dist.shape
     ids = {}
