@@ -77,3 +77,24 @@ def test_bad_arguments_fail_clearly(tmp_path, tiny_data_root):
         camera.parse_args(["--data-root", str(tiny_data_root), "--epochs", "0"])
     with pytest.raises(SystemExit, match="batch"):
         camera.main(tiny_args(tiny_data_root, tmp_path, epochs=1) + ["--batch-size", "100000"])
+
+
+def test_two_process_torchrun(tmp_path, tiny_data_root):
+    import os
+    import socket
+    import subprocess
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    repo = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+               str(repo / "camera.py"), *tiny_args(tiny_data_root, tmp_path, epochs=1),
+               "--batch-size", "16"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = read_log(tmp_path / "log.jsonl")
+    assert log[0]["event"] == "start" and log[0]["world_size"] == 2 and log[0]["images_per_batchnorm"] == 8
+    assert [r["epoch"] for r in log if "epoch" in r] == [1]  # only rank 0 logs
+    assert (tmp_path / "model_best.pth").exists()
