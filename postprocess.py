@@ -37,6 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps
+
+import reid_ops
 from pretrain import (
     build_model,
     extract_features,
@@ -45,8 +47,6 @@ from pretrain import (
     read_dataset,
     save_checkpoint,
 )
-
-import reid_ops
 
 Item = tuple[str, int, int]
 
@@ -357,7 +357,9 @@ def load_model_for_inference(path: str, arch: str | None = None) -> tuple[torch.
     state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
     state_dict = {key: value for key, value in state_dict.items() if not key.startswith("classifier.")}
     model = build_model(arch, num_classes=0)
-    missing = sorted(set(model.state_dict()) - set(state_dict))
+    missing = sorted(
+        key for key in set(model.state_dict()) - set(state_dict) if not key.endswith("num_batches_tracked")
+    )
     if missing:
         raise ValueError(
             f"{path}: {len(missing)} weights of a {arch} model are missing from the checkpoint "
