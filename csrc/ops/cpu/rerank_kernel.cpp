@@ -92,7 +92,9 @@ std::tuple<at::Tensor, at::Tensor> neighbors_from_distances_cpu(const at::Tensor
         mp[i] = maximum;
         int64_t* hi = rp + i * kmax;
         heap_init(heap_d.data(), hi, kmax);
-        for (int64_t j = 0; j < n; ++j) heap_offer(heap_d.data(), hi, kmax, v[j] / maximum, j);
+        // an all-zero column (maximum 0) normalises to all zeros, as normalise() does for the weights
+        const float scale = maximum > 0.0f ? maximum : 1.0f;
+        for (int64_t j = 0; j < n; ++j) heap_offer(heap_d.data(), hi, kmax, v[j] / scale, j);
         heap_sort_ascending(heap_d.data(), hi, kmax);
       }
     }

@@ -73,7 +73,8 @@ __global__ void neighbors_from_distances_kernel(DistanceRowsDevice rows, int64_t
   float* hd = heap_d + i * kmax;
   int64_t* hi = rank + i * kmax;
   heap_init(hd, hi, kmax);
-  for (int64_t j = 0; j < n; ++j) heap_offer(hd, hi, kmax, rows.value(i, j) / maximum, j);
+  const float scale = maximum > 0.0f ? maximum : 1.0f;  // an all-zero column normalises to zeros
+  for (int64_t j = 0; j < n; ++j) heap_offer(hd, hi, kmax, rows.value(i, j) / scale, j);
   heap_sort_ascending(hd, hi, kmax);
 }
 
