@@ -1132,7 +1132,8 @@ def make_loader(dataset, sampler, batch_size: int, workers: int) -> torch.utils.
         sampler=sampler,
         num_workers=workers,
         drop_last=True,
-        persistent_workers=False,
+        # workers survive between epochs (the sampler runs in this process, so set_epoch still applies)
+        persistent_workers=workers > 0,
         pin_memory=torch.cuda.is_available(),
     )
 

@@ -415,6 +415,10 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(tiny_data_ro
     reference, resumed = _losses(straight / "log.jsonl"), _losses(interrupted / "log.jsonl")
     assert [r[:2] for r in resumed] == [r[:2] for r in reference] == [(e, i) for e in range(2) for i in range(3)]
     np.testing.assert_allclose([r[2] for r in resumed], [r[2] for r in reference], rtol=1e-5)
+    # a worker process (persistent across epochs) loads the same augmented images as the main process
+    with_worker = tmp_path / "with_worker"
+    pretrain.main(_train_args(tiny_data_root, with_worker, "--workers", "1"))
+    np.testing.assert_allclose([r[2] for r in _losses(with_worker / "log.jsonl")], [r[2] for r in reference], rtol=1e-5)
     best = pretrain.load_checkpoint(straight / "model_best.pth")
     assert best["arch"] == "resnet18" and best["feature_dim"] == 512
     model = pretrain.build_model("resnet18", num_classes=best["num_classes"])
