@@ -16,6 +16,8 @@
 #
 #   ./run_pipeline.sh                         # embedded benchmark, demo settings (the README's first command)
 #   ./run_pipeline.sh --tiny                  # CI-sized: tiny dataset, a few iterations per stage
+#   ./run_pipeline.sh --ablation              # + the ablation table (raw vs SDA pre-training, MMT vs MMT+,
+#                                             #   single backbones vs ensemble, post-processing steps)
 #   ./run_pipeline.sh --data-root /data/visda --preset none --archs "resnest50 densenet169_ibn"
 #                                             # real VisDA-2020 data with the scripts' full (release) settings
 set -euo pipefail
@@ -28,7 +30,7 @@ fi
 usage() {
     cat <<EOF
 usage: $0 [--data-root DIR] [--work-dir DIR] [--tiny] [--preset NAME|none] [--archs "A B ..."]
-          [--sda-arch ARCH] [--seeds "1 2"] [--workers N] [--no-test-submission]
+          [--sda-arch ARCH] [--seeds "1 2"] [--workers N] [--no-test-submission] [--ablation]
 
   --data-root DIR   VisDA-2020 layout root (personX/, target_training/, target_validation/, target_test/, index
                     files). Default: generate the embedded benchmark into WORK/data. A real data root is never
@@ -42,6 +44,9 @@ usage: $0 [--data-root DIR] [--work-dir DIR] [--tiny] [--preset NAME|none] [--ar
   --seeds "1 2"     the two pre-training seeds (init-1 and init-2 of MMT+)
   --workers N       data-loading workers per stage (default 2)
   --no-test-submission   skip post-processing target_test
+  --ablation        after the pipeline, also pre-train on raw source images (both seeds), run the original MMT
+                    (mmt_plus.py --mode mmt) from the same initialisations, evaluate every model alone and write
+                    WORK/ablation/ablation.md (labelled target_val needed). Reuses every finished stage.
 Environment: PYTHON (interpreter, default .venv/bin/python), EXTRA_<STAGE>_ARGS (extra flags for one stage:
   EXTRA_ENCODER_ARGS, EXTRA_SDA_ARGS, EXTRA_TRANSLATE_ARGS, EXTRA_PRETRAIN_ARGS, EXTRA_MMT_ARGS,
   EXTRA_CAMERA_ARGS, EXTRA_POST_ARGS).
@@ -57,6 +62,7 @@ SDA_ARCH=""
 SEEDS="1 2"
 WORKERS=2
 TEST_SUBMISSION=1
+ABLATION=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --data-root) DATA_ROOT="$2"; shift 2 ;;
@@ -68,6 +74,7 @@ while [[ $# -gt 0 ]]; do
         --seeds) SEEDS="$2"; shift 2 ;;
         --workers) WORKERS="$2"; shift 2 ;;
         --no-test-submission) TEST_SUBMISSION=0; shift ;;
+        --ablation) ABLATION=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "run_pipeline.sh: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
     esac
@@ -113,22 +120,29 @@ read -r -a EXTRA_CAMERA <<< "${EXTRA_CAMERA_ARGS:-}"
 read -r -a EXTRA_POST <<< "${EXTRA_POST_ARGS:-}"
 
 # run_stage NAME OUTPUT_DIR COMMAND...: skip if OUTPUT_DIR/DONE exists, else run COMMAND with its output in
-# stage_logs/NAME.log and write the marker atomically on success.
+# stage_logs/NAME.log and write the marker atomically on success. The marker records the command; with
+# RERUN_IF_CHANGED=1 (the cheap evaluation stages) a marker written by a different command does not count, so
+# e.g. a new --archs list re-evaluates the ensemble instead of showing the old table.
+RERUN_IF_CHANGED=0
 run_stage() {
     local name="$1" out_dir="$2"
     shift 2
+    local command_text
+    command_text="$(printf ' %q' "$@")"
     if [[ -f "$out_dir/DONE" ]]; then
-        echo "[pipeline] $name: finished before ($out_dir/DONE), skipped"
-        return 0
+        if [[ $RERUN_IF_CHANGED -eq 0 ]] || grep -qxF "command:$command_text" "$out_dir/DONE"; then
+            echo "[pipeline] $name: finished before ($out_dir/DONE), skipped"
+            return 0
+        fi
+        echo "[pipeline] $name: finished before with a different command, running again"
+        rm -f "$out_dir/DONE"
     fi
     mkdir -p "$out_dir"
     local log="$LOG_DIR/$name.log" start=$SECONDS status=0
     echo "[pipeline] $name: started $(date -u +%H:%M:%S), log $log"
     {
         echo "# $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
-        printf '#'
-        printf ' %q' "$@"
-        echo
+        echo "#$command_text"
     } >> "$log"
     "$@" >> "$log" 2>&1 || status=$?
     if [[ $status -ne 0 ]]; then
@@ -136,7 +150,10 @@ run_stage() {
         tail -n 25 "$log" >&2
         exit "$status"
     fi
-    echo "finished $(date -u '+%Y-%m-%d %H:%M:%S UTC') in $((SECONDS - start)) s" > "$out_dir/.DONE.tmp"
+    {
+        echo "finished $(date -u '+%Y-%m-%d %H:%M:%S UTC') in $((SECONDS - start)) s"
+        echo "command:$command_text"
+    } > "$out_dir/.DONE.tmp"
     mv "$out_dir/.DONE.tmp" "$out_dir/DONE"
     echo "[pipeline] $name: done in $((SECONDS - start)) s"
 }
@@ -222,11 +239,128 @@ CAMERA_CHECKPOINT="$(best_checkpoint "$CAMERA_DIR")"
 POST_ARGS=(--checkpoints "${MMT_CHECKPOINTS[@]}" --camera-checkpoint "$CAMERA_CHECKPOINT"
            --data-root "$DATA" --workers "$WORKERS")
 if [[ -n "$DATA_ROOT" ]]; then POST_ARGS+=(--ap-topk 100); fi # the VisDA server's top-100 AP on real data
+RERUN_IF_CHANGED=1 # post-processing reads cached features: cheap to redo when the inputs changed
 run_stage post-val "$WORK/post-val" "$PYTHON" "$REPO/postprocess.py" "${POST_ARGS[@]}" --dataset target_val \
     --out "$WORK/post-val" --ablation "${EXTRA_POST[@]}"
 if [[ $TEST_SUBMISSION -eq 1 ]]; then
     run_stage post-test "$WORK/post-test" "$PYTHON" "$REPO/postprocess.py" "${POST_ARGS[@]}" --dataset target_test \
         --out "$WORK/post-test" --num-figures 4 "${EXTRA_POST[@]}"
+fi
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7. ablation (--ablation): the extra trainings, each model evaluated alone (no camera term, no re-ranking, flip
+#    averaging as in post-val), then one table with the pre-training, MMT and post-processing rows.
+if [[ $ABLATION -eq 1 ]]; then
+    ABLATION_DIR="$WORK/ablation"
+    mkdir -p "$ABLATION_DIR"
+    RERUN_IF_CHANGED=0 # trainings
+    arch="${ARCH_LIST[0]}"
+    RAW_CHECKPOINTS=()
+    for seed in "${SEED_LIST[@]}"; do
+        dir="$WORK/pretrain-personx-$arch-$seed"
+        if [[ "$arch" == "$SDA_ARCH" && "$seed" == "${SEED_LIST[0]}" ]]; then
+            dir="$ENCODER_DIR" # SDA's source encoder is exactly this run
+        else
+            run_stage "pretrain-raw-$arch-$seed" "$dir" "$PYTHON" "$REPO/pretrain.py" "${PRESET_ARGS[@]}" \
+                --data-root "$DATA" --source personx --arch "$arch" --seed "$seed" --workers "$WORKERS" \
+                --logs-dir "$dir" "${TINY_ENCODER[@]}" "${EXTRA_PRETRAIN[@]}"
+        fi
+        RAW_CHECKPOINTS+=("$(best_checkpoint "$dir")")
+    done
+    SDA_CHECKPOINTS=()
+    for seed in "${SEED_LIST[@]}"; do
+        SDA_CHECKPOINTS+=("$(best_checkpoint "$WORK/pretrain-personx_sda-$arch-$seed")")
+    done
+    dir="$WORK/mmt-original-$arch"
+    run_stage "mmt-original-$arch" "$dir" "$PYTHON" "$REPO/mmt_plus.py" "${PRESET_ARGS[@]}" --mode mmt \
+        --data-root "$DATA" --arch "$arch" --init-1 "${SDA_CHECKPOINTS[0]}" --init-2 "${SDA_CHECKPOINTS[1]}" \
+        --seed "${SEED_LIST[0]}" --workers "$WORKERS" --logs-dir "$dir" --resume "${TINY_MMT[@]}" "${EXTRA_MMT[@]}"
+    MMT_ORIGINAL_CHECKPOINT="$(best_checkpoint "$dir")"
+    dir="$WORK/mmt-from-raw-$arch" # MMT+ as in the pipeline, but from the raw-source pre-trainings
+    run_stage "mmt-from-raw-$arch" "$dir" "$PYTHON" "$REPO/mmt_plus.py" "${PRESET_ARGS[@]}" --data-root "$DATA" \
+        --arch "$arch" --init-1 "${RAW_CHECKPOINTS[0]}" --init-2 "${RAW_CHECKPOINTS[1]}" --seed "${SEED_LIST[0]}" \
+        --workers "$WORKERS" --logs-dir "$dir" --resume "${TINY_MMT[@]}" "${EXTRA_MMT[@]}"
+    MMT_FROM_RAW_CHECKPOINT="$(best_checkpoint "$dir")"
+
+    # name|checkpoint pairs evaluated alone
+    SINGLE=("raw-${SEED_LIST[0]}|${RAW_CHECKPOINTS[0]}" "raw-${SEED_LIST[1]}|${RAW_CHECKPOINTS[1]}"
+            "sda-${SEED_LIST[0]}|${SDA_CHECKPOINTS[0]}" "sda-${SEED_LIST[1]}|${SDA_CHECKPOINTS[1]}"
+            "mmt|$MMT_ORIGINAL_CHECKPOINT" "mmt+-from-raw|$MMT_FROM_RAW_CHECKPOINT")
+    for index in "${!ARCH_LIST[@]}"; do SINGLE+=("mmt+-${ARCH_LIST[$index]}|${MMT_CHECKPOINTS[$index]}"); done
+    RERUN_IF_CHANGED=1 # evaluations
+    for entry in "${SINGLE[@]}"; do
+        name="${entry%%|*}"
+        run_stage "eval-$name" "$ABLATION_DIR/eval-$name" "$PYTHON" "$REPO/postprocess.py" --checkpoints "${entry#*|}" \
+            --data-root "$DATA" --dataset target_val --no-rerank --out "$ABLATION_DIR/eval-$name" \
+            --cache-dir "$ABLATION_DIR/feature_cache" --num-figures 0 --workers "$WORKERS" "${EXTRA_POST[@]}"
+    done
+    "$PYTHON" - "$WORK" "$arch" "${SEED_LIST[@]}" "${ARCH_LIST[@]}" <<'PYTHON'
+# Collect the ablation rows into WORK/ablation/ablation.md (metrics from postprocess.py's results.json, the
+# pseudo-label quality per epoch from mmt_plus.py's log.jsonl).
+import json, sys
+from pathlib import Path
+
+work, arch, seed_1, seed_2, archs = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
+ablation = work / "ablation"
+
+
+def final_row(folder: Path) -> dict:
+    return json.loads((folder / "results.json").read_text())["final"]
+
+
+def cells(row: dict) -> str:
+    return " | ".join(f"{100 * row[key]:.1f}" for key in ("mAP", "top1", "top5"))
+
+
+lines = [f"### Stage II and III, {arch}, each model alone (flip averaging, no camera term, no re-ranking)", "",
+         "| model | initialised from | mAP | top-1 | top-5 |", "|---|---|---|---|---|"]
+for kind, label in (("raw", "pre-trained on raw source images"), ("sda", "pre-trained on SDA-translated images")):
+    for seed in (seed_1, seed_2):
+        lines.append(f"| {label}, seed {seed} | random | {cells(final_row(ablation / f'eval-{kind}-{seed}'))} |")
+lines.append(f"| MMT (`--mode mmt`) | SDA seeds {seed_1}+{seed_2} | {cells(final_row(ablation / 'eval-mmt'))} |")
+lines.append(f"| MMT+ | SDA seeds {seed_1}+{seed_2} | {cells(final_row(ablation / f'eval-mmt+-{arch}'))} |")
+lines.append(f"| MMT+ | raw seeds {seed_1}+{seed_2} | {cells(final_row(ablation / 'eval-mmt+-from-raw'))} |")
+for other in archs[1:]:
+    lines.append(f"| MMT+ {other} | SDA seeds {seed_1}+{seed_2} | {cells(final_row(ablation / f'eval-mmt+-{other}'))} |")
+
+lines += ["", "### Pseudo-label quality per epoch (target training set, against the generator's identities)", "",
+          "| epoch | MMT clusters | MMT outliers | MMT NMI | MMT purity | MMT val mAP "
+          "| MMT+ clusters | MMT+ outliers | MMT+ NMI | MMT+ purity | MMT+ val mAP |", "|---" * 11 + "|"]
+
+
+def epochs(log: Path) -> dict:
+    """epoch -> its record; epoch 0 = the initial teachers (the pre-trained models)."""
+    records = {}
+    for line in log.read_text().splitlines():
+        record = json.loads(line)
+        if "val" in record and "epoch" in record:
+            records[record["epoch"]] = record
+    return records
+
+
+def epoch_cells(record: dict | None) -> str:
+    if record is None:
+        return " | ".join(["-"] * 5)
+    best_val = max(100 * teacher["mAP"] for teacher in record["val"])  # the better of the two mean teachers
+    if "clusters" not in record:
+        return f"- | - | - | - | {best_val:.1f}"
+    quality = record.get("pseudo_labels", {})
+    nmi, purity = (f"{quality[key]:.3f}" if key in quality else "-" for key in ("nmi", "purity"))
+    return f"{record['clusters']} | {100 * record['outlier_fraction']:.0f}% | {nmi} | {purity} | {best_val:.1f}"
+
+
+mmt, mmt_plus = epochs(work / f"mmt-original-{arch}" / "log.jsonl"), epochs(work / f"mmt-{arch}" / "log.jsonl")
+for epoch in sorted(set(mmt) | set(mmt_plus)):
+    lines.append(f"| {epoch} | {epoch_cells(mmt.get(epoch))} | {epoch_cells(mmt_plus.get(epoch))} |")
+
+lines += ["", "### Post-processing (target_val, from post-val/results.json)", "",
+          (work / "post-val" / "results.md").read_text().split("\n", 2)[2].strip()]
+text = "\n".join(lines) + "\n"
+temporary = ablation / ".ablation.md.tmp"
+temporary.write_text(text)
+temporary.replace(ablation / "ablation.md")
+print(text)
+PYTHON
 fi
 
 echo

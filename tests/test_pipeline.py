@@ -2,6 +2,7 @@
 pipeline is killed after its first training stage, re-run (finished stages are skipped, the rest completes),
 and re-run once more (everything skipped, same results)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -97,3 +98,25 @@ def test_pipeline_end_to_end_with_interruption(tmp_path):
     assert third.stdout.count("finished before") == len(STAGE_FOLDERS)
     assert table.strip().split("\n")[-1] in third.stdout
     assert time.time() - start < max(30.0, 0.5 * second_seconds)
+
+    # 4. --ablation on the same work folder: the pipeline's stages are reused, only the extra trainings (raw
+    #    pre-training seed 2, the original MMT) and the single-model evaluations run; the table's rows are the
+    #    evaluations' own numbers
+    fourth = subprocess.run([*pipeline_command(work), "--ablation"], cwd=REPO, env=environment(),
+                            capture_output=True, text=True, timeout=900)  # fmt: skip
+    output = fourth.stdout + fourth.stderr
+    assert fourth.returncode == 0, output[-5000:]
+    assert output.count("finished before") == len(STAGE_FOLDERS), output[-3000:]
+    for stage in ["pretrain-raw-resnet18-2", "mmt-original-resnet18", "mmt-from-raw-resnet18", "eval-raw-1",
+                  "eval-sda-2", "eval-mmt", "eval-mmt+-resnet18", "eval-mmt+-from-raw"]:  # fmt: skip
+        assert f"[pipeline] {stage}: done in" in output, (stage, output[-3000:])
+    assert "pretrain-raw-resnet18-1" not in output  # SDA's source encoder is that run
+    ablation = (work / "ablation" / "ablation.md").read_text()
+    for name, label in [("eval-mmt", "| MMT (`--mode mmt`) |"), ("eval-mmt+-resnet18", "| MMT+ |"),
+                        ("eval-raw-2", "raw source images, seed 2 |")]:  # fmt: skip
+        final = json.loads((work / "ablation" / name / "results.json").read_text())["final"]
+        row = next(line for line in ablation.splitlines() if label in line)
+        assert f"| {100 * final['mAP']:.1f} | {100 * final['top1']:.1f} |" in row, (name, row)
+    epoch_1 = next(line for line in ablation.splitlines() if line.startswith("| 1 |")).split("|")[1:-1]
+    assert epoch_1[1].strip().isdigit() and epoch_1[6].strip().isdigit(), epoch_1  # clusters of MMT and MMT+
+    assert "(final)" in ablation
