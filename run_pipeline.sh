@@ -294,6 +294,12 @@ if [[ $ABLATION -eq 1 ]]; then
             --data-root "$DATA" --dataset target_val --no-rerank --out "$ABLATION_DIR/eval-$name" \
             --cache-dir "$ABLATION_DIR/feature_cache" --num-figures 0 --workers "$WORKERS" "${EXTRA_POST[@]}"
     done
+    # an ensemble that needs no extra training: the MMT+ models from the SDA and from the raw initialisations,
+    # each alone and together, with every post-processing step off/on (a second backbone: --archs "A B")
+    run_stage ensemble "$ABLATION_DIR/ensemble" "$PYTHON" "$REPO/postprocess.py" \
+        --checkpoints "${MMT_CHECKPOINTS[0]}" "$MMT_FROM_RAW_CHECKPOINT" --camera-checkpoint "$CAMERA_CHECKPOINT" \
+        --data-root "$DATA" --dataset target_val --out "$ABLATION_DIR/ensemble" --ablation \
+        --cache-dir "$ABLATION_DIR/feature_cache" --num-figures 0 --workers "$WORKERS" "${EXTRA_POST[@]}"
     "$PYTHON" - "$WORK" "$arch" "${SEED_LIST[@]}" "${ARCH_LIST[@]}" <<'PYTHON'
 # Collect the ablation rows into WORK/ablation/ablation.md (metrics from postprocess.py's results.json, the
 # pseudo-label quality per epoch from mmt_plus.py's log.jsonl).
@@ -353,8 +359,11 @@ mmt, mmt_plus = epochs(work / f"mmt-original-{arch}" / "log.jsonl"), epochs(work
 for epoch in sorted(set(mmt) | set(mmt_plus)):
     lines.append(f"| {epoch} | {epoch_cells(mmt.get(epoch))} | {epoch_cells(mmt_plus.get(epoch))} |")
 
-lines += ["", "### Post-processing (target_val, from post-val/results.json)", "",
-          (work / "post-val" / "results.md").read_text().split("\n", 2)[2].strip()]
+lines += ["", "### Post-processing of the pipeline's model(s) (target_val, post-val/results.md)", "",
+          (work / "post-val" / "results.md").read_text().split("\n", 2)[2].strip(),
+          "", f"### Ensemble of the two MMT+ {arch} models (SDA and raw initialisations; ensemble/results.md)", "",
+          "Models: 1 = MMT+ from the SDA pre-trainings, 2 = MMT+ from the raw pre-trainings.", "",
+          (ablation / "ensemble" / "results.md").read_text().split("\n", 2)[2].strip()]
 text = "\n".join(lines) + "\n"
 temporary = ablation / ".ablation.md.tmp"
 temporary.write_text(text)

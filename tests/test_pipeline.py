@@ -108,7 +108,7 @@ def test_pipeline_end_to_end_with_interruption(tmp_path):
     assert fourth.returncode == 0, output[-5000:]
     assert output.count("finished before") == len(STAGE_FOLDERS), output[-3000:]
     for stage in ["pretrain-raw-resnet18-2", "mmt-original-resnet18", "mmt-from-raw-resnet18", "eval-raw-1",
-                  "eval-sda-2", "eval-mmt", "eval-mmt+-resnet18", "eval-mmt+-from-raw"]:  # fmt: skip
+                  "eval-sda-2", "eval-mmt", "eval-mmt+-resnet18", "eval-mmt+-from-raw", "ensemble"]:  # fmt: skip
         assert f"[pipeline] {stage}: done in" in output, (stage, output[-3000:])
     assert "pretrain-raw-resnet18-1" not in output  # SDA's source encoder is that run
     ablation = (work / "ablation" / "ablation.md").read_text()
@@ -119,4 +119,4 @@ def test_pipeline_end_to_end_with_interruption(tmp_path):
         assert f"| {100 * final['mAP']:.1f} | {100 * final['top1']:.1f} |" in row, (name, row)
     epoch_1 = next(line for line in ablation.splitlines() if line.startswith("| 1 |")).split("|")[1:-1]
     assert epoch_1[1].strip().isdigit() and epoch_1[6].strip().isdigit(), epoch_1  # clusters of MMT and MMT+
-    assert "(final)" in ablation
+    assert "(final)" in ablation and "| ensemble (final) | 2 |" in ablation
