@@ -313,20 +313,42 @@ def cluster_centroids(features: torch.Tensor, labels: np.ndarray) -> torch.Tenso
     return F.normalize(sums, dim=1).float()
 
 
-def pseudo_label_quality(labels: np.ndarray, true_ids: np.ndarray) -> dict:
-    """NMI / ARI / purity of the clustered (non-outlier) images against the ground-truth identities."""
+def _majority_fraction(groups: np.ndarray, values: np.ndarray) -> float:
+    """Fraction of items whose value is the most common value of their group (the usual cluster purity)."""
+    best: dict[int, int] = {}
+    for (group, _), count in Counter(zip(groups.tolist(), values.tolist(), strict=True)).items():
+        best[group] = max(best.get(group, 0), count)
+    return sum(best.values()) / len(groups) if len(groups) else 0.0
+
+
+def pseudo_label_quality(labels: np.ndarray, true_ids: np.ndarray, camids: np.ndarray | None = None) -> dict:
+    """NMI / ARI / purity of the clustered (non-outlier) images against the ground-truth identities.
+
+    With `camids`, also the camera purity of the clusters (fraction of clustered images taken by their cluster's
+    most common camera) beside the same measure for the true identities of those images: clusters much more
+    camera-pure than the identities mean the features group images by camera style rather than by person."""
     keep = labels >= 0
     if not keep.any():
-        return {"nmi": 0.0, "ari": 0.0, "purity": 0.0}
-    pairs = Counter(zip(labels[keep].tolist(), true_ids[keep].tolist(), strict=True))
-    best = {}
-    for (cluster, _), count in pairs.items():
-        best[cluster] = max(best.get(cluster, 0), count)
-    return {
+        empty = {"nmi": 0.0, "ari": 0.0, "purity": 0.0}
+        return {**empty, "camera_purity": 0.0, "true_camera_purity": 0.0} if camids is not None else empty
+    quality = {
         "nmi": float(normalized_mutual_info_score(true_ids[keep], labels[keep])),
         "ari": float(adjusted_rand_score(true_ids[keep], labels[keep])),
-        "purity": sum(best.values()) / int(keep.sum()),
+        "purity": _majority_fraction(labels[keep], true_ids[keep]),
     }
+    if camids is not None:
+        quality["camera_purity"] = _majority_fraction(labels[keep], camids[keep])
+        quality["true_camera_purity"] = _majority_fraction(true_ids[keep], camids[keep])
+    return quality
+
+
+def oracle_labels(true_ids: np.ndarray) -> np.ndarray:
+    """DIAGNOSTICS ONLY (--oracle-pseudo-labels): the ground-truth identities as pseudo labels 0..C-1, identities
+    with a single image (the benchmark's passers-by) as outliers (-1), as a perfect clustering would leave them."""
+    counts = Counter(true_ids.tolist())
+    kept = sorted(pid for pid, count in counts.items() if count > 1)
+    mapping = {pid: label for label, pid in enumerate(kept)}
+    return np.array([mapping.get(pid, -1) for pid in true_ids.tolist()], dtype=np.int64)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -562,6 +584,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--k2", type=int, default=6, help="Jaccard graph: query-expansion neighbours")
     parser.add_argument("--eps", type=float, default=0.6, help="DBSCAN eps (Jaccard distance)")
     parser.add_argument("--min-samples", type=int, default=4, help="DBSCAN min_samples (self included)")
+    parser.add_argument(
+        "--oracle-pseudo-labels",
+        action="store_true",
+        help="DIAGNOSTICS ONLY: use the embedded benchmark's ground-truth target identities (diagnostics/) instead "
+        "of DBSCAN, to tell pseudo-label noise from the training itself; never a method",
+    )
     # losses
     parser.add_argument("--label-smoothing", type=float, default=0.1, help="epsilon of the label-smoothed CE")
     parser.add_argument(
@@ -710,6 +738,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         true_ids = np.array([identities.get(os.path.basename(path), -1) for path, _, _ in target_items])
         if (true_ids < 0).any():
             true_ids = None  # incomplete ground truth: no diagnostics rather than wrong ones
+    if args.oracle_pseudo_labels and true_ids is None:
+        raise SystemExit(
+            f"--oracle-pseudo-labels needs {args.data_root}/diagnostics/target_training_identities.txt covering every "
+            "target training image (the embedded benchmark's ground truth)"
+        )
+    target_camids = np.array([camid for _, _, camid in target_items])
 
     # four networks: students from the two inits, teachers = copies; C_max = #source ids + #target images rows
     max_classes = num_source_classes + len(target_items)
@@ -781,6 +815,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 "world_size": world_size,
                 "images_per_batchnorm_per_domain": per_bn,
                 "pseudo_label_diagnostics": true_ids is not None,
+                "oracle_pseudo_labels": args.oracle_pseudo_labels,
                 "start_epoch": start_epoch,
             }
         )
@@ -818,7 +853,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         features = F.normalize((features[0] + features[1]) / 2, dim=1)
         labels = torch.empty(len(target_items), dtype=torch.long)
         if rank == 0:
-            labels = torch.from_numpy(cluster_features(features, args.k1, args.k2, args.eps, args.min_samples))
+            if args.oracle_pseudo_labels:
+                labels = torch.from_numpy(oracle_labels(true_ids))
+            else:
+                labels = torch.from_numpy(cluster_features(features, args.k1, args.k2, args.eps, args.min_samples))
         if distributed:
             dist.broadcast(labels, src=0)
         labels_np = labels.numpy()
@@ -830,7 +868,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "clustering_seconds": round(time.time() - start, 1),
         }
         if true_ids is not None:
-            record["pseudo_labels"] = pseudo_label_quality(labels_np, true_ids)
+            record["pseudo_labels"] = pseudo_label_quality(labels_np, true_ids, target_camids)
         if num_clusters < world_size:
             raise SystemExit(
                 f"epoch {epoch + 1}: DBSCAN (eps {args.eps}, min_samples {args.min_samples}) found {num_clusters} "

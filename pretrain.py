@@ -1162,9 +1162,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     target_root = args.target_root or args.data_root
     if args.target_labels_upper_bound:
         identities = read_diagnostic_identities(target_root)
-        target = read_dataset("target_train", target_root).train
-        source_items = _relabel([(p, identities[Path(p).name], c) for p, _, c in target])
-        print("[pretrain] DIAGNOSTICS ONLY: training on target identities (upper bound)")
+        target = [(p, identities[Path(p).name], c) for p, _, c in read_dataset("target_train", target_root).train]
+        # one-image identities (the benchmark's passers-by) give no positive pair: a labelled re-ID training set
+        # would not contain them, and the P x K sampler would fill batches with K copies of one image
+        images_per_pid = defaultdict(int)
+        for _, pid, _ in target:
+            images_per_pid[pid] += 1
+        source_items = _relabel([item for item in target if images_per_pid[item[1]] > 1])
+        print(
+            f"[pretrain] DIAGNOSTICS ONLY: training on target identities (upper bound); "
+            f"{len(target) - len(source_items)} one-image identities left out"
+        )
     else:
         source_items = read_dataset(args.source, args.data_root).train
     num_classes = len({pid for _, pid, _ in source_items})

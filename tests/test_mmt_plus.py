@@ -366,6 +366,35 @@ def test_pseudo_label_quality_against_hand_count():
     assert mmt_plus.pseudo_label_quality(np.full(4, -1), np.arange(4)) == {"nmi": 0.0, "ari": 0.0, "purity": 0.0}
 
 
+def test_camera_purity_against_hand_count():
+    labels = np.array([0, 0, 0, 1, 1, -1, 2, 2])
+    truth = np.array([5, 5, 6, 7, 7, 9, 6, 8])
+    cams = np.array([1, 1, 2, 0, 3, 4, 2, 2])
+    quality = mmt_plus.pseudo_label_quality(labels, truth, cams)
+    # clusters {0: cams 1,1,2 -> 2}, {1: 0,3 -> 1}, {2: 2,2 -> 2}: 5 of 7 clustered images
+    assert quality["camera_purity"] == pytest.approx(5 / 7)
+    # true identities of the clustered images {5: 1,1}, {6: 2,2}, {7: 0,3}, {8: 2}: 2 + 2 + 1 + 1 = 6 of 7
+    assert quality["true_camera_purity"] == pytest.approx(6 / 7)
+    assert quality["purity"] == pytest.approx(5 / 7)
+
+
+def test_oracle_labels_keep_identities_with_several_images():
+    rng = np.random.default_rng(3)
+    truth = np.concatenate([rng.integers(0, 30, size=200), [30, 31]])  # two one-image identities for certain
+    labels = mmt_plus.oracle_labels(truth)
+    counts = np.bincount(truth, minlength=32)
+    assert (labels[-2:] == -1).all()
+    for pid in range(32):
+        assigned = set(labels[truth == pid].tolist())
+        if counts[pid] == 1:
+            assert assigned == {-1}
+        elif counts[pid] > 1:
+            assert len(assigned) == 1 and -1 not in assigned
+    kept = labels[labels >= 0]
+    assert sorted(set(kept.tolist())) == list(range(int((counts > 1).sum())))
+    assert mmt_plus.pseudo_label_quality(labels, truth)["ari"] == pytest.approx(1.0)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # End to end on the tiny generated dataset
 

@@ -6,6 +6,7 @@ reference-implementation.md §3.3, the loss formulas of §3.5), not from pretrai
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import subprocess
@@ -433,7 +434,13 @@ def test_target_labels_upper_bound_reads_diagnostics(tiny_data_root, tmp_path):
     )
     assert summary["best_epoch"] == 1
     start = json.loads((tmp_path / "ub" / "log.jsonl").read_text().splitlines()[0])
-    assert start["target_images"] == 0 and start["num_classes"] > 1
+    assert start["target_images"] == 0
+    truth = pretrain.read_diagnostic_identities(tiny_data_root)
+    counts = collections.Counter(truth.values())
+    several = [name for name, pid in truth.items() if counts[pid] > 1]
+    assert min(counts.values()) == 1, "the tiny benchmark has one-image passers-by"
+    assert start["num_classes"] == len({truth[name] for name in several}) > 1
+    assert start["source_images"] == len(several)
 
 
 def test_torchrun_two_processes(tiny_data_root, tmp_path):
