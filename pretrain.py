@@ -304,6 +304,12 @@ class ImageDataset(torch.utils.data.Dataset):
 # Transforms (torchvision's AutoAugment and RandomErasing; reference §3.1)
 
 
+def release_padding(width: int) -> int:
+    """Zero padding before the random crop: the release pads 10 px at width 128 (384x128 images); scaled with the
+    width so that smaller images get the same relative shift (5 px at the demo's 64, not a 16 % black band)."""
+    return max(1, round(10 * width / 128))
+
+
 def build_train_transform(height: int, width: int, autoaugment: bool, random_erasing: bool) -> T.Compose:
     steps: list[Any] = []
     if autoaugment:
@@ -312,7 +318,7 @@ def build_train_transform(height: int, width: int, autoaugment: bool, random_era
     steps += [
         T.Resize((height, width), interpolation=T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(),
-        T.Pad(10),
+        T.Pad(release_padding(width)),
         T.RandomCrop((height, width)),
         T.ToTensor(),
         T.Normalize(IMAGENET_MEAN, IMAGENET_STD),

@@ -480,7 +480,7 @@ def train(args: argparse.Namespace) -> None:
         raise ValueError(f"--data-root {args.data_root}: no target_training images found")
     if len(target.train) < args.batch_size:
         raise ValueError(f"--batch-size {args.batch_size} exceeds the {len(target.train)} target training images")
-    # SDA pipeline (reference §3.1): resize, flip, pad 10, crop, normalise; no AutoAugment, no random erasing.
+    # SDA pipeline (reference §3.1): resize, flip, pad (10 px at width 128), crop, normalise; no AutoAugment or erasing.
     transform = pretrain.build_train_transform(args.height, args.width, autoaugment=False, random_erasing=False)
     # Samplers from pretrain.py: deterministic per (seed, epoch), sharded across DDP ranks, exactly
     # iters x batch samples per rank and epoch, with per-sample augmentation seeds, so that a resumed run sees

@@ -118,5 +118,10 @@ def test_pipeline_end_to_end_with_interruption(tmp_path):
         row = next(line for line in ablation.splitlines() if label in line)
         assert f"| {100 * final['mAP']:.1f} | {100 * final['top1']:.1f} |" in row, (name, row)
     epoch_1 = next(line for line in ablation.splitlines() if line.startswith("| 1 |")).split("|")[1:-1]
-    assert epoch_1[1].strip().isdigit() and epoch_1[6].strip().isdigit(), epoch_1  # clusters of MMT and MMT+
+    assert epoch_1[1].strip().isdigit() and epoch_1[7].strip().isdigit(), epoch_1  # clusters of MMT and MMT+
+    assert float(epoch_1[5]) > 0 and float(epoch_1[11]) > 0, epoch_1  # camera purity of MMT and MMT+ clusters
+    assert "TRUE_CAMERA_PURITY" not in ablation
+    for stage in ["mmt-oracle-resnet18", "pretrain-target-labels-resnet18", "eval-mmt+-oracle", "eval-target-labels"]:
+        assert f"[pipeline] {stage}: done in" in output, (stage, output[-3000:])
+    assert "TRUE identities as pseudo labels (diagnostics only)" in ablation
     assert "(final)" in ablation and "| ensemble (final) | 2 |" in ablation

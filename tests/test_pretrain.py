@@ -347,6 +347,24 @@ def test_seeded_samples_make_augmentation_repeatable(tmp_path):
     assert not torch.equal(a, c)
 
 
+@pytest.mark.parametrize("width, pad", [(128, 10), (64, 5), (32, 2), (8, 1)])
+def test_crop_padding_scales_with_width_and_bounds_the_black_band(width, pad):
+    assert pretrain.release_padding(width) == pad
+    height = 2 * width
+    white = Image.new("RGB", (width, height), (255, 255, 255))
+    transform = pretrain.build_train_transform(height, width, autoaugment=False, random_erasing=False)
+    black = -torch.tensor(pretrain.IMAGENET_MEAN) / torch.tensor(pretrain.IMAGENET_STD)  # a padded pixel, normalised
+    widest = 0
+    for seed in range(60):
+        torch.manual_seed(seed)
+        tensor = transform(white)
+        column_is_black = torch.isclose(tensor, black[:, None, None], atol=1e-4).all(dim=0).all(dim=0)
+        left = int(column_is_black.int().cumprod(0).sum())
+        right = int(column_is_black.flip(0).int().cumprod(0).sum())
+        widest = max(widest, left, right)
+    assert widest == pad  # the crop may shift by up to `pad` on either side, never more
+
+
 # ---------------------------------------------------------------------------------------------
 # losses
 
