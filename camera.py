@@ -42,6 +42,7 @@ from pretrain import (
     autocast_context,
     build_model,
     build_train_transform,
+    default_workers,
     extract_features,
     is_main_process,
     load_checkpoint,
@@ -59,8 +60,8 @@ from pretrain import (
 PRESETS = {
     "demo": dict(
         arch="resnet18",
-        height=128,
-        width=64,
+        height=96,  # as pretrain.py's demo preset
+        width=48,
         batch_size=32,
         epochs=8,
         iters=20,
@@ -167,7 +168,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-step", type=int, default=10, help="validate every N epochs (and the last)")
     # runtime
     parser.add_argument("--seed", type=int, default=1, help="random seed")
-    parser.add_argument("--workers", type=int, default=2, help="data-loading worker processes")
+    parser.add_argument(
+        "--workers", type=int, default=default_workers(), help="data-loading processes (0 on <= 2 CPU cores, else 2)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument(
         "--amp",

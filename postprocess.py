@@ -41,6 +41,7 @@ from PIL import Image, ImageDraw, ImageOps
 import reid_ops
 from pretrain import (
     build_model,
+    default_workers,
     extract_features,
     load_checkpoint,
     load_model_weights,
@@ -470,7 +471,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--width", type=int, default=None, help="input width (default: from the checkpoint, else 128)")
     parser.add_argument("--batch-size", type=int, default=128, help="feature-extraction batch size")
-    parser.add_argument("--workers", type=int, default=2, help="data-loading worker processes")
+    parser.add_argument(
+        "--workers", type=int, default=default_workers(), help="data-loading processes (0 on <= 2 CPU cores, else 2)"
+    )
     parser.add_argument("--cache-dir", default=None, help="feature cache folder (default: OUT/feature_cache)")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write the feature cache")
     # post-processing

@@ -107,16 +107,25 @@ def test_pipeline_end_to_end_with_interruption(tmp_path):
     output = fourth.stdout + fourth.stderr
     assert fourth.returncode == 0, output[-5000:]
     assert output.count("finished before") == len(STAGE_FOLDERS), output[-3000:]
-    for stage in ["pretrain-raw-resnet18-2", "mmt-original-resnet18", "mmt-from-raw-resnet18", "eval-raw-1",
+    for stage in ["pretrain-raw-resnet18-1", "pretrain-raw-resnet18-2", "mmt-original-resnet18",
+                  "mmt-from-raw-resnet18", "eval-encoder", "eval-raw-1",
                   "eval-sda-2", "eval-mmt", "eval-mmt+-resnet18", "eval-mmt+-from-raw", "ensemble"]:  # fmt: skip
         assert f"[pipeline] {stage}: done in" in output, (stage, output[-3000:])
-    assert "pretrain-raw-resnet18-1" not in output  # SDA's source encoder is that run
     ablation = (work / "ablation" / "ablation.md").read_text()
     for name, label in [("eval-mmt", "| MMT (`--mode mmt`) |"), ("eval-mmt+-resnet18", "| MMT+ |"),
-                        ("eval-raw-2", "raw source images, seed 2 |")]:  # fmt: skip
+                        ("eval-raw-2", "raw source images, seed 2 ("),
+                        ("eval-encoder", "SDA's source encoder")]:  # fmt: skip
         final = json.loads((work / "ablation" / name / "results.json").read_text())["final"]
         row = next(line for line in ablation.splitlines() if label in line)
         assert f"| {100 * final['mAP']:.1f} | {100 * final['top1']:.1f} |" in row, (name, row)
+    # with the demo preset the pre-trainings after the encoder start from its trunk; the encoder from random weights
+    labels = ("SDA's source encoder", "raw source images, seed 1 (", "SDA-translated images, seed 2 (")
+    rows = {label: next(line for line in ablation.splitlines() if label in line) for label in labels}
+    assert "| random |" in rows["SDA's source encoder"], rows
+    assert "| the encoder's trunk |" in rows["raw source images, seed 1 ("], rows
+    assert "| the encoder's trunk |" in rows["SDA-translated images, seed 2 ("], rows
+    encoder = str(work / "encoder-personx-resnet18" / "model_best.pth")
+    assert json.loads((work / "pretrain-personx_sda-resnet18-1" / "args.json").read_text())["pretrained"] == encoder
     epoch_1 = next(line for line in ablation.splitlines() if line.startswith("| 1 |")).split("|")[1:-1]
     assert epoch_1[1].strip().isdigit() and epoch_1[7].strip().isdigit(), epoch_1  # clusters of MMT and MMT+
     assert float(epoch_1[5]) > 0 and float(epoch_1[11]) > 0, epoch_1  # camera purity of MMT and MMT+ clusters

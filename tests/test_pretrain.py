@@ -151,6 +151,35 @@ def test_pretrained_loads_torchvision_format_and_rejects_mismatch(tmp_path):
         pretrain.build_model("resnet18", num_classes=3, pretrained=str(tmp_path / "absent.pth"))
 
 
+def test_pretrained_from_a_pretrain_checkpoint_loads_only_the_trunk(tmp_path):
+    torch.manual_seed(0)
+    trained = pretrain.build_model("resnet18", num_classes=5)
+    with torch.no_grad():
+        for parameter in trained.parameters():
+            parameter.add_(torch.randn_like(parameter))
+        for buffer in trained.buffers():
+            if buffer.is_floating_point():
+                buffer.add_(torch.rand_like(buffer))
+    path = tmp_path / "model_best.pth"
+    pretrain.save_checkpoint({"state_dict": trained.state_dict(), "arch": "resnet18", "num_classes": 5}, path)
+    fresh = pretrain.ReIDModel("resnet18", num_classes=7)
+    model = pretrain.build_model("resnet18", num_classes=7, pretrained=str(path))
+    for key, value in trained.backbone.state_dict().items():
+        torch.testing.assert_close(model.backbone.state_dict()[key], value)  # trunk: the checkpoint's
+    # GeM exponent, BNNeck and the (differently sized) classifier start afresh, as after ImageNet weights
+    torch.testing.assert_close(model.pool.p, fresh.pool.p)
+    torch.testing.assert_close(model.bnneck.running_var, fresh.bnneck.running_var)
+    assert model.classifier.weight.shape == (7, trained.feature_dim)
+    # a DDP-saved state dict ("module." prefix) works too; another architecture is refused by name
+    ddp = tmp_path / "ddp.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in trained.state_dict().items()}}, ddp)
+    torch.testing.assert_close(
+        pretrain.build_model("resnet18", 3, pretrained=str(ddp)).backbone.conv1.weight, trained.backbone.conv1.weight
+    )
+    with pytest.raises(ValueError, match="a resnet18 checkpoint, not resnet50"):
+        pretrain.build_model("resnet50", num_classes=3, pretrained=str(path))
+
+
 def test_pretrained_imagenet_needs_local_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="Nothing is downloaded"):
