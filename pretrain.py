@@ -746,10 +746,9 @@ def build_model(arch: str, num_classes: int, pretrained: str | None = None) -> R
 
 
 def _convert_release_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Release formats -> our trunk keys: strip 'module.', drop heads, old torchvision DenseNet names."""
+    """Release formats -> our trunk keys: drop heads, rename old torchvision DenseNet keys."""
     out = {}
     for key, value in state.items():
-        key = key.removeprefix("module.")
         if key.startswith(("fc.", "classifier.")):
             continue
         key = re.sub(
@@ -788,12 +787,11 @@ def load_imagenet_weights(trunk: nn.Module, arch: str, source: str) -> None:
                 checkpoint = checkpoint[key]
     if not isinstance(checkpoint, dict) or not all(torch.is_tensor(v) for v in checkpoint.values()):
         raise ValueError(f"--pretrained {path}: not a state dict of tensors")
+    checkpoint = {key.removeprefix("module."): value for key, value in checkpoint.items()}  # DDP-saved
     trunk_prefix = "backbone."  # a ReIDModel state dict (pretrain.py checkpoint): keep only its trunk
-    if any(key.removeprefix("module.").startswith(trunk_prefix) for key in checkpoint):
+    if any(key.startswith(trunk_prefix) for key in checkpoint):
         checkpoint = {
-            key.removeprefix("module.").removeprefix(trunk_prefix): value
-            for key, value in checkpoint.items()
-            if key.removeprefix("module.").startswith(trunk_prefix)
+            key.removeprefix(trunk_prefix): value for key, value in checkpoint.items() if key.startswith(trunk_prefix)
         }
     state = _convert_release_keys(checkpoint)
     own = trunk.state_dict()

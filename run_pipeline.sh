@@ -86,10 +86,9 @@ read -r -a SEED_LIST <<< "$SEEDS"
 if [[ ${#ARCH_LIST[@]} -lt 1 ]]; then echo "run_pipeline.sh: --archs is empty" >&2; exit 2; fi
 if [[ ${#SEED_LIST[@]} -ne 2 ]]; then echo "run_pipeline.sh: --seeds needs exactly two seeds, got '$SEEDS'" >&2; exit 2; fi
 SDA_ARCH="${SDA_ARCH:-${ARCH_LIST[0]}}"
-if [[ -z "$WORKERS" ]]; then
-    WORKERS=2
-    if [[ "$(nproc)" -le 2 ]]; then WORKERS=0; fi
-fi
+# without --workers each stage uses its own default (pretrain.default_workers)
+WORKER_ARGS=()
+if [[ -n "$WORKERS" ]]; then WORKER_ARGS=(--workers "$WORKERS"); fi
 if [[ -z "$WORK" ]]; then
     if [[ $TINY -eq 1 ]]; then WORK="runs/pipeline-tiny"; else WORK="runs/pipeline"; fi
 fi
@@ -204,7 +203,7 @@ fi
 # 1. source encoder for SDA's relation consistency: pre-trained on raw source images
 ENCODER_DIR="$WORK/encoder-personx-$SDA_ARCH"
 run_stage encoder "$ENCODER_DIR" "$PYTHON" "$REPO/pretrain.py" "${PRESET_ARGS[@]}" --data-root "$DATA" \
-    --source personx --arch "$SDA_ARCH" --seed "${SEED_LIST[0]}" --workers "$WORKERS" \
+    --source personx --arch "$SDA_ARCH" --seed "${SEED_LIST[0]}" "${WORKER_ARGS[@]}" \
     --logs-dir "$ENCODER_DIR" "${TINY_ENCODER[@]}" "${EXTRA_ENCODER[@]}"
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -223,9 +222,9 @@ demo_init() {
 }
 run_stage sda "$SDA_DIR" "$PYTHON" "$REPO/sda.py" train "${PRESET_ARGS[@]}" --data-root "$DATA" --out "$SDA_DIR" \
     --arch "$SDA_ARCH" --source-encoder "$ENCODER_CHECKPOINT" --seed "${SEED_LIST[0]}" \
-    --workers "$WORKERS" "${SDA_RESUME[@]}" "${TINY_SDA[@]}" "${EXTRA_SDA[@]}"
+    "${WORKER_ARGS[@]}" "${SDA_RESUME[@]}" "${TINY_SDA[@]}" "${EXTRA_SDA[@]}"
 run_stage translate "$WORK/translate_done" "$PYTHON" "$REPO/sda.py" translate --checkpoint "$SDA_DIR/checkpoint.pt" \
-    --data-root "$DATA" --out "$DATA" --workers "$WORKERS" "${EXTRA_TRANSLATE[@]}"
+    --data-root "$DATA" --out "$DATA" "${WORKER_ARGS[@]}" "${EXTRA_TRANSLATE[@]}"
 
 # ---------------------------------------------------------------------------------------------------------------
 # 3. pre-training on the translated images, two seeds per backbone; 4. MMT+ per backbone
@@ -236,14 +235,14 @@ for arch in "${ARCH_LIST[@]}"; do
     for seed in "${SEED_LIST[@]}"; do
         dir="$WORK/pretrain-personx_sda-$arch-$seed"
         run_stage "pretrain-$arch-$seed" "$dir" "$PYTHON" "$REPO/pretrain.py" "${PRESET_ARGS[@]}" --data-root "$DATA" \
-            --source personx_sda --arch "$arch" --seed "$seed" --workers "$WORKERS" --logs-dir "$dir" \
+            --source personx_sda --arch "$arch" --seed "$seed" "${WORKER_ARGS[@]}" --logs-dir "$dir" \
             "${DEMO_INIT[@]}" "${TINY_PRETRAIN[@]}" "${EXTRA_PRETRAIN[@]}"
         checkpoint="$(best_checkpoint "$dir")"
         INIT+=("$checkpoint")
     done
     dir="$WORK/mmt-$arch"
     run_stage "mmt-$arch" "$dir" "$PYTHON" "$REPO/mmt_plus.py" "${PRESET_ARGS[@]}" --data-root "$DATA" --arch "$arch" \
-        --init-1 "${INIT[0]}" --init-2 "${INIT[1]}" --seed "${SEED_LIST[0]}" --workers "$WORKERS" --logs-dir "$dir" --resume \
+        --init-1 "${INIT[0]}" --init-2 "${INIT[1]}" --seed "${SEED_LIST[0]}" "${WORKER_ARGS[@]}" --logs-dir "$dir" --resume \
         "${TINY_MMT[@]}" "${EXTRA_MMT[@]}"
     checkpoint="$(best_checkpoint "$dir")"
     MMT_CHECKPOINTS+=("$checkpoint")
@@ -253,14 +252,14 @@ done
 # 5. camera classifier (slides: ResNeSt-50; the demo preset uses a small backbone)
 CAMERA_DIR="$WORK/camera"
 run_stage camera "$CAMERA_DIR" "$PYTHON" "$REPO/camera.py" "${PRESET_ARGS[@]}" --data-root "$DATA" \
-    --logs-dir "$CAMERA_DIR" --seed "${SEED_LIST[0]}" --workers "$WORKERS" --resume \
+    --logs-dir "$CAMERA_DIR" --seed "${SEED_LIST[0]}" "${WORKER_ARGS[@]}" --resume \
     "${TINY_CAMERA[@]}" "${EXTRA_CAMERA[@]}"
 
 # ---------------------------------------------------------------------------------------------------------------
 # 6. post-processing: evaluation + ablation on target_val, challenge submission on target_test
 CAMERA_CHECKPOINT="$(best_checkpoint "$CAMERA_DIR")"
 POST_ARGS=(--checkpoints "${MMT_CHECKPOINTS[@]}" --camera-checkpoint "$CAMERA_CHECKPOINT"
-           --data-root "$DATA" --workers "$WORKERS")
+           --data-root "$DATA" "${WORKER_ARGS[@]}")
 if [[ -n "$DATA_ROOT" ]]; then POST_ARGS+=(--ap-topk 100); fi # the VisDA server's top-100 AP on real data
 RERUN_IF_CHANGED=1 # post-processing reads cached features: cheap to redo when the inputs changed
 run_stage post-val "$WORK/post-val" "$PYTHON" "$REPO/postprocess.py" "${POST_ARGS[@]}" --dataset target_val \
@@ -283,7 +282,7 @@ if [[ $ABLATION -eq 1 ]]; then
     for seed in "${SEED_LIST[@]}"; do
         dir="$WORK/pretrain-personx-$arch-$seed" # as the SDA pre-trainings, on raw source images
         run_stage "pretrain-raw-$arch-$seed" "$dir" "$PYTHON" "$REPO/pretrain.py" "${PRESET_ARGS[@]}" \
-            --data-root "$DATA" --source personx --arch "$arch" --seed "$seed" --workers "$WORKERS" \
+            --data-root "$DATA" --source personx --arch "$arch" --seed "$seed" "${WORKER_ARGS[@]}" \
             --logs-dir "$dir" "${DEMO_INIT[@]}" "${TINY_PRETRAIN[@]}" "${EXTRA_PRETRAIN[@]}"
         RAW_CHECKPOINTS+=("$(best_checkpoint "$dir")")
     done
@@ -294,12 +293,12 @@ if [[ $ABLATION -eq 1 ]]; then
     dir="$WORK/mmt-original-$arch"
     run_stage "mmt-original-$arch" "$dir" "$PYTHON" "$REPO/mmt_plus.py" "${PRESET_ARGS[@]}" --mode mmt \
         --data-root "$DATA" --arch "$arch" --init-1 "${SDA_CHECKPOINTS[0]}" --init-2 "${SDA_CHECKPOINTS[1]}" \
-        --seed "${SEED_LIST[0]}" --workers "$WORKERS" --logs-dir "$dir" --resume "${TINY_MMT[@]}" "${EXTRA_MMT[@]}"
+        --seed "${SEED_LIST[0]}" "${WORKER_ARGS[@]}" --logs-dir "$dir" --resume "${TINY_MMT[@]}" "${EXTRA_MMT[@]}"
     MMT_ORIGINAL_CHECKPOINT="$(best_checkpoint "$dir")"
     dir="$WORK/mmt-from-raw-$arch" # MMT+ as in the pipeline, but from the raw-source pre-trainings
     run_stage "mmt-from-raw-$arch" "$dir" "$PYTHON" "$REPO/mmt_plus.py" "${PRESET_ARGS[@]}" --data-root "$DATA" \
         --arch "$arch" --init-1 "${RAW_CHECKPOINTS[0]}" --init-2 "${RAW_CHECKPOINTS[1]}" --seed "${SEED_LIST[0]}" \
-        --workers "$WORKERS" --logs-dir "$dir" --resume "${TINY_MMT[@]}" "${EXTRA_MMT[@]}"
+        "${WORKER_ARGS[@]}" --logs-dir "$dir" --resume "${TINY_MMT[@]}" "${EXTRA_MMT[@]}"
     MMT_FROM_RAW_CHECKPOINT="$(best_checkpoint "$dir")"
     # DIAGNOSTICS ONLY (they read the benchmark's ground truth, never a method): MMT+ with the true identities as
     # pseudo labels (what self-training could reach at this budget with perfect clusters), and pre-training on the
@@ -308,12 +307,12 @@ if [[ $ABLATION -eq 1 ]]; then
         dir="$WORK/mmt-oracle-$arch"
         run_stage "mmt-oracle-$arch" "$dir" "$PYTHON" "$REPO/mmt_plus.py" "${PRESET_ARGS[@]}" --oracle-pseudo-labels \
             --data-root "$DATA" --arch "$arch" --init-1 "${SDA_CHECKPOINTS[0]}" --init-2 "${SDA_CHECKPOINTS[1]}" \
-            --seed "${SEED_LIST[0]}" --workers "$WORKERS" --logs-dir "$dir" --resume "${TINY_MMT[@]}" "${EXTRA_MMT[@]}"
+            --seed "${SEED_LIST[0]}" "${WORKER_ARGS[@]}" --logs-dir "$dir" --resume "${TINY_MMT[@]}" "${EXTRA_MMT[@]}"
         MMT_ORACLE_CHECKPOINT="$(best_checkpoint "$dir")"
         dir="$WORK/pretrain-target-labels-$arch-${SEED_LIST[0]}"
         run_stage "pretrain-target-labels-$arch" "$dir" "$PYTHON" "$REPO/pretrain.py" "${PRESET_ARGS[@]}" \
             --target-labels-upper-bound --data-root "$DATA" --arch "$arch" --seed "${SEED_LIST[0]}" \
-            --workers "$WORKERS" --logs-dir "$dir" "${DEMO_INIT[@]}" "${TINY_PRETRAIN[@]}" "${EXTRA_PRETRAIN[@]}"
+            "${WORKER_ARGS[@]}" --logs-dir "$dir" "${DEMO_INIT[@]}" "${TINY_PRETRAIN[@]}" "${EXTRA_PRETRAIN[@]}"
         TARGET_LABELS_CHECKPOINT="$(best_checkpoint "$dir")"
     fi
 
@@ -330,14 +329,14 @@ if [[ $ABLATION -eq 1 ]]; then
         name="${entry%%|*}"
         run_stage "eval-$name" "$ABLATION_DIR/eval-$name" "$PYTHON" "$REPO/postprocess.py" --checkpoints "${entry#*|}" \
             --data-root "$DATA" --dataset target_val --no-rerank --out "$ABLATION_DIR/eval-$name" \
-            --cache-dir "$ABLATION_DIR/feature_cache" --num-figures 0 --workers "$WORKERS" "${EXTRA_POST[@]}"
+            --cache-dir "$ABLATION_DIR/feature_cache" --num-figures 0 "${WORKER_ARGS[@]}" "${EXTRA_POST[@]}"
     done
     # an ensemble that needs no extra training: the MMT+ models from the SDA and from the raw initialisations,
     # each alone and together, with every post-processing step off/on (a second backbone: --archs "A B")
     run_stage ensemble "$ABLATION_DIR/ensemble" "$PYTHON" "$REPO/postprocess.py" \
         --checkpoints "${MMT_CHECKPOINTS[0]}" "$MMT_FROM_RAW_CHECKPOINT" --camera-checkpoint "$CAMERA_CHECKPOINT" \
         --data-root "$DATA" --dataset target_val --out "$ABLATION_DIR/ensemble" --ablation \
-        --cache-dir "$ABLATION_DIR/feature_cache" --num-figures 0 --workers "$WORKERS" "${EXTRA_POST[@]}"
+        --cache-dir "$ABLATION_DIR/feature_cache" --num-figures 0 "${WORKER_ARGS[@]}" "${EXTRA_POST[@]}"
     "$PYTHON" - "$WORK" "$ENCODER_DIR" "$arch" "${SEED_LIST[@]}" "${ARCH_LIST[@]}" <<'PYTHON'
 # Collect the ablation rows into WORK/ablation/ablation.md (metrics from postprocess.py's results.json, the
 # pseudo-label quality per epoch from mmt_plus.py's log.jsonl).
