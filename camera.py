@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pretrain import (
+from reid import (
     ImageDataset,
     JsonlLogger,
     SeededRandomSampler,
@@ -81,7 +81,7 @@ def camera_accuracy(
     workers: int,
     device: torch.device,
 ) -> float:
-    """Top-1 camera accuracy: eval-mode BNNeck features (pretrain.extract_features) -> linear head."""
+    """Top-1 camera accuracy: eval-mode BNNeck features (reid.extract_features) -> linear head."""
     features = extract_features(
         model, list(items), height, width, batch_size=batch_size, workers=workers, device=device
     )
@@ -150,7 +150,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="random erasing (the MMT+ transform the release uses for the camera model)",
     )
     # model
-    parser.add_argument("--arch", default="resnest50", help="backbone (pretrain.build_model); slides: resnest50")
+    parser.add_argument("--arch", default="resnest50", help="backbone (reid.build_model); slides: resnest50")
     parser.add_argument(
         "--pretrained",
         default=None,

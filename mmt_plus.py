@@ -28,7 +28,7 @@ the own teacher's output on the same view, outliers are dropped for the epoch, t
 
 Checkpoints (LOGS_DIR): checkpoint.pth (resume state of the whole run) and model_best.pth, the better mean teacher
 of the best epoch on target validation; both hold under "state_dict" a plain model (target BN branch, no head)
-that loads into `pretrain.build_model(arch, num_classes=0)`, which is what postprocess.py reads.
+that loads into `reid.build_model(arch, num_classes=0)`, which is what postprocess.py reads.
 
     python mmt_plus.py --data-root DATA --arch resnet50_ibn --init-1 A/model_best.pth --init-2 B/model_best.pth
     python mmt_plus.py --preset demo --data-root DATA --init-1 ... --init-2 ...      # minutes on 2 CPU cores
@@ -58,7 +58,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import reid_ops
-from pretrain import (
+from reid import (
     ImageDataset,
     IterLoader,
     JsonlLogger,
@@ -138,7 +138,7 @@ def convert_dsbn(model: nn.Module) -> nn.Module:
     """Replace every BatchNorm1d/2d/3d of `model` (in place) by a DomainSpecificBatchNorm initialised from it.
 
     InstanceNorm (the IN half of IBN layers) is left alone. The BN modules are deep-copied with their
-    `requires_grad` flags, so the BNNeck bias frozen by pretrain.build_model stays frozen (the release's conversion
+    `requires_grad` flags, so the BNNeck bias frozen by reid.build_model stays frozen (the release's conversion
     makes it trainable as a side effect, reference §13.1.9; we keep the pre-training design)."""
     for name, child in list(model.named_children()):
         if isinstance(child, nn.modules.batchnorm._BatchNorm):
@@ -570,7 +570,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="random erasing (release: on, both domains)",
     )
     # model
-    parser.add_argument("--arch", default="resnet50_ibn", help="backbone (pretrain.build_model)")
+    parser.add_argument("--arch", default="resnet50_ibn", help="backbone (reid.build_model)")
     parser.add_argument("--init-1", required=True, help="pretrain.py checkpoint of student/teacher 1")
     parser.add_argument("--init-2", required=True, help="pretrain.py checkpoint of student/teacher 2 (other seed)")
     parser.add_argument(

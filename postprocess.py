@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps
 
 import reid_ops
-from pretrain import (
+from reid import (
     build_model,
     default_workers,
     extract_features,
@@ -344,7 +344,7 @@ def _checkpoint_field(checkpoint: dict, name: str):
 
 
 def load_model_for_inference(path: str, arch: str | None = None) -> tuple[torch.nn.Module, dict]:
-    """Build `pretrain.build_model(arch, num_classes=0)` and load the checkpoint's weights (classifier
+    """Build `reid.build_model(arch, num_classes=0)` and load the checkpoint's weights (classifier
     dropped). Works for pretrain.py, camera.py and mmt_plus.py checkpoints (the latter store a plain model
     holding the target BN branch under "state_dict"). The architecture is read from the checkpoint unless
     `arch` overrides it."""

@@ -86,7 +86,7 @@ read -r -a SEED_LIST <<< "$SEEDS"
 if [[ ${#ARCH_LIST[@]} -lt 1 ]]; then echo "run_pipeline.sh: --archs is empty" >&2; exit 2; fi
 if [[ ${#SEED_LIST[@]} -ne 2 ]]; then echo "run_pipeline.sh: --seeds needs exactly two seeds, got '$SEEDS'" >&2; exit 2; fi
 SDA_ARCH="${SDA_ARCH:-${ARCH_LIST[0]}}"
-# without --workers each stage uses its own default (pretrain.default_workers)
+# without --workers each stage uses its own default (reid.default_workers)
 WORKER_ARGS=()
 if [[ -n "$WORKERS" ]]; then WORKER_ARGS=(--workers "$WORKERS"); fi
 if [[ -z "$WORK" ]]; then

@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-import pretrain
+import reid
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -248,10 +248,10 @@ def relation_consistency_loss(
     hardest negative by source identity on the *translated* features, then soft cross-entropy between the
     2-way softmax over (d_ap, d_an) of the source features (target, detached) and of the translated features
     (prediction), at the same index pairs, Euclidean distances on un-normalised features. This is exactly
-    pretrain's soft_triplet_loss(features, labels, reference_features). Its minimum over the translated
+    reid.soft_triplet_loss(features, labels, reference_features). Its minimum over the translated
     features is the entropy of the source relations (not 0), reached when the translation reproduces the
     source relations."""
-    return pretrain.soft_triplet_loss(translated_features.float(), source_pids, source_features.float().detach())
+    return reid.soft_triplet_loss(translated_features.float(), source_pids, source_features.float().detach())
 
 
 class ImagePool:
@@ -308,7 +308,7 @@ def read_encoder_checkpoint(path: str | Path, arch: str | None = None) -> tuple[
     """(state dict without 'module.' prefixes, architecture) of a pretrain.py / mmt_plus.py checkpoint (or of a
     bare state dict). The architecture is the checkpoint's "arch" entry; `arch` (--arch) must agree with it, or
     name it when the checkpoint does not."""
-    checkpoint = pretrain.load_checkpoint(path)
+    checkpoint = reid.load_checkpoint(path)
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f"checkpoint {path}: no model state_dict in it")
@@ -321,11 +321,11 @@ def read_encoder_checkpoint(path: str | Path, arch: str | None = None) -> tuple[
 
 
 def build_encoder(state: dict, arch: str, num_classes: int = 0) -> nn.Module:
-    """A pretrain.ReIDModel with these weights. num_classes 0 drops the classifier (frozen relation encoder);
+    """A reid.ReIDModel with these weights. num_classes 0 drops the classifier (frozen relation encoder);
     otherwise a classifier of that size is kept, loaded when the state has one of the same shape."""
-    model = pretrain.build_model(arch, num_classes=num_classes)
+    model = reid.build_model(arch, num_classes=num_classes)
     shape = model.classifier.weight.shape if num_classes else None
-    pretrain.load_model_weights(
+    reid.load_model_weights(
         model, {k: v for k, v in state.items() if not k.startswith("classifier.") or v.shape == shape}
     )
     return model
@@ -456,13 +456,13 @@ def train(args: argparse.Namespace) -> None:
         if path and not Path(path).is_file():
             raise FileNotFoundError(f"{flag}: no such checkpoint file: {path}")
 
-    distributed = pretrain.setup_distributed()
+    distributed = reid.setup_distributed()
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    main_process = pretrain.is_main_process()
+    main_process = reid.is_main_process()
     device = torch.device(args.device) if args.device else torch.device("cpu")
     if args.device is None and torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    pretrain.set_seed(args.seed + rank)
+    reid.set_seed(args.seed + rank)
     out_dir = Path(args.out)
     checkpoint_path = out_dir / CHECKPOINT_NAME
     if checkpoint_path.exists() and not args.resume:
@@ -472,8 +472,8 @@ def train(args: argparse.Namespace) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     # ---- data: P x K source batches (identity structure needed for relation mining), random target batches
-    source = pretrain.read_dataset("personx", args.data_root)
-    target = pretrain.read_dataset("target_train", args.data_root)
+    source = reid.read_dataset("personx", args.data_root)
+    target = reid.read_dataset("target_train", args.data_root)
     if not source.train:
         raise ValueError(f"--data-root {args.data_root}: no source (personX/image_train) images found")
     if not target.train:
@@ -481,16 +481,16 @@ def train(args: argparse.Namespace) -> None:
     if len(target.train) < args.batch_size:
         raise ValueError(f"--batch-size {args.batch_size} exceeds the {len(target.train)} target training images")
     # SDA pipeline (reference §3.1): resize, flip, pad (10 px at width 128), crop, normalise; no AutoAugment or erasing.
-    transform = pretrain.build_train_transform(args.height, args.width, autoaugment=False, random_erasing=False)
-    # Samplers from pretrain.py: deterministic per (seed, epoch), sharded across DDP ranks, exactly
+    transform = reid.build_train_transform(args.height, args.width, autoaugment=False, random_erasing=False)
+    # Samplers from reid.py: deterministic per (seed, epoch), sharded across DDP ranks, exactly
     # iters x batch samples per rank and epoch, with per-sample augmentation seeds, so that a resumed run sees
     # the same images as an uninterrupted one. The release shuffles images inside each P x K batch; every op
     # here is per sample and mining uses the labels, so the order inside a batch cannot matter.
     samples_per_epoch = args.iters * args.batch_size
-    source_sampler = pretrain.RandomIdentitySampler(
+    source_sampler = reid.RandomIdentitySampler(
         source.train, args.num_instances, args.seed, num_samples=samples_per_epoch, seed_samples=True
     )
-    target_sampler = pretrain.SeededRandomSampler(
+    target_sampler = reid.SeededRandomSampler(
         len(target.train), args.seed + 1000, num_samples=samples_per_epoch, seed_samples=True
     )
     loader_options = dict(
@@ -500,8 +500,8 @@ def train(args: argparse.Namespace) -> None:
         pin_memory=device.type == "cuda",
         persistent_workers=False,  # a new iterator per epoch picks up the sampler's new epoch
     )
-    source_loader = DataLoader(pretrain.ImageDataset(source.train, transform), sampler=source_sampler, **loader_options)
-    target_loader = DataLoader(pretrain.ImageDataset(target.train, transform), sampler=target_sampler, **loader_options)
+    source_loader = DataLoader(reid.ImageDataset(source.train, transform), sampler=source_sampler, **loader_options)
+    target_loader = DataLoader(reid.ImageDataset(target.train, transform), sampler=target_sampler, **loader_options)
 
     # ---- networks
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -524,7 +524,7 @@ def train(args: argparse.Namespace) -> None:
         if args.online_relation:
             # The target encoder gets its own re-ID loss on the translations (source labels), so it needs a
             # source-identity classifier: the target checkpoint's if its shape fits, else the source encoder's
-            # (trained on the same identities), else pretrain's fresh initialisation.
+            # (trained on the same identities), else reid.build_model's fresh initialisation.
             target_encoder = build_encoder(target_state, target_arch, num_classes=source.num_train_pids)
             shape = target_encoder.classifier.weight.shape
             if classifier_weight(target_state, shape) is None and classifier_weight(source_state, shape) is not None:
@@ -551,7 +551,7 @@ def train(args: argparse.Namespace) -> None:
 
     start_epoch, start_iteration, global_step = 0, 0, 0
     if args.resume:
-        state = pretrain.load_checkpoint(checkpoint_path)
+        state = reid.load_checkpoint(checkpoint_path)
         saved = state["architecture"]
         if saved != architecture_of(args):
             raise ValueError(
@@ -568,7 +568,7 @@ def train(args: argparse.Namespace) -> None:
                 raise ValueError(f"{checkpoint_path}: was trained without --online-relation")
             target_encoder.load_state_dict(state["target_encoder"])
             optimizer_reid.load_state_dict(state["optimizer_reid"])
-        pretrain.set_rng_state(state["rng"])
+        reid.set_rng_state(state["rng"])
         start_epoch, start_iteration, global_step = state["epoch"], state["iteration"], state["global_step"]
         if start_iteration >= args.iters:
             start_epoch, start_iteration = start_epoch + 1, 0
@@ -597,18 +597,18 @@ def train(args: argparse.Namespace) -> None:
             "optimizer_d": optimizer_d.state_dict(),
             "pool_target": pool_target.state_dict(),
             "pool_source": pool_source.state_dict(),
-            "rng": pretrain.rng_state(),
+            "rng": reid.rng_state(),
         }
         if optimizer_reid is not None:
             state["target_encoder"] = target_encoder.state_dict()
             state["optimizer_reid"] = optimizer_reid.state_dict()
-        pretrain.save_checkpoint(state, checkpoint_path)
+        reid.save_checkpoint(state, checkpoint_path)
 
-    logger = pretrain.JsonlLogger(out_dir / "log.jsonl") if main_process else None
+    logger = reid.JsonlLogger(out_dir / "log.jsonl") if main_process else None
     if main_process:
         with open(out_dir / "args.json", "w") as f:
             json.dump(vars(args), f, indent=2)
-    autocast = lambda: pretrain.autocast_context(device, args.amp)  # noqa: E731
+    autocast = lambda: reid.autocast_context(device, args.amp)  # noqa: E731
     epochs = args.epochs_constant + args.epochs_decay
     for epoch in range(start_epoch, epochs):
         # Learning rate set from the epoch alone (no scheduler state), so a resumed run with a changed
@@ -682,7 +682,7 @@ def train(args: argparse.Namespace) -> None:
                 set_batchnorm_eval(target_encoder)
                 with autocast():
                     f_pool, f_bn, logits = target_encoder_ddp(images["fake_target"].detach())
-                loss_reid = pretrain.label_smoothed_ce(logits.float(), source_pids) + pretrain.softmax_triplet_loss(
+                loss_reid = reid.label_smoothed_ce(logits.float(), source_pids) + reid.softmax_triplet_loss(
                     f_pool.float(), source_pids
                 )
                 relation_reid = relation_consistency_loss(f_bn, images["source_features"], source_pids)
@@ -739,7 +739,7 @@ def load_generator(path: str | Path) -> tuple[ResnetGenerator, dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--checkpoint: no such file: {path} (run `sda.py train` first)")
-    state = pretrain.load_checkpoint(path)
+    state = reid.load_checkpoint(path)
     if not isinstance(state, dict) or state.get("kind") != "sda" or "generators" not in state:
         raise ValueError(f"--checkpoint {path}: not an sda.py training checkpoint (no trained generator in it)")
     if state.get("global_step", 0) <= 0:
@@ -760,7 +760,7 @@ def translate(args: argparse.Namespace) -> None:
     generator, architecture = load_generator(args.checkpoint)
     device = torch.device(args.device) if args.device else torch.device("cpu")
     generator.to(device)
-    items = pretrain.read_dataset("personx", args.data_root).train
+    items = reid.read_dataset("personx", args.data_root).train
     if not items:
         raise ValueError(f"--data-root {args.data_root}: no personX/image_train images found")
     out_root = Path(args.out)
@@ -778,12 +778,12 @@ def translate(args: argparse.Namespace) -> None:
     # The generator runs at its training resolution; the result is resized back to the source image's own
     # size.
     loader = DataLoader(
-        pretrain.ImageDataset(todo, pretrain.build_test_transform(architecture["height"], architecture["width"])),
+        reid.ImageDataset(todo, reid.build_test_transform(architecture["height"], architecture["width"])),
         batch_size=args.batch_size,
         shuffle=False,
         num_workers=args.workers,
     )
-    autocast = pretrain.autocast_context(device, args.amp)
+    autocast = reid.autocast_context(device, args.amp)
     with tqdm(total=len(todo), desc="translate", dynamic_ncols=True) as progress:
         for images, _, _, indices in loader:
             with autocast:
@@ -849,7 +849,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--source-encoder", help="pretrain.py checkpoint trained on raw source images (E_s)")
     t.add_argument(
         "--target-encoder",
-        help="checkpoint of the target-domain encoder E_t (mmt_plus.py model, or any pretrain.build_model "
+        help="checkpoint of the target-domain encoder E_t (mmt_plus.py model, or any reid.build_model "
         "checkpoint); defaults to --source-encoder",
     )
     t.add_argument("--lambda-relation", type=float, default=1.0, help="relation-consistency weight (0 = CycleGAN)")
@@ -881,7 +881,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--num-instances", type=int, default=4, help="images per identity in a source batch (K of PxK)")
     # runtime
     t.add_argument(
-        "--workers", type=int, default=pretrain.default_workers(), help="data-loading processes (0 on <= 2 CPU cores)"
+        "--workers", type=int, default=reid.default_workers(), help="data-loading processes (0 on <= 2 CPU cores)"
     )
     t.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's; 1 is faster on a shared CPU)")
     t.add_argument("--seed", type=int, default=1, help="random seed (offset by the DDP rank)")
@@ -906,7 +906,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-root", required=True, help="VisDA-2020 layout root holding personX/image_train")
     s.add_argument("--out", required=True, help="root to write personX_sda/image_train/ into (usually --data-root)")
     s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--workers", type=int, default=pretrain.default_workers(), help="data-loading processes")
+    s.add_argument("--workers", type=int, default=reid.default_workers(), help="data-loading processes")
     s.add_argument("--device", help="torch device (default cpu)")
     s.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     s.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="autocast (default fp32)")

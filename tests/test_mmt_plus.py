@@ -136,11 +136,11 @@ def test_collapse_dsbn_gives_the_target_branch_as_a_plain_model():
 
 
 def test_dsbn_collapse_loads_into_pretrain_build_model():
-    pretrain = pytest.importorskip("pretrain")
-    model = mmt_plus.convert_dsbn(pretrain.build_model("resnet18", num_classes=0))
+    reid = pytest.importorskip("reid")
+    model = mmt_plus.convert_dsbn(reid.build_model("resnet18", num_classes=0))
     plain_state = mmt_plus.plain_state(model)
     assert not any("bn_source" in key or "bn_target" in key for key in plain_state)
-    fresh = pretrain.build_model("resnet18", num_classes=0)
+    fresh = reid.build_model("resnet18", num_classes=0)
     fresh.load_state_dict(plain_state)  # strict
     x = torch.randn(2, 3, 64, 32)
     with torch.no_grad():
@@ -401,14 +401,14 @@ def test_oracle_labels_keep_identities_with_several_images():
 
 def make_init_checkpoints(directory: Path, data_root: Path) -> tuple[Path, Path]:
     """Two 'pre-trained' checkpoints: build_model weights of two seeds with the source-sized classifier."""
-    pretrain = pytest.importorskip("pretrain")
-    num_source = pretrain.read_dataset("personx", str(data_root)).num_train_pids
+    reid = pytest.importorskip("reid")
+    num_source = reid.read_dataset("personx", str(data_root)).num_train_pids
     paths = []
     for seed in (1, 2):
         torch.manual_seed(seed)
-        model = pretrain.build_model("resnet18", num_classes=num_source)
+        model = reid.build_model("resnet18", num_classes=num_source)
         path = directory / f"init{seed}.pth"
-        pretrain.save_checkpoint({"state_dict": model.state_dict(), "arch": "resnet18", "epoch": 0}, path)
+        reid.save_checkpoint({"state_dict": model.state_dict(), "arch": "resnet18", "epoch": 0}, path)
         paths.append(path)
     return paths[0], paths[1]
 
@@ -439,7 +439,7 @@ def inits(tmp_path_factory, tiny_data_root):
 
 
 def test_run_resume_and_checkpoint_loading(tmp_path, tiny_data_root, inits):
-    pretrain = pytest.importorskip("pretrain")
+    reid = pytest.importorskip("reid")
     full = tmp_path / "full"
     summary = mmt_plus.main(tiny_args(tiny_data_root, full, inits, epochs=2) + ["--moco-queue-size", "20"])
     records = [r for r in read_log(full / "log.jsonl") if "losses" in r]
@@ -456,7 +456,7 @@ def test_run_resume_and_checkpoint_loading(tmp_path, tiny_data_root, inits):
 
     best = torch.load(full / "model_best.pth", map_location="cpu", weights_only=False)
     assert best["arch"] == "resnet18" and best["mAP"] == pytest.approx(summary["best_mAP"])
-    model = pretrain.build_model("resnet18", num_classes=0)
+    model = reid.build_model("resnet18", num_classes=0)
     model.load_state_dict(best["state_dict"])  # strict: a plain model with the target BN branch
     import postprocess
 

@@ -313,11 +313,11 @@ def test_feature_cache_key_changes_with_inputs(tmp_path):
 
 
 def save_random_checkpoint(path: Path, arch: str, num_classes: int, seed: int) -> Path:
-    import pretrain
+    import reid
 
     torch.manual_seed(seed)
-    model = pretrain.build_model(arch, num_classes=num_classes)
-    pretrain.save_checkpoint({"state_dict": model.state_dict(), "arch": arch, "height": 64, "width": 32}, path)
+    model = reid.build_model(arch, num_classes=num_classes)
+    reid.save_checkpoint({"state_dict": model.state_dict(), "arch": arch, "height": 64, "width": 32}, path)
     return path
 
 
@@ -331,9 +331,9 @@ def test_end_to_end_on_tiny_data(tmp_path, tiny_data_root):
             "--k1", "6", "--k2", "3", "--workers", "0", "--batch-size", "64", "--num-figures", "2",
             "--ablation"]  # fmt: skip
     results = postprocess.main(argv)
-    import pretrain
+    import reid
 
-    data = pretrain.read_dataset("target_val", str(tiny_data_root))
+    data = reid.read_dataset("target_val", str(tiny_data_root))
     lines = (out / "result.txt").read_text().splitlines()
     assert len(lines) == len(data.query)
     assert all(len(line.split(" ")) == min(100, len(data.gallery)) for line in lines)
@@ -368,15 +368,15 @@ def test_end_to_end_on_tiny_data(tmp_path, tiny_data_root):
 
 
 def test_checkpoint_without_arch_or_with_missing_weights_fails_clearly(tmp_path):
-    import pretrain
+    import reid
 
-    model = pretrain.build_model("resnet18", num_classes=0)
+    model = reid.build_model("resnet18", num_classes=0)
     no_arch = tmp_path / "no_arch.pth"
-    pretrain.save_checkpoint({"state_dict": model.state_dict()}, no_arch)
+    reid.save_checkpoint({"state_dict": model.state_dict()}, no_arch)
     with pytest.raises(ValueError, match="no_arch.pth.*architecture"):
         postprocess.load_model_for_inference(str(no_arch))
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("bnneck")}
     partial = tmp_path / "partial.pth"
-    pretrain.save_checkpoint({"state_dict": state, "arch": "resnet18"}, partial)
+    reid.save_checkpoint({"state_dict": state, "arch": "resnet18"}, partial)
     with pytest.raises(ValueError, match="partial.pth.*missing"):
         postprocess.load_model_for_inference(str(partial))

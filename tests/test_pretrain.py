@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pretrain  # noqa: E402
+import reid  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -48,7 +49,7 @@ def _ibn_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 )
 def test_backbone_forward_backward_dim_and_stride(arch, dim, stride):
     torch.manual_seed(0)
-    model = pretrain.build_model(arch, num_classes=7)
+    model = reid.build_model(arch, num_classes=7)
     model.train()
     x = torch.randn(2, 3, 64, 32)
     f_pool, f_bn, logits = model(x)
@@ -65,7 +66,7 @@ def test_backbone_forward_backward_dim_and_stride(arch, dim, stride):
 
 @pytest.mark.parametrize("arch, blocks", [("resnet101_ibn", [3, 4, 23, 3]), ("resnext101_ibn", [3, 4, 23, 3])])
 def test_deep_ibn_resnets_structure(arch, blocks):
-    model = pretrain.build_model(arch, num_classes=0)
+    model = reid.build_model(arch, num_classes=0)
     trunk = model.backbone
     assert [len(getattr(trunk, f"layer{i}")) for i in range(1, 5)] == blocks
     # IBN-a: bn1 of every block of stages 1-3 holds IN on the first half of the channels; none in stage 4
@@ -86,7 +87,7 @@ def test_deep_ibn_resnets_structure(arch, blocks):
 
 
 def test_resnet50_ibn_placement_and_stem():
-    model = pretrain.build_model("resnet50_ibn", num_classes=0)
+    model = reid.build_model("resnet50_ibn", num_classes=0)
     names = sorted(_ibn_modules(model))
     expected = sorted(f"backbone.layer{s}.{b}.bn1.IN" for s, n in ((1, 3), (2, 4), (3, 6)) for b in range(n))
     assert names == expected
@@ -94,7 +95,7 @@ def test_resnet50_ibn_placement_and_stem():
 
 
 def test_densenet_ibn_placement():
-    model = pretrain.build_model("densenet169_ibn", num_classes=0)
+    model = reid.build_model("densenet169_ibn", num_classes=0)
     features = model.backbone.features
     for block_index, size in ((1, 6), (2, 12), (3, 32), (4, 32)):
         layers = list(getattr(features, f"denseblock{block_index}").children())
@@ -110,7 +111,7 @@ def test_densenet_ibn_placement():
 
 def test_resnest_split_attention_shapes_and_radix_softmax():
     torch.manual_seed(0)
-    conv = pretrain.SplitAttentionConv(16, 8, radix=2)
+    conv = reid.SplitAttentionConv(16, 8, radix=2)
     conv.eval()
     x = torch.randn(3, 16, 6, 4)
     out = conv(x)
@@ -126,7 +127,7 @@ def test_resnest_split_attention_shapes_and_radix_softmax():
 
 def test_unknown_arch_names_choices():
     with pytest.raises(ValueError, match="unknown --arch 'resnet9'"):
-        pretrain.build_model("resnet9", 2)
+        reid.build_model("resnet9", 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,7 +139,7 @@ def test_pretrained_loads_torchvision_format_and_rejects_mismatch(tmp_path):
     reference = torchvision.models.resnet18(weights=None)
     path = tmp_path / "resnet18-test.pth"
     torch.save(reference.state_dict(), path)
-    model = pretrain.build_model("resnet18", num_classes=3, pretrained=str(path))
+    model = reid.build_model("resnet18", num_classes=3, pretrained=str(path))
     for key, value in reference.state_dict().items():
         if not key.startswith("fc."):
             torch.testing.assert_close(model.backbone.state_dict()[key], value)
@@ -146,14 +147,14 @@ def test_pretrained_loads_torchvision_format_and_rejects_mismatch(tmp_path):
     other = tmp_path / "resnet50.pth"
     torch.save(torchvision.models.resnet50(weights=None).state_dict(), other)
     with pytest.raises(ValueError, match="shapes do not match resnet18"):
-        pretrain.build_model("resnet18", num_classes=3, pretrained=str(other))
+        reid.build_model("resnet18", num_classes=3, pretrained=str(other))
     with pytest.raises(FileNotFoundError, match="no such file"):
-        pretrain.build_model("resnet18", num_classes=3, pretrained=str(tmp_path / "absent.pth"))
+        reid.build_model("resnet18", num_classes=3, pretrained=str(tmp_path / "absent.pth"))
 
 
 def test_pretrained_from_a_pretrain_checkpoint_loads_only_the_trunk(tmp_path):
     torch.manual_seed(0)
-    trained = pretrain.build_model("resnet18", num_classes=5)
+    trained = reid.build_model("resnet18", num_classes=5)
     with torch.no_grad():
         for parameter in trained.parameters():
             parameter.add_(torch.randn_like(parameter))
@@ -161,9 +162,9 @@ def test_pretrained_from_a_pretrain_checkpoint_loads_only_the_trunk(tmp_path):
             if buffer.is_floating_point():
                 buffer.add_(torch.rand_like(buffer))
     path = tmp_path / "model_best.pth"
-    pretrain.save_checkpoint({"state_dict": trained.state_dict(), "arch": "resnet18", "num_classes": 5}, path)
-    fresh = pretrain.ReIDModel("resnet18", num_classes=7)
-    model = pretrain.build_model("resnet18", num_classes=7, pretrained=str(path))
+    reid.save_checkpoint({"state_dict": trained.state_dict(), "arch": "resnet18", "num_classes": 5}, path)
+    fresh = reid.ReIDModel("resnet18", num_classes=7)
+    model = reid.build_model("resnet18", num_classes=7, pretrained=str(path))
     for key, value in trained.backbone.state_dict().items():
         torch.testing.assert_close(model.backbone.state_dict()[key], value)  # trunk: the checkpoint's
     # GeM exponent, BNNeck and the (differently sized) classifier start afresh, as after ImageNet weights
@@ -174,25 +175,25 @@ def test_pretrained_from_a_pretrain_checkpoint_loads_only_the_trunk(tmp_path):
     ddp = tmp_path / "ddp.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in trained.state_dict().items()}}, ddp)
     torch.testing.assert_close(
-        pretrain.build_model("resnet18", 3, pretrained=str(ddp)).backbone.conv1.weight, trained.backbone.conv1.weight
+        reid.build_model("resnet18", 3, pretrained=str(ddp)).backbone.conv1.weight, trained.backbone.conv1.weight
     )
     with pytest.raises(ValueError, match="a resnet18 checkpoint, not resnet50"):
-        pretrain.build_model("resnet50", num_classes=3, pretrained=str(path))
+        reid.build_model("resnet50", num_classes=3, pretrained=str(path))
 
 
 def test_pretrained_imagenet_needs_local_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="Nothing is downloaded"):
-        pretrain.build_model("resnet50_ibn", num_classes=0, pretrained="imagenet")
+        reid.build_model("resnet50_ibn", num_classes=0, pretrained="imagenet")
     cache = tmp_path / "hub" / "checkpoints"
     cache.mkdir(parents=True)
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), cache / "resnet18-f37072fd.pth")
-    pretrain.build_model("resnet18", num_classes=0, pretrained="imagenet")
+    reid.build_model("resnet18", num_classes=0, pretrained="imagenet")
 
 
 def test_densenet_old_torchvision_key_names_are_converted():
     state = {"features.denseblock1.denselayer1.norm.1.weight": torch.ones(1), "classifier.weight": torch.ones(1)}
-    converted = pretrain._convert_release_keys(state)
+    converted = reid._convert_release_keys(state)
     assert list(converted) == ["features.denseblock1.denselayer1.norm1.weight"]
 
 
@@ -214,7 +215,7 @@ def test_identity_sampler_pk_and_camera_rule(seed):
     rng = np.random.default_rng(seed)
     items = _sampler_items(rng)
     k = 4
-    sampler = pretrain.RandomIdentitySampler(items, num_instances=k, seed=seed)
+    sampler = reid.RandomIdentitySampler(items, num_instances=k, seed=seed)
     indices = list(sampler)
     assert len(indices) == len(sampler) == 12 * k
     by_pid = defaultdict(list)
@@ -245,14 +246,14 @@ def test_identity_sampler_pk_and_camera_rule(seed):
 
 def test_identity_sampler_shards_whole_groups_and_resumes(monkeypatch):
     items = [(f"{p}_{i}.jpg", p, i % 3) for p in range(10) for i in range(6)]
-    full = pretrain.RandomIdentitySampler(items, 4, seed=5, num_samples=None)
-    monkeypatch.setattr(pretrain, "_world", lambda: (1, 2))
-    shard = pretrain.RandomIdentitySampler(items, 4, seed=5)
+    full = reid.RandomIdentitySampler(items, 4, seed=5, num_samples=None)
+    monkeypatch.setattr(reid, "rank_and_world_size", lambda: (1, 2))
+    shard = reid.RandomIdentitySampler(items, 4, seed=5)
     shard_indices = list(shard)
     groups = [list(full)[i : i + 4] for i in range(0, 40, 4)]
     assert shard_indices == [i for g in groups[1::2] for i in g]
     # a stream of fixed length that skips its first samples continues exactly where it stopped
-    stream = pretrain.RandomIdentitySampler(items, 4, seed=5, num_samples=100, seed_samples=True)
+    stream = reid.RandomIdentitySampler(items, 4, seed=5, num_samples=100, seed_samples=True)
     stream.set_epoch(3)
     whole = list(stream)
     stream.set_epoch(3, skip=36)
@@ -294,16 +295,16 @@ def _visda_tree(root: Path) -> None:
 def test_visda_readers(tmp_path):
     root = tmp_path / "x2_c9"  # a parent folder that looks like a re-ID name must not matter
     _visda_tree(root)
-    source = pretrain.read_dataset("personx", root)
+    source = reid.read_dataset("personx", root)
     assert [Path(p).name for p, _, _ in source.train][0] == "0002_c6s1_000030_00.jpg"
     assert [(pid, cam) for _, pid, cam in source.train] == [(0, 5), (1, 0), (1, 2)]
     assert source.num_train_pids == 2 and all(Path(p).is_absolute() for p, _, _ in source.train)
-    target = pretrain.read_dataset("target_train", root)
+    target = reid.read_dataset("target_train", root)
     assert [cam for _, _, cam in target.train] == [0, 1, 2, 3, 4, 4] and {p for _, p, _ in target.train} == {0}
-    val = pretrain.read_dataset("target_val", root)
+    val = reid.read_dataset("target_val", root)
     assert [(pid, cam) for _, pid, cam in val.query] == [(77, 3)]
     assert [(pid, cam) for _, pid, cam in val.gallery] == [(77, 1), (0, 0)]  # index-file order
-    test = pretrain.read_dataset("target_test", root)
+    test = reid.read_dataset("target_test", root)
     assert len(test.query) == 1 and len(test.gallery) == 1
 
 
@@ -311,21 +312,21 @@ def test_visda_reader_errors(tmp_path):
     root = tmp_path / "data"
     _visda_tree(root)
     with pytest.raises(FileNotFoundError, match="personX_sda/image_train"):
-        pretrain.read_dataset("personx_sda", root)
+        reid.read_dataset("personx_sda", root)
     (root / "index_validation_query.txt").unlink()
     with pytest.raises(FileNotFoundError, match="index_validation_query.txt"):
-        pretrain.read_dataset("target_val", root)
+        reid.read_dataset("target_val", root)
     label_file = root / "target_training" / "label_target_training.txt"
     label_file.write_text("00000.jpg 3\n")
     with pytest.raises(ValueError, match="label_target_training.txt:1"):
-        pretrain.read_dataset("target_train", root)
+        reid.read_dataset("target_train", root)
     _jpeg(root / "personX" / "image_train" / "badname.jpg")
     with pytest.raises(ValueError, match="badname.jpg"):
-        pretrain.read_dataset("personx", root)
+        reid.read_dataset("personx", root)
     with pytest.raises(ValueError, match="unknown dataset 'visda'"):
-        pretrain.read_dataset("visda", root)
+        reid.read_dataset("visda", root)
     with pytest.raises(FileNotFoundError, match="missing folder"):
-        pretrain.read_dataset("personx", tmp_path / "nowhere")
+        reid.read_dataset("personx", tmp_path / "nowhere")
 
 
 def test_market_msmt_and_folder_readers(tmp_path):
@@ -335,7 +336,7 @@ def test_market_msmt_and_folder_readers(tmp_path):
     _jpeg(market / "query" / "0003_c1s1_000001_00.jpg")
     for name in ("0003_c2s1_000002_00.jpg", "0000_c3s1_000003_00.jpg", "-1_c1s1_000004_00.jpg"):
         _jpeg(market / "bounding_box_test" / name)
-    data = pretrain.read_dataset("market1501", market)
+    data = reid.read_dataset("market1501", market)
     assert [(pid, cam) for _, pid, cam in data.train] == [(0, 0), (1, 1)]  # junk (-1) dropped
     assert sorted((pid, cam) for _, pid, cam in data.gallery) == [(0, 2), (3, 1)]
     msmt = tmp_path / "msmt"
@@ -347,10 +348,10 @@ def test_market_msmt_and_folder_readers(tmp_path):
     )
     (msmt / "list_query.txt").write_text("0100/0100_000_03_0303morning_0017_0.jpg 100\n")
     (msmt / "list_gallery.txt").write_text("0100/0100_000_03_0303morning_0017_0.jpg 100\n")
-    data = pretrain.read_dataset("msmt17", msmt)
+    data = reid.read_dataset("msmt17", msmt)
     assert [(pid, cam) for _, pid, cam in data.train] == [(0, 0), (1, 6)]
     assert [(pid, cam) for _, pid, cam in data.query] == [(100, 2)]
-    folder = pretrain.read_dataset("folder", market)
+    folder = reid.read_dataset("folder", market)
     assert len(folder.train) == 7
 
 
@@ -359,10 +360,10 @@ def test_corrupt_image_error_names_it_and_skip_option(tmp_path):
     _jpeg(good)
     bad.write_bytes(b"not a jpeg at all")
     items = [(str(bad), 0, 1), (str(good), 0, 0)]
-    dataset = pretrain.ImageDataset(items, pretrain.build_test_transform(16, 8))
+    dataset = reid.ImageDataset(items, reid.build_test_transform(16, 8))
     with pytest.raises(RuntimeError, match=str(bad)):
         dataset[0]
-    skipping = pretrain.ImageDataset(items, pretrain.build_test_transform(16, 8), skip_bad_images=True)
+    skipping = reid.ImageDataset(items, reid.build_test_transform(16, 8), skip_bad_images=True)
     image, pid, cam, index = skipping[0]
     assert image.shape == (3, 16, 8) and index == 1 and skipping.bad_images == [str(bad)]
 
@@ -370,7 +371,7 @@ def test_corrupt_image_error_names_it_and_skip_option(tmp_path):
 def test_seeded_samples_make_augmentation_repeatable(tmp_path):
     path = tmp_path / "0001_c1s1_0_0.jpg"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 16, 3), dtype=np.uint8)).save(path)
-    dataset = pretrain.ImageDataset([(str(path), 0, 0)], pretrain.build_train_transform(32, 16, True, True))
+    dataset = reid.ImageDataset([(str(path), 0, 0)], reid.build_train_transform(32, 16, True, True))
     a, b, c = dataset[(0, 123)][0], dataset[(0, 123)][0], dataset[(0, 124)][0]
     torch.testing.assert_close(a, b)
     assert not torch.equal(a, c)
@@ -378,11 +379,11 @@ def test_seeded_samples_make_augmentation_repeatable(tmp_path):
 
 @pytest.mark.parametrize("width, pad", [(128, 10), (64, 5), (32, 2), (8, 1)])
 def test_crop_padding_scales_with_width_and_bounds_the_black_band(width, pad):
-    assert pretrain.release_padding(width) == pad
+    assert reid.release_padding(width) == pad
     height = 2 * width
     white = Image.new("RGB", (width, height), (255, 255, 255))
-    transform = pretrain.build_train_transform(height, width, autoaugment=False, random_erasing=False)
-    black = -torch.tensor(pretrain.IMAGENET_MEAN) / torch.tensor(pretrain.IMAGENET_STD)  # a padded pixel, normalised
+    transform = reid.build_train_transform(height, width, autoaugment=False, random_erasing=False)
+    black = -torch.tensor(reid.IMAGENET_MEAN) / torch.tensor(reid.IMAGENET_STD)  # a padded pixel, normalised
     widest = 0
     for seed in range(60):
         torch.manual_seed(seed)
@@ -404,7 +405,7 @@ def test_label_smoothed_ce_formula():
     q = torch.full((5, 7), 0.1 / 7)
     q[torch.arange(5), targets] += 0.9
     expected = -(q * torch.log_softmax(logits, 1)).sum(1).mean()
-    torch.testing.assert_close(pretrain.label_smoothed_ce(logits, targets, 0.1), expected)
+    torch.testing.assert_close(reid.label_smoothed_ce(logits, targets, 0.1), expected)
 
 
 def test_softmax_triplet_and_soft_triplet_against_loops():
@@ -423,15 +424,15 @@ def test_softmax_triplet_and_soft_triplet_against_loops():
         target = torch.softmax(torch.stack([dr[i, p], dr[i, n]]), 0)
         soft.append(-(target * torch.log_softmax(torch.stack([d[i, p], d[i, n]]), 0)).sum())
     torch.testing.assert_close(
-        pretrain.softmax_triplet_loss(features, labels).double(), torch.stack(hard).mean(), atol=1e-4, rtol=1e-4
+        reid.softmax_triplet_loss(features, labels).double(), torch.stack(hard).mean(), atol=1e-4, rtol=1e-4
     )
     torch.testing.assert_close(
-        pretrain.soft_triplet_loss(features, labels, reference).double(), torch.stack(soft).mean(), atol=1e-4, rtol=1e-4
+        reid.soft_triplet_loss(features, labels, reference).double(), torch.stack(soft).mean(), atol=1e-4, rtol=1e-4
     )
 
 
 def test_lr_schedule_matches_release_table():
-    factors = [pretrain.lr_factor(e, 10, [40, 70]) for e in (0, 1, 9, 10, 39, 40, 69, 70, 119)]
+    factors = [reid.lr_factor(e, 10, [40, 70]) for e in (0, 1, 9, 10, 39, 40, 69, 70, 119)]
     np.testing.assert_allclose(factors, [0.01, 0.109, 0.901, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01], rtol=1e-6)
 
 
@@ -467,10 +468,10 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(tiny_data_ro
     with_worker = tmp_path / "with_worker"
     pretrain.main(_train_args(tiny_data_root, with_worker, "--workers", "1"))
     np.testing.assert_allclose([r[2] for r in _losses(with_worker / "log.jsonl")], [r[2] for r in reference], rtol=1e-5)
-    best = pretrain.load_checkpoint(straight / "model_best.pth")
+    best = reid.load_checkpoint(straight / "model_best.pth")
     assert best["arch"] == "resnet18" and best["feature_dim"] == 512
-    model = pretrain.build_model("resnet18", num_classes=best["num_classes"])
-    pretrain.load_model_weights(model, best["state_dict"])
+    model = reid.build_model("resnet18", num_classes=best["num_classes"])
+    reid.load_model_weights(model, best["state_dict"])
 
 
 def test_target_labels_upper_bound_reads_diagnostics(tiny_data_root, tmp_path):
@@ -482,7 +483,7 @@ def test_target_labels_upper_bound_reads_diagnostics(tiny_data_root, tmp_path):
     assert summary["best_epoch"] == 1
     start = json.loads((tmp_path / "ub" / "log.jsonl").read_text().splitlines()[0])
     assert start["target_images"] == 0
-    truth = pretrain.read_diagnostic_identities(tiny_data_root)
+    truth = reid.read_diagnostic_identities(tiny_data_root)
     counts = collections.Counter(truth.values())
     several = [name for name, pid in truth.items() if counts[pid] > 1]
     assert min(counts.values()) == 1, "the tiny benchmark has one-image passers-by"

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-import pretrain
+import reid
 import sda
 
 
@@ -248,7 +248,7 @@ def test_relation_gradient_reaches_generator_through_frozen_encoder_only():
     torch.manual_seed(5)
     generators = sda.Generators(ngf=4, n_blocks=1)
     discriminators = sda.Discriminators(ndf=4)
-    encoder = sda.freeze(pretrain.build_model("resnet18", num_classes=0))
+    encoder = sda.freeze(reid.build_model("resnet18", num_classes=0))
     bn_before = {k: v.clone() for k, v in encoder.state_dict().items() if "running" in k}
     sda.set_requires_grad(discriminators.parameters(), False)
     real_s, real_t, pids = torch.randn(8, 3, 64, 32), torch.randn(4, 3, 64, 32), pk_pids(2, 4)
@@ -323,11 +323,11 @@ TINY += ["--batch-size", "8", "--num-instances", "4", "--workers", "0", "--arch"
 
 @pytest.fixture(scope="module")
 def encoder_checkpoint(tmp_path_factory, tiny_data_root) -> Path:
-    num_pids = pretrain.read_dataset("personx", str(tiny_data_root)).num_train_pids
+    num_pids = reid.read_dataset("personx", str(tiny_data_root)).num_train_pids
     torch.manual_seed(0)
-    model = pretrain.build_model("resnet18", num_classes=num_pids)
+    model = reid.build_model("resnet18", num_classes=num_pids)
     path = tmp_path_factory.mktemp("encoder") / "encoder.pt"
-    pretrain.save_checkpoint({"state_dict": model.state_dict(), "arch": "resnet18"}, path)
+    reid.save_checkpoint({"state_dict": model.state_dict(), "arch": "resnet18"}, path)
     return path
 
 
@@ -407,7 +407,7 @@ def test_translate_keeps_names_counts_sizes_and_resumes(tmp_path, trained_run, t
         str(tiny_data_root),
     ]
     sda.main(args + ["--out", str(out), "--workers", "0", "--batch-size", "4"])
-    source_items = pretrain.read_dataset("personx", str(tiny_data_root)).train
+    source_items = reid.read_dataset("personx", str(tiny_data_root)).train
     written = sorted((out / "personX_sda" / "image_train").iterdir())
     assert sorted(p.name for p in written) == sorted(Path(p).name for p, _, _ in source_items)
     for path, _, _ in source_items:
@@ -422,7 +422,7 @@ def test_translate_keeps_names_counts_sizes_and_resumes(tmp_path, trained_run, t
     assert [p.name for p in again] == [p.name for p in written]
     assert all(p.stat().st_mtime_ns == mtimes[p.name] for p in again[1:])
     # The translated set reads back as the personx_sda dataset with the source identities.
-    translated = pretrain.read_dataset("personx_sda", str(out)).train
+    translated = reid.read_dataset("personx_sda", str(out)).train
     assert sorted((Path(p).name, pid, cam) for p, pid, cam in translated) == sorted(
         (Path(p).name, pid, cam) for p, pid, cam in source_items
     )
