@@ -53,7 +53,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CHECKPOINT_NAME = "checkpoint.pt"
 # Architecture fields a checkpoint must agree on when resuming or translating.
-ARCHITECTURE_KEYS = ("ngf", "ndf", "n_blocks", "height", "width")
+ARCHITECTURE_KEYS = ("ngf", "ndf", "n_blocks", "d_layers", "height", "width")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -130,10 +130,35 @@ class ResnetGenerator(nn.Module):
         return normalise_imagenet(self.net(x))
 
 
+# The release's PatchGAN (3 layers) scores 70x70-pixel patches of 384x128 images: each score sees 55 % of the
+# image width, so it judges local texture and colour, not the whole person. At the demo's 96x48 the same
+# discriminator would see 146 % of the width and judge whole images, which pushes the generator towards global
+# recolouring (identity changes). The depth is therefore scaled with the image: the deepest PatchGAN whose
+# receptive field is at most this share of the width (128 -> 3 layers, 70 px; 64 -> 2, 34 px; 48 -> 1, 16 px).
+RELEASE_RECEPTIVE_FIELD_SHARE = 70 / 128
+
+
+def patch_receptive_field(n_layers: int) -> int:
+    """Receptive field (pixels) of one score of PatchDiscriminator(n_layers): 4x4 convolutions, n_layers of
+    stride 2 (the first one included), then two of stride 1; r <- (r - 1) * stride + 4 from the output back."""
+    field = 1
+    for stride in reversed([2] * n_layers + [1, 1]):
+        field = (field - 1) * stride + 4
+    return field
+
+
+def discriminator_layers_for(width: int, max_layers: int = 5) -> int:
+    """The deepest PatchGAN (1..max_layers layers) whose receptive field is at most
+    RELEASE_RECEPTIVE_FIELD_SHARE of the image width (1 if even that is wider)."""
+    fitting = [n for n in range(1, max_layers + 1) if patch_receptive_field(n) <= RELEASE_RECEPTIVE_FIELD_SHARE * width]
+    return max(fitting, default=1)
+
+
 class PatchDiscriminator(nn.Module):
-    """PatchGAN discriminator ("basic", 3 layers): C64(no norm)-C128-C256 stride 2, C512 stride 1, then a
-    1-channel stride-1 conv; 4x4 kernels, padding 1, InstanceNorm without affine, LeakyReLU 0.2. A 384x128
-    input gives a 46x14 map of real/fake scores; each spatial side must be at least 24 pixels."""
+    """PatchGAN discriminator ("basic"): C64 (no norm) stride 2, then n_layers - 1 more stride-2 layers and one
+    stride-1 layer doubling the width up to 8 x ndf, then a 1-channel stride-1 conv; 4x4 kernels, padding 1,
+    InstanceNorm without affine, LeakyReLU 0.2. With the release's 3 layers a 384x128 input gives a 46x14 map of
+    real/fake scores, each seeing a 70x70 patch (patch_receptive_field)."""
 
     def __init__(self, ndf: int = 64, n_layers: int = 3):
         super().__init__()
@@ -206,10 +231,10 @@ class Discriminators(nn.Module):
     forward() is the discriminator step's objective: 0.5 * [LSGAN(D(real), 1) + LSGAN(D(fake), 0)] for each,
     with real and fake stacked into one call (per-sample InstanceNorm makes that exact)."""
 
-    def __init__(self, ndf: int):
+    def __init__(self, ndf: int, n_layers: int = 3):
         super().__init__()
-        self.target = PatchDiscriminator(ndf)
-        self.source = PatchDiscriminator(ndf)
+        self.target = PatchDiscriminator(ndf, n_layers)
+        self.source = PatchDiscriminator(ndf, n_layers)
 
     def forward(
         self,
@@ -337,6 +362,34 @@ def classifier_weight(state: dict, shape: torch.Size) -> torch.Tensor | None:
     return weight if weight is not None and weight.shape == shape else None
 
 
+def build_relation_encoders(
+    source_path: str | Path,
+    target_path: str | Path | None,
+    arch: str | None,
+    online: bool,
+    num_source_pids: int,
+) -> tuple[nn.Module, nn.Module]:
+    """(E_s, E_t) of the relation term. E_s: the source checkpoint, frozen (it measures the relations among the
+    raw source images). E_t: the target checkpoint (a model adapted to the target domain without labels, e.g.
+    mmt_plus.py's model_best.pth), or E_s's weights when there is none; frozen, or with `online` trainable with
+    BatchNorm on its running statistics and a source-identity classifier for its own re-ID loss: the target
+    checkpoint's if its shape fits, else the source encoder's (trained on the same identities), else
+    reid.build_model's fresh initialisation."""
+    source_state, source_arch = read_encoder_checkpoint(source_path, arch)
+    source_encoder = freeze(build_encoder(source_state, source_arch))
+    target_state, target_arch = source_state, source_arch
+    if target_path:
+        target_state, target_arch = read_encoder_checkpoint(target_path, arch)
+    if not online:
+        return source_encoder, freeze(build_encoder(target_state, target_arch))
+    target_encoder = build_encoder(target_state, target_arch, num_classes=num_source_pids)
+    shape = target_encoder.classifier.weight.shape
+    if classifier_weight(target_state, shape) is None and classifier_weight(source_state, shape) is not None:
+        target_encoder.classifier.weight.data.copy_(classifier_weight(source_state, shape))
+    set_batchnorm_eval(target_encoder)
+    return source_encoder, target_encoder
+
+
 def freeze(model: nn.Module) -> nn.Module:
     """Eval mode (BN running statistics) and no parameter gradients; inputs can still receive gradients."""
     model.eval()
@@ -417,15 +470,134 @@ def set_requires_grad(parameters: Iterable[nn.Parameter], flag: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------
+# Identity fidelity: does the translation keep each person's colours?
+# ------------------------------------------------------------------------------------------------------------
+
+# Body bands as fractions of the person's height (top of the head = 0, soles = 1), following the proportions
+# of a standing pedestrian: head and hair (or cap), upper torso (clothing, backpack, straps), lower torso and
+# waist (two-tone tops, shoulder bags, handbags), legs (trousers, skirt, shorts).
+BODY_BANDS = {"head": (0.0, 0.13), "upper": (0.17, 0.35), "middle": (0.35, 0.53), "legs": (0.56, 0.92)}
+MIN_REGION_PIXELS = 4
+
+
+def person_masks(images01: torch.Tensor, tolerance: float = 0.12) -> torch.Tensor:
+    """(N,H,W) foreground of source crops on flat backgrounds: in every row the background is the colour of the
+    row's two outermost pixels on each side, and a pixel belongs to the person when some channel differs by
+    more than `tolerance` (in [0, 1]) from both the left and the right background colour."""
+    left = images01[..., :2].mean(-1, keepdim=True)
+    right = images01[..., -2:].mean(-1, keepdim=True)
+    return torch.minimum((images01 - left).abs().amax(1), (images01 - right).abs().amax(1)) > tolerance
+
+
+def body_region_weights(masks: torch.Tensor) -> torch.Tensor:
+    """(N,R,H,W) 0/1 weights of the BODY_BANDS regions: the person's pixels in each band of rows between the
+    first and the last row holding at least two person pixels."""
+    n, height, _ = masks.shape
+    rows = masks.sum(-1) >= 2  # (N,H)
+    row_index = torch.arange(height, device=masks.device).expand(n, height)
+    top = torch.where(rows, row_index, height).amin(1, keepdim=True)
+    bottom = torch.where(rows, row_index, -1).amax(1, keepdim=True)
+    fraction = (row_index - top + 0.5) / (bottom - top + 1).clamp(min=1)  # (N,H), centre of each row
+    bands = torch.stack([(fraction >= f0) & (fraction < f1) & rows for f0, f1 in BODY_BANDS.values()], 1)
+    return (bands[..., None] & masks[:, None]).float()
+
+
+def region_colours(images01: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean colour (N,R,3) of each region and whether it has at least MIN_REGION_PIXELS pixels (N,R)."""
+    counts = weights.sum((2, 3))
+    sums = torch.einsum("nchw,nrhw->nrc", images01.double(), weights.double())
+    return sums / counts.clamp(min=1)[..., None].double(), counts >= MIN_REGION_PIXELS
+
+
+def fidelity_from_region_colours(
+    source: torch.Tensor, translated: torch.Tensor, valid: torch.Tensor, pids: torch.Tensor
+) -> dict[str, float]:
+    """How far a translation moves each identity's region colours, relative to the spread between identities.
+
+    source/translated: (N,R,3) region colours of N images, valid (N,R), pids (N). Per identity i and region r,
+    S[i,r] and T[i,r] average the images of i where r is valid. A translation may change the style of the whole
+    domain, so the translated colours are first mapped back by the best camera-like correction, one gain and
+    offset per channel fitted over all (i, r) by least squares (S ~ a T + b); a global colour cast, exposure or
+    contrast change is undone exactly, a change that differs between identities (a red top turning yellow while
+    a blue one stays blue) is not. Then
+        z[i,r]   = |a T[i,r] + b - S[i,r]| / spread[r],  spread[r] = RMS over identities of |S[i,r] - mean_i S[i,r]|
+        drift[i] = sqrt(mean_r z[i,r]^2)        (0: colours kept; about 1: as far as another person's colours)
+    Returns identity_drift = mean_i drift[i], identity_kept = the share of identities whose corrected translated
+    colours are closest to their own source colours (mean over shared regions of z-scaled squared distances),
+    drift_<region> = RMS over identities of z[:, r], and the number of identities."""
+    identities = torch.unique(pids)
+    weights = (pids[None, :] == identities[:, None]).double()[:, :, None] * valid.double()[None]  # (I,N,R)
+    count = weights.sum(1)  # (I,R)
+    present = count > 0
+    mean_source = torch.einsum("inr,nrc->irc", weights, source.double()) / count.clamp(min=1)[..., None]
+    mean_translated = torch.einsum("inr,nrc->irc", weights, translated.double()) / count.clamp(min=1)[..., None]
+    s, t = mean_source[present], mean_translated[present]  # (M,3)
+    t_centred, s_centred = t - t.mean(0), s - s.mean(0)
+    gain = (t_centred * s_centred).sum(0) / (t_centred**2).sum(0).clamp(min=1e-12)
+    offset = s.mean(0) - gain * t.mean(0)
+    corrected = gain * mean_translated + offset  # (I,R,3)
+    region_mean = (mean_source * present[..., None]).sum(0) / present.sum(0).clamp(min=1)[:, None]  # (R,3)
+    spread = (((mean_source - region_mean) ** 2).sum(-1) * present).sum(0) / present.sum(0).clamp(min=1)
+    spread = spread.sqrt().clamp(min=1e-6)  # (R,)
+    z2 = ((corrected - mean_source) ** 2).sum(-1) / spread**2  # (I,R)
+    drift = ((z2 * present).sum(1) / present.sum(1).clamp(min=1)).sqrt()
+    # identification: corrected translation of i against the source colours of every j, over shared regions
+    shared = present[:, None, :] & present[None, :, :]
+    pair = ((corrected[:, None] - mean_source[None]) ** 2).sum(-1) / spread**2  # (I,J,R)
+    distance = (pair * shared).sum(-1) / shared.sum(-1).clamp(min=1)
+    distance = torch.where(shared.any(-1), distance, torch.inf)
+    kept = (distance.argmin(1) == torch.arange(len(identities))).double()
+    result = {"identity_drift": drift.mean().item(), "identity_kept": kept.mean().item()}
+    for r, name in enumerate(BODY_BANDS):
+        rows = present[:, r]
+        result[f"drift_{name}"] = z2[rows, r].mean().sqrt().item() if rows.any() else float("nan")
+    result["identities"] = len(identities)
+    return result
+
+
+def identity_fidelity(source01: torch.Tensor, translated01: torch.Tensor, pids: torch.Tensor) -> dict[str, float]:
+    """fidelity_from_region_colours of [0, 1] source crops (flat backgrounds) and their pixel-aligned
+    translations, with the regions found on the source crops (person_masks, BODY_BANDS)."""
+    weights = body_region_weights(person_masks(source01.float()))
+    source, valid = region_colours(source01, weights)
+    translated, _ = region_colours(translated01, weights)
+    return fidelity_from_region_colours(source, translated, valid, pids)
+
+
+@torch.no_grad()
+def translate_images(generator: nn.Module, images: torch.Tensor, autocast=nullcontext, batch: int = 64) -> torch.Tensor:
+    """[0, 1] translations of ImageNet-normalised images, in batches."""
+    outputs = []
+    for start in range(0, len(images), batch):
+        with autocast():
+            outputs.append(denormalise_imagenet(generator(images[start : start + batch]).float()))
+    return torch.cat(outputs)
+
+
+def fidelity_items(items: Sequence[tuple], per_identity: int = 2, max_images: int = 256) -> list[tuple]:
+    """A fixed probe set: the first `per_identity` images (sorted by path) of each identity, at most
+    `max_images` in all."""
+    by_pid: dict[int, list[tuple]] = {}
+    for item in sorted(items):
+        by_pid.setdefault(item[1], []).append(item)
+    chosen = [item for pid in sorted(by_pid) for item in by_pid[pid][:per_identity]]
+    return chosen[:max_images]
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Training
 # ------------------------------------------------------------------------------------------------------------
 
 
-def check_image_size(height: int, width: int) -> None:
+def check_image_size(height: int, width: int, d_layers: int = 3) -> None:
     if height % 4 or width % 4:
         raise ValueError(f"--height {height} / --width {width}: both must be multiples of 4 (two 2x downsamplings)")
-    if min(height, width) < 24:
-        raise ValueError(f"--height {height} / --width {width}: the PatchGAN discriminator needs at least 24 pixels")
+    smallest = 3 * 2**d_layers  # d_layers halvings, then two 4x4 stride-1 convolutions: at least one score
+    if min(height, width) < smallest:
+        raise ValueError(
+            f"--height {height} / --width {width}: a {d_layers}-layer PatchGAN discriminator needs at least "
+            f"{smallest} pixels (fewer --d-layers)"
+        )
 
 
 def save_sample_grid(path: Path, source: torch.Tensor, translated: torch.Tensor, cycled: torch.Tensor) -> None:
@@ -439,12 +611,21 @@ def save_sample_grid(path: Path, source: torch.Tensor, translated: torch.Tensor,
     os.replace(tmp, path)
 
 
+def write_json(path: Path, record: dict) -> None:
+    """JSON file written to a temporary name, then renamed."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
 def architecture_of(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in ARCHITECTURE_KEYS}
 
 
 def train(args: argparse.Namespace) -> None:
-    check_image_size(args.height, args.width)
+    if not args.d_layers:  # 0 = scaled to the image width (RELEASE_RECEPTIVE_FIELD_SHARE)
+        args.d_layers = discriminator_layers_for(args.width)
+    check_image_size(args.height, args.width, args.d_layers)
     if args.batch_size % args.num_instances:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of --num-instances {args.num_instances}")
     if args.lambda_relation > 0 and not args.source_encoder:
@@ -502,11 +683,17 @@ def train(args: argparse.Namespace) -> None:
     )
     source_loader = DataLoader(reid.ImageDataset(source.train, transform), sampler=source_sampler, **loader_options)
     target_loader = DataLoader(reid.ImageDataset(target.train, transform), sampler=target_sampler, **loader_options)
+    # Identity-fidelity probe (identity_fidelity): two un-augmented crops of every source identity, translated at
+    # every sample grid; the score goes into the log and beside the grid.
+    probe = fidelity_items(source.train)
+    probe_set = reid.ImageDataset(probe, reid.build_test_transform(args.height, args.width))
+    probe_images = torch.stack([probe_set[i][0] for i in range(len(probe))]).to(device)
+    probe_pids = torch.tensor([item[1] for item in probe])
 
     # ---- networks
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     generators = Generators(args.ngf, args.n_blocks)
-    discriminators = Discriminators(args.ndf)
+    discriminators = Discriminators(args.ndf, args.d_layers)
     init_weights_normal(generators)
     init_weights_normal(discriminators)
     generators.to(device, memory_format=memory_format)
@@ -514,26 +701,13 @@ def train(args: argparse.Namespace) -> None:
 
     source_encoder = target_encoder = None
     if args.lambda_relation > 0:
-        source_state, arch = read_encoder_checkpoint(args.source_encoder, args.arch)
-        source_encoder = freeze(build_encoder(source_state, arch)).to(device, memory_format=memory_format)
-        target_state, target_arch = source_state, arch
-        if args.target_encoder:
-            target_state, target_arch = read_encoder_checkpoint(args.target_encoder, args.arch)
-        elif main_process:
+        if not args.target_encoder and main_process:
             print(f"no --target-encoder: {args.source_encoder} also measures the translations")
-        if args.online_relation:
-            # The target encoder gets its own re-ID loss on the translations (source labels), so it needs a
-            # source-identity classifier: the target checkpoint's if its shape fits, else the source encoder's
-            # (trained on the same identities), else reid.build_model's fresh initialisation.
-            target_encoder = build_encoder(target_state, target_arch, num_classes=source.num_train_pids)
-            shape = target_encoder.classifier.weight.shape
-            if classifier_weight(target_state, shape) is None and classifier_weight(source_state, shape) is not None:
-                target_encoder.classifier.weight.data.copy_(classifier_weight(source_state, shape))
-            target_encoder.to(device, memory_format=memory_format)
-            set_batchnorm_eval(target_encoder)
-        else:
-            target_encoder = freeze(build_encoder(target_state, target_arch)).to(device, memory_format=memory_format)
-        del source_state, target_state
+        source_encoder, target_encoder = build_relation_encoders(
+            args.source_encoder, args.target_encoder, args.arch, args.online_relation, source.num_train_pids
+        )
+        source_encoder.to(device, memory_format=memory_format)
+        target_encoder.to(device, memory_format=memory_format)
 
     optimizer_g = torch.optim.Adam(generators.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
     optimizer_d = torch.optim.Adam(discriminators.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
@@ -701,21 +875,26 @@ def train(args: argparse.Namespace) -> None:
                     lr=optimizer_g.param_groups[0]["lr"],
                     seconds=time.perf_counter() - tic,
                 )
+                last_iteration = iteration == args.iters - 1
+                if (args.sample_every and global_step % args.sample_every == 0) or last_iteration:
+                    n = min(args.sample_count, len(real_source))
+                    sample_path = out_dir / "samples" / f"epoch{epoch + 1:03d}_step{global_step:07d}.png"
+                    save_sample_grid(
+                        sample_path, real_source[:n], images["fake_target"][:n], images["cycled_source"][:n]
+                    )
+                    translated01 = translate_images(unwrap(generators).source_to_target, probe_images, autocast)
+                    fidelity = identity_fidelity(
+                        denormalise_imagenet(probe_images).cpu(), translated01.cpu(), probe_pids
+                    )
+                    terms.update({f"fidelity_{k}": v for k, v in fidelity.items()})
+                    write_json(sample_path.with_suffix(".json"), {"step": global_step, **fidelity})
                 logger.log(terms)
                 progress.set_postfix(
                     g=f"{terms['g_total']:.3f}",
                     d=f"{loss_d.item():.3f}",
                     rel=f"{terms.get('g_relation', 0):.3f}",
+                    drift=f"{terms.get('fidelity_identity_drift', float('nan')):.2f}",
                 )
-                last_iteration = iteration == args.iters - 1
-                if (args.sample_every and global_step % args.sample_every == 0) or last_iteration:
-                    n = min(args.sample_count, len(real_source))
-                    save_sample_grid(
-                        out_dir / "samples" / f"epoch{epoch + 1:03d}_step{global_step:07d}.png",
-                        real_source[:n],
-                        images["fake_target"][:n],
-                        images["cycled_source"][:n],
-                    )
                 if args.checkpoint_every and global_step % args.checkpoint_every == 0 and not last_iteration:
                     save(epoch, iteration + 1)
         start_iteration = 0
@@ -805,6 +984,32 @@ def translate(args: argparse.Namespace) -> None:
             progress.update(len(indices))
 
 
+@torch.no_grad()
+def measure_fidelity(args: argparse.Namespace) -> dict:
+    """identity_fidelity of a translated copy of personX/image_train (same file names, e.g. personX_sda or the
+    embedded benchmark's perfect-translator control) against the source images, on every source image."""
+    items = reid.read_dataset("personx", args.data_root).train
+    translated_dir = Path(args.translated)
+    if not translated_dir.is_dir():
+        raise FileNotFoundError(f"--translated {translated_dir}: no such folder")
+    missing = [path for path, _, _ in items if not (translated_dir / Path(path).name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"--translated {translated_dir}: {len(missing)} source images have no translation, "
+                                f"e.g. {Path(missing[0]).name}")  # fmt: skip
+    translated_items = [(str(translated_dir / Path(path).name), pid, cam) for path, pid, cam in items]
+    transform = reid.build_test_transform(args.height, args.width)
+    source01, translated01 = [
+        denormalise_imagenet(torch.stack([reid.ImageDataset(chosen, transform)[i][0] for i in range(len(chosen))]))
+        for chosen in (items, translated_items)
+    ]
+    result = identity_fidelity(source01, translated01, torch.tensor([pid for _, pid, _ in items]))
+    result = {"translated": str(translated_dir), "images": len(items), **result}
+    print(json.dumps(result, indent=1))
+    if args.out:
+        write_json(Path(args.out), result)
+    return result
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------------------------
@@ -869,6 +1074,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ngf", type=int, default=64, help="generator width (channels of the first conv)")
     t.add_argument("--ndf", type=int, default=64, help="discriminator width")
     t.add_argument("--n-blocks", type=int, default=9, help="residual blocks per generator")
+    t.add_argument(
+        "--d-layers",
+        type=int,
+        default=0,
+        help="PatchGAN discriminator depth; 0 = scaled to the image: the deepest whose receptive field is at most "
+        "55%% of the width, the release's 70 px at 128 (3 layers at width 128, 2 at 64, 1 at 48)",
+    )
     t.add_argument("--lambda-cycle", type=float, default=10.0, help="cycle-consistency L1 weight")
     t.add_argument("--lambda-identity", type=float, default=5.0, help="identity L1 weight (CycleGAN's 0.5 x 10)")
     t.add_argument("--pool-size", type=int, default=50, help="image history per discriminator (0 = off)")
@@ -911,6 +1123,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     s.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="autocast (default fp32)")
     s.add_argument("--jpeg-quality", type=int, default=95, help="quality of JPEG outputs")
+
+    f = commands.add_parser(
+        "fidelity",
+        help="identity fidelity of a translated copy of personX/image_train (identity_fidelity)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    f.add_argument("--data-root", required=True, help="root holding the source personX/image_train")
+    f.add_argument("--translated", required=True, help="folder of translated images named as the source ones")
+    f.add_argument("--height", type=int, default=128, help="images are compared at this size")
+    f.add_argument("--width", type=int, default=64)
+    f.add_argument("--out", help="also write the result to this JSON file")
     return parser
 
 
@@ -930,8 +1153,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     if args.command == "train":
         train(args)
-    else:
+    elif args.command == "translate":
         translate(args)
+    else:
+        measure_fidelity(args)
 
 
 if __name__ == "__main__":

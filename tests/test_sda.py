@@ -500,3 +500,192 @@ def test_ddp_with_torchrun_two_processes(tmp_path, tiny_data_root, encoder_check
     records = read_log(out / "log.jsonl")
     assert [r["step"] for r in records] == [1, 2]  # only rank 0 logs
     assert torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)["global_step"] == 2
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Discriminator depth scaled to the image size
+# ------------------------------------------------------------------------------------------------------------
+
+
+def measured_receptive_field(n_layers: int) -> tuple[int, int]:
+    """Height and width of the input area that one central score depends on, measured with autograd on a
+    PatchDiscriminator whose InstanceNorms are removed (they mix the whole image through their statistics)."""
+    torch.manual_seed(n_layers)
+    discriminator = sda.PatchDiscriminator(ndf=2, n_layers=n_layers).double()
+    discriminator.net = nn.Sequential(
+        *[nn.Identity() if isinstance(m, nn.InstanceNorm2d) else m for m in discriminator.net]
+    )
+    size = 8 * 2**n_layers + 64
+    image = torch.randn(1, 3, size, size, dtype=torch.float64, requires_grad=True)
+    scores = discriminator(image)
+    scores[0, 0, scores.shape[2] // 2, scores.shape[3] // 2].backward()
+    touched = image.grad.abs().sum((0, 1)) > 0
+    rows, cols = touched.any(1).nonzero(), touched.any(0).nonzero()
+    return int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
+
+
+@pytest.mark.parametrize("n_layers", [1, 2, 3, 4])
+def test_patch_receptive_field_matches_autograd(n_layers):
+    field = sda.patch_receptive_field(n_layers)
+    assert measured_receptive_field(n_layers) == (field, field)
+    if n_layers == 3:
+        assert field == 70  # the PatchGAN of pix2pix / CycleGAN
+
+
+def test_discriminator_depth_scales_with_image_width():
+    assert [sda.discriminator_layers_for(w) for w in (128, 64, 48, 32)] == [3, 2, 1, 1]
+    for width in range(24, 400, 4):
+        n = sda.discriminator_layers_for(width)
+        share = sda.RELEASE_RECEPTIVE_FIELD_SHARE * width
+        assert n == 1 or sda.patch_receptive_field(n) <= share
+        assert n == 5 or sda.patch_receptive_field(n + 1) > share
+    discriminator = sda.PatchDiscriminator(ndf=4, n_layers=1)
+    convs = [m for m in discriminator.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.stride[0] for c in convs] == [2, 1, 1]
+    assert discriminator(torch.randn(1, 3, 96, 48)).shape == (1, 1, 46, 22)
+    with pytest.raises(ValueError, match="3-layer PatchGAN"):
+        sda.check_image_size(96, 16, 3)
+
+
+def test_train_resolves_the_scaled_depth(trained_run):
+    state = torch.load(trained_run / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert state["architecture"]["d_layers"] == sda.discriminator_layers_for(32) == 1
+    strides = [v.shape for k, v in state["discriminators"].items() if k.startswith("target.") and "weight" in k]
+    assert len(strides) == 3  # two convolutions and the score layer
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Identity fidelity
+# ------------------------------------------------------------------------------------------------------------
+
+
+def reference_fidelity(source: np.ndarray, translated: np.ndarray, valid: np.ndarray, pids: np.ndarray) -> dict:
+    """From the definition, with loops: identity means over valid images, per-channel least-squares correction
+    of the translated means onto the source means, z-scores by the between-identity spread of each region."""
+    identities = sorted(set(pids.tolist()))
+    regions = source.shape[1]
+    S, T, present = {}, {}, {}
+    for i in identities:
+        for r in range(regions):
+            rows = [n for n in range(len(pids)) if pids[n] == i and valid[n, r]]
+            present[i, r] = bool(rows)
+            if rows:
+                S[i, r] = source[rows, r].mean(0)
+                T[i, r] = translated[rows, r].mean(0)
+    keys = [k for k in S]
+    s_all, t_all = np.array([S[k] for k in keys]), np.array([T[k] for k in keys])
+    gain, offset = np.zeros(3), np.zeros(3)
+    for c in range(3):
+        design = np.stack([t_all[:, c], np.ones(len(keys))], 1)
+        (gain[c], offset[c]), *_ = np.linalg.lstsq(design, s_all[:, c], rcond=None)
+    spread = []
+    for r in range(regions):
+        colours = np.array([S[i, r] for i in identities if present[i, r]])
+        spread.append(np.sqrt(((colours - colours.mean(0)) ** 2).sum(1).mean()))
+    z2 = {k: ((gain * T[k] + offset - S[k]) ** 2).sum() / spread[k[1]] ** 2 for k in keys}
+    drifts = [np.sqrt(np.mean([z2[i, r] for r in range(regions) if present[i, r]])) for i in identities]
+    kept = []
+    for i in identities:
+        distances = []
+        for j in identities:
+            shared = [r for r in range(regions) if present[i, r] and present[j, r]]
+            d = [((gain * T[i, r] + offset - S[j, r]) ** 2).sum() / spread[r] ** 2 for r in shared]
+            distances.append(np.mean(d) if d else np.inf)
+        kept.append(identities[int(np.argmin(distances))] == i)
+    return {"identity_drift": float(np.mean(drifts)), "identity_kept": float(np.mean(kept))}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fidelity_matches_reference_on_random_colours(seed):
+    rng = np.random.default_rng(seed)
+    n, regions = 40, len(sda.BODY_BANDS)
+    pids = rng.integers(0, 9, size=n)
+    source = rng.uniform(0, 1, size=(n, regions, 3))
+    translated = np.clip(source * rng.uniform(0.5, 1.2, 3) + rng.normal(0, 0.15, size=source.shape), 0, 1)
+    valid = rng.random((n, regions)) < 0.8
+    result = sda.fidelity_from_region_colours(
+        torch.from_numpy(source), torch.from_numpy(translated), torch.from_numpy(valid), torch.from_numpy(pids)
+    )
+    expected = reference_fidelity(source, translated, valid, pids)
+    assert result["identity_drift"] == pytest.approx(expected["identity_drift"], rel=1e-9)
+    assert result["identity_kept"] == pytest.approx(expected["identity_kept"])
+    assert result["identities"] == len(set(pids.tolist()))
+
+
+@pytest.fixture(scope="module")
+def tiny_source_images(tiny_data_root) -> tuple[torch.Tensor, torch.Tensor]:
+    items = reid.read_dataset("personx", str(tiny_data_root)).train
+    images = [
+        torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255) for path, _, _ in items
+    ]
+    return torch.stack(images).permute(0, 3, 1, 2).contiguous(), torch.tensor([pid for _, pid, _ in items])
+
+
+def test_person_regions_are_found_on_source_crops(tiny_source_images):
+    images, _ = tiny_source_images
+    masks = sda.person_masks(images)
+    share = masks.float().mean((1, 2))
+    assert (share > 0.05).all() and (share < 0.6).all()  # a pedestrian, not the background
+    _, valid = sda.region_colours(images, sda.body_region_weights(masks))
+    assert valid.float().mean() > 0.9
+
+
+def test_fidelity_keeps_identities_under_a_camera_style_and_flags_colour_swaps(tiny_source_images):
+    images, pids = tiny_source_images
+    identity = sda.identity_fidelity(images, images, pids)
+    assert identity["identity_drift"] == pytest.approx(0.0, abs=1e-9) and identity["identity_kept"] == 1.0
+    # a camera: colour cast, exposure and contrast (per-channel gain and offset) -> undone by the correction
+    camera = (images * torch.tensor([0.8, 0.9, 0.7]).view(1, 3, 1, 1) + 0.1).clamp(0, 1)
+    style = sda.identity_fidelity(images, camera, pids)
+    assert style["identity_drift"] < 0.05 and style["identity_kept"] == 1.0
+    # translators that swap two colours: red <-> green channels, or every hue rotated by 120 degrees
+    red_green = sda.identity_fidelity(images, images[:, [1, 0, 2]], pids)
+    hue = sda.identity_fidelity(images, images[:, [2, 0, 1]], pids)
+    grey = sda.identity_fidelity(images, torch.full_like(images, 0.5), pids)
+    for swapped in (red_green, hue, grey):
+        assert swapped["identity_drift"] > 0.3 > style["identity_drift"]
+        assert swapped["identity_drift"] > identity["identity_drift"]
+    assert grey["identity_drift"] == pytest.approx(1.0, abs=0.25)  # as far as an average other person
+    assert grey["identity_kept"] < 1.0
+
+
+def test_train_logs_fidelity_beside_the_samples(trained_run):
+    records = read_log(trained_run / "log.jsonl")
+    assert 0 <= records[-1]["fidelity_identity_drift"] and 0 <= records[-1]["fidelity_identity_kept"] <= 1
+    sample = json.loads(sorted((trained_run / "samples").glob("*.json"))[-1].read_text())
+    assert sample["identity_drift"] == records[-1]["fidelity_identity_drift"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Target encoder of the relation term
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_target_encoder_is_loaded_from_its_own_checkpoint(tmp_path, tiny_data_root, encoder_checkpoint):
+    """An mmt_plus.py model_best.pth (state_dict without classifier, DDP prefixes, 'arch') becomes E_t; E_s stays
+    the source checkpoint; without a target checkpoint E_t is a copy of E_s; online E_t gets E_s's classifier."""
+    num_pids = reid.read_dataset("personx", str(tiny_data_root)).num_train_pids
+    torch.manual_seed(7)
+    adapted = reid.build_model("resnet18", num_classes=0)
+    target_path = tmp_path / "model_best.pth"
+    state = {f"module.{k}": v for k, v in adapted.state_dict().items()}
+    reid.save_checkpoint({"state_dict": state, "arch": "resnet18", "kind": "mmt"}, target_path)
+    source_state, _ = sda.read_encoder_checkpoint(encoder_checkpoint)
+
+    source, target = sda.build_relation_encoders(encoder_checkpoint, target_path, None, False, num_pids)
+    for key, value in adapted.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key
+    assert torch.equal(source.state_dict()["bnneck.weight"], source_state["bnneck.weight"])
+    assert not torch.equal(source.state_dict()["backbone.conv1.weight"], target.state_dict()["backbone.conv1.weight"])
+    assert not any(p.requires_grad for p in target.parameters()) and not target.training
+
+    _, same = sda.build_relation_encoders(encoder_checkpoint, None, "resnet18", False, num_pids)
+    assert torch.equal(same.state_dict()["backbone.conv1.weight"], source_state["backbone.conv1.weight"])
+
+    _, online = sda.build_relation_encoders(encoder_checkpoint, target_path, None, True, num_pids)
+    assert torch.equal(online.classifier.weight, source_state["classifier.weight"])
+    assert torch.equal(online.state_dict()["backbone.conv1.weight"], adapted.state_dict()["backbone.conv1.weight"])
+    assert any(p.requires_grad for p in online.parameters())
+
+    with pytest.raises(ValueError, match="holds a resnet18 model, but --arch is resnet50"):
+        sda.build_relation_encoders(encoder_checkpoint, target_path, "resnet50", False, num_pids)
