@@ -1134,6 +1134,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--height", type=int, default=128, help="images are compared at this size")
     f.add_argument("--width", type=int, default=64)
     f.add_argument("--out", help="also write the result to this JSON file")
+    f.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     return parser
 
 

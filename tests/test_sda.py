@@ -689,3 +689,20 @@ def test_target_encoder_is_loaded_from_its_own_checkpoint(tmp_path, tiny_data_ro
 
     with pytest.raises(ValueError, match="holds a resnet18 model, but --arch is resnet50"):
         sda.build_relation_encoders(encoder_checkpoint, target_path, "resnet50", False, num_pids)
+
+
+def test_fidelity_command_compares_a_translated_copy(tmp_path, tiny_data_root):
+    source_dir = tiny_data_root / "personX" / "image_train"
+    copy_dir = tmp_path / "copy"
+    copy_dir.mkdir()
+    for path in sorted(source_dir.iterdir()):
+        (copy_dir / path.name).write_bytes(path.read_bytes())
+    out = tmp_path / "fidelity.json"
+    common = ["fidelity", "--data-root", str(tiny_data_root), "--height", "64", "--width", "32", "--threads", "1"]
+    result = sda.main(common + ["--translated", str(copy_dir), "--out", str(out)])
+    written = json.loads(out.read_text())
+    assert written["identity_drift"] == pytest.approx(0.0, abs=1e-9) and written["identity_kept"] == 1.0
+    assert written["images"] == len(list(source_dir.iterdir())) and result is None
+    sorted(copy_dir.iterdir())[0].unlink()
+    with pytest.raises(FileNotFoundError, match="have no translation"):
+        sda.main(common + ["--translated", str(copy_dir)])
