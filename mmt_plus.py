@@ -283,6 +283,16 @@ class MocoQueue(nn.Module):
         self.pointer.fill_((start + len(keys)) % size)
 
 
+def warmup_factor(steps_since_reset: int, warmup_iters: int) -> float:
+    """Learning-rate factor of the k-th optimiser step after a fresh Adam (k = steps_since_reset, from 0): linear
+    warm-up (k + 1) / W for the first W steps, then 1 (W = 0: none). A fresh Adam's first update is about
+    lr * sign(gradient) on every weight, whatever the gradient's size; ramping lr over W steps lets the moment
+    estimates settle before the steps reach full size."""
+    if warmup_iters <= 0:
+        return 1.0
+    return min(1.0, (steps_since_reset + 1) / warmup_iters)
+
+
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, alpha: float, global_step: int) -> float:
     """Mean teacher: theta_T <- a theta_T + (1 - a) theta_S over parameters only (BN running statistics are the
@@ -321,6 +331,61 @@ def cluster_centroids(features: torch.Tensor, labels: np.ndarray) -> torch.Tenso
     return F.normalize(sums, dim=1).float()
 
 
+def camera_normalize(features: torch.Tensor, camids: np.ndarray | torch.Tensor, scale: bool = False) -> torch.Tensor:
+    """Features with each camera's mean feature removed (and, with `scale`, every dimension divided by that camera's
+    standard deviation), then L2-normalised: a per-camera offset (a camera's colour cast or scenery shifting all its
+    images the same way) no longer pulls same-camera images of different people together before clustering.
+    A camera with one image keeps its feature (its mean would be the image itself)."""
+    features = torch.as_tensor(features).float()
+    cams = torch.as_tensor(np.asarray(camids))
+    if len(cams) != len(features):
+        raise ValueError(f"camera_normalize: {len(features)} features but {len(cams)} camera ids")
+    out = features.clone()
+    for cam in torch.unique(cams).tolist():
+        rows = cams == cam
+        if int(rows.sum()) < 2:
+            continue
+        centred = features[rows] - features[rows].mean(dim=0, keepdim=True)
+        if scale:
+            centred = centred / features[rows].std(dim=0, unbiased=False, keepdim=True).clamp_min(1e-6)
+        out[rows] = centred
+    return F.normalize(out, dim=1)
+
+
+def soft_target_entropy(teacher_logits: torch.Tensor) -> float:
+    """Mean entropy (nats) of the teachers' soft targets softmax(logits) over the batch: near 0 = one-hot targets
+    (the mutual loss then adds little beyond a hard label), log(classes) = uniform."""
+    log_probs = F.log_softmax(teacher_logits.detach().float(), dim=1)
+    return float(-(log_probs.exp() * log_probs).sum(dim=1).mean())
+
+
+def clustering_agreement(labels_a: np.ndarray, labels_b: np.ndarray) -> float:
+    """NMI between two clusterings of the same images, over the images that neither leaves out (label >= 0); 0 if
+    none. Between the two teachers' separate clusterings: near 1 = the teachers see the same structure (mutual
+    teaching has little to exchange), lower = complementary views."""
+    labels_a, labels_b = np.asarray(labels_a), np.asarray(labels_b)
+    keep = (labels_a >= 0) & (labels_b >= 0)
+    if not keep.any():
+        return 0.0
+    return float(normalized_mutual_info_score(labels_a[keep], labels_b[keep]))
+
+
+def similarity_correlation(features_a: torch.Tensor, features_b: torch.Tensor, max_rows: int = 2000) -> float:
+    """Pearson correlation between the two networks' pairwise cosine similarities (all pairs i < j of at most
+    `max_rows` evenly spaced rows): 1 = the two embeddings rank every pair alike (near-clones), independent of any
+    rotation of the feature space, so it also compares networks whose feature dimensions do not correspond."""
+    if len(features_a) != len(features_b):
+        raise ValueError(f"similarity_correlation: {len(features_a)} vs {len(features_b)} rows")
+    rows = torch.linspace(0, len(features_a) - 1, min(max_rows, len(features_a))).round().long().unique()
+    if len(rows) < 3:
+        return float("nan")
+    a, b = (F.normalize(torch.as_tensor(f)[rows].double(), dim=1) for f in (features_a, features_b))
+    upper = torch.triu_indices(len(rows), len(rows), offset=1)
+    sim_a, sim_b = (a @ a.t())[upper[0], upper[1]], (b @ b.t())[upper[0], upper[1]]
+    sim_a, sim_b = sim_a - sim_a.mean(), sim_b - sim_b.mean()
+    return float((sim_a * sim_b).sum() / (sim_a.norm() * sim_b.norm()).clamp_min(1e-12))
+
+
 def _majority_fraction(groups: np.ndarray, values: np.ndarray) -> float:
     """Fraction of items whose value is the most common value of their group (the usual cluster purity)."""
     best: dict[int, int] = {}
@@ -357,6 +422,24 @@ def oracle_labels(true_ids: np.ndarray) -> np.ndarray:
     kept = sorted(pid for pid, count in counts.items() if count > 1)
     mapping = {pid: label for label, pid in enumerate(kept)}
     return np.array([mapping.get(pid, -1) for pid in true_ids.tolist()], dtype=np.int64)
+
+
+def pseudo_labels(features: torch.Tensor, camids: np.ndarray, args: argparse.Namespace) -> np.ndarray:
+    """DBSCAN labels of the (averaged teacher) features, after --camera-normalize if asked."""
+    if args.camera_normalize != "none":
+        features = camera_normalize(features, camids, scale=args.camera_normalize == "meanstd")
+    return cluster_features(features, args.k1, args.k2, args.eps, args.min_samples)
+
+
+def teacher_agreement(teacher_features: Sequence[torch.Tensor], camids: np.ndarray, args) -> dict:
+    """How alike the two mean teachers are (diagnostics): the correlation of their pairwise similarities and the NMI
+    between their separate clusterings (same clustering settings as the pseudo labels)."""
+    separate = [pseudo_labels(f, camids, args) for f in teacher_features]
+    return {
+        "similarity_correlation": similarity_correlation(teacher_features[0], teacher_features[1]),
+        "clustering_nmi": clustering_agreement(separate[0], separate[1]),
+        "clusters": [int(labels.max()) + 1 if (labels >= 0).any() else 0 for labels in separate],
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -482,7 +565,10 @@ def train_one_epoch(
         disable=not is_main_process(),
         dynamic_ncols=True,
     )
-    for _ in progress:
+    for iteration in progress:
+        steps_since_reset = global_step if args.keep_optimizer_state else iteration
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * warmup_factor(steps_since_reset, args.warmup_iters)
         (target_1, target_2), target_labels, _, _ = target_loader.next()
         views, labels = [target_1, target_2], target_labels
         source_rows = 0
@@ -539,6 +625,9 @@ def train_one_epoch(
         global_step += 1
         for name, value in [("loss", loss), *terms.items()]:
             sums[name] = sums.get(name, 0.0) + float(value.detach() if torch.is_tensor(value) else value)
+        sums["soft_target_entropy"] = sums.get("soft_target_entropy", 0.0) + sum(
+            soft_target_entropy(teacher_outputs[i][2]) / 2 for i in range(2)
+        )
         sums["precision"] = sums.get("precision", 0.0) + float(
             sum((outputs[i][2].argmax(1) == labels).float().mean() for i in range(2)) / 2
         )
@@ -593,6 +682,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eps", type=float, default=0.6, help="DBSCAN eps (Jaccard distance)")
     parser.add_argument("--min-samples", type=int, default=4, help="DBSCAN min_samples (self included)")
     parser.add_argument(
+        "--camera-normalize",
+        choices=["none", "mean", "meanstd"],
+        default="none",
+        help="before clustering, remove each target camera's mean feature (mean) and scale (meanstd) from the "
+        "teachers' features, so that clusters follow people rather than camera looks (release: none)",
+    )
+    parser.add_argument(
+        "--teacher-diagnostics",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="log per epoch how alike the two teachers are: correlation of their pairwise similarities and NMI "
+        "between their separate clusterings (two extra clusterings per epoch)",
+    )
+    parser.add_argument(
         "--oracle-pseudo-labels",
         action="store_true",
         help="DIAGNOSTICS ONLY: use the embedded benchmark's ground-truth target identities (diagnostics/) instead "
@@ -644,6 +747,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=40, help="epochs (= re-clusterings); release 40")
     parser.add_argument("--iters", type=int, default=200, help="iterations per epoch")
     parser.add_argument("--ema-alpha", type=float, default=0.999, help="mean-teacher EMA alpha")
+    parser.add_argument(
+        "--warmup-iters",
+        type=int,
+        default=0,
+        help="linear lr warm-up over the first N steps after every optimiser reset (or after the start with "
+        "--keep-optimizer-state); 0 = none (release)",
+    )
     parser.add_argument(
         "--keep-optimizer-state",
         action="store_true",
@@ -699,6 +809,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--batch-size {args.batch_size} must be a multiple of the 4 instances per identity")
     if not 0 <= args.soft_ce_weight <= 1:
         parser.error(f"--soft-ce-weight must be in [0, 1], got {args.soft_ce_weight}")
+    if args.warmup_iters < 0:
+        parser.error(f"--warmup-iters must be >= 0, got {args.warmup_iters}")
     if not 0 < args.ema_alpha < 1:
         parser.error(f"--ema-alpha must be in (0, 1), got {args.ema_alpha}")
     for name in ("init_1", "init_2"):
@@ -859,14 +971,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
             for teacher in teachers:
                 for buffer in teacher.buffers():
                     dist.broadcast(buffer, src=0)
-        features = [F.normalize(distributed_features(t, target_items, args, device), dim=1) for t in teachers]
-        features = F.normalize((features[0] + features[1]) / 2, dim=1)
+        teacher_features = [F.normalize(distributed_features(t, target_items, args, device), dim=1) for t in teachers]
+        features = F.normalize((teacher_features[0] + teacher_features[1]) / 2, dim=1)
         labels = torch.empty(len(target_items), dtype=torch.long)
         if rank == 0:
             if args.oracle_pseudo_labels:
                 labels = torch.from_numpy(oracle_labels(true_ids))
             else:
-                labels = torch.from_numpy(cluster_features(features, args.k1, args.k2, args.eps, args.min_samples))
+                labels = torch.from_numpy(pseudo_labels(features, target_camids, args))
         if distributed:
             dist.broadcast(labels, src=0)
         labels_np = labels.numpy()
@@ -877,6 +989,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "outlier_fraction": float((labels_np < 0).mean()),
             "clustering_seconds": round(time.time() - start, 1),
         }
+        if args.teacher_diagnostics and rank == 0:
+            record["teachers"] = teacher_agreement(teacher_features, target_camids, args)
         if true_ids is not None:
             record["pseudo_labels"] = pseudo_label_quality(labels_np, true_ids, target_camids)
         if num_clusters < world_size:
@@ -932,6 +1046,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             device,
         )
         record["losses"] = losses
+        record["lr"] = optimizer.param_groups[0]["lr"]  # after the warm-up: the epoch's final rate
         record["global_step"] = global_step
 
         # 4. validate both teachers, keep the best, checkpoint (rank 0)

@@ -509,3 +509,153 @@ def test_torchrun_two_processes(tmp_path, tiny_data_root, inits):
     record = [r for r in log if "losses" in r][0]
     assert record["clusters"] >= 1 and math.isfinite(record["losses"]["loss"])
     assert (tmp_path / "model_best.pth").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training-dynamics options and diagnostics (issue #14)
+
+
+def test_warmup_factor_values():
+    assert [mmt_plus.warmup_factor(k, 4) for k in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert [mmt_plus.warmup_factor(k, 0) for k in range(3)] == [1.0, 1.0, 1.0]
+    assert mmt_plus.warmup_factor(0, 1) == 1.0
+
+
+def test_camera_normalize_removes_a_planted_camera_offset():
+    rng = np.random.default_rng(0)
+    people = rng.normal(size=(6, 16))  # 6 identities, each seen by 3 cameras, 4 images per camera
+    offsets = 5.0 * rng.normal(size=(3, 16))  # a strong per-camera offset (colour cast) dwarfing identity
+    rows, pids, cams = [], [], []
+    for pid in range(6):
+        for cam in range(3):
+            for _ in range(4):
+                rows.append(people[pid] + offsets[cam] + 0.05 * rng.normal(size=16))
+                pids.append(pid)
+                cams.append(cam)
+    features = torch.tensor(np.array(rows), dtype=torch.float32)
+    pids, cams = np.array(pids), np.array(cams)
+
+    def nearest_same(x):
+        x = torch.nn.functional.normalize(x, dim=1)
+        sim = x @ x.t()
+        sim.fill_diagonal_(-2)
+        nearest = sim.argmax(1).numpy()
+        return (pids[nearest] == pids).mean(), (cams[nearest] == cams).mean()
+
+    # raw: neighbours share the camera; the same images without the offsets: neighbours share the identity
+    assert nearest_same(features)[1] == 1.0
+    for scale in (False, True):
+        normalized = mmt_plus.camera_normalize(features, cams, scale=scale)
+        torch.testing.assert_close(normalized.norm(dim=1), torch.ones(len(features)))
+        # reference from the definition: subtract each camera's mean (and divide by its std), then L2-normalise
+        expected = np.array(rows)
+        for cam in range(3):
+            part = expected[cams == cam]
+            part = part - part.mean(0)
+            if scale:
+                part = part / part.std(0)
+            expected[cams == cam] = part
+        expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+        torch.testing.assert_close(normalized, torch.tensor(expected, dtype=torch.float32), atol=1e-5, rtol=1e-4)
+        identity_rate, _ = nearest_same(normalized)
+        assert identity_rate == 1.0
+    # the offset no longer matters: shifting every camera differently gives the same output
+    shifted = features + torch.tensor(rng.normal(size=(3, 16)), dtype=torch.float32)[cams] * 3
+    torch.testing.assert_close(
+        mmt_plus.camera_normalize(shifted, cams), mmt_plus.camera_normalize(features, cams), atol=1e-5, rtol=1e-4
+    )
+    # a camera with a single image keeps its (normalised) feature
+    lone = mmt_plus.camera_normalize(features[:5], np.array([0, 0, 0, 0, 7]))
+    torch.testing.assert_close(lone[4], torch.nn.functional.normalize(features[4], dim=0))
+
+
+def test_soft_target_entropy_against_hand_values():
+    uniform = torch.zeros(3, 5)
+    assert mmt_plus.soft_target_entropy(uniform) == pytest.approx(math.log(5))
+    two_way = torch.tensor([[0.0, 0.0, -1e4]])  # half / half / 0
+    assert mmt_plus.soft_target_entropy(two_way) == pytest.approx(math.log(2), abs=1e-6)
+    logits = torch.tensor([[math.log(0.7), math.log(0.2), math.log(0.1)], [0.0, -1e4, -1e4]])
+    by_hand = -(0.7 * math.log(0.7) + 0.2 * math.log(0.2) + 0.1 * math.log(0.1)) / 2  # second row: one-hot, 0
+    assert mmt_plus.soft_target_entropy(logits) == pytest.approx(by_hand, rel=1e-5)
+    assert mmt_plus.soft_target_entropy(logits + 3.0) == pytest.approx(by_hand, rel=1e-5)  # shift-invariant
+
+
+def nmi_from_definition(a: np.ndarray, b: np.ndarray) -> float:
+    """I(A;B) / ((H(A) + H(B)) / 2) from the contingency table (sklearn's default arithmetic normalisation)."""
+    n = len(a)
+    ua, ub = np.unique(a), np.unique(b)
+    joint = np.array([[np.sum((a == x) & (b == y)) for y in ub] for x in ua]) / n
+    pa, pb = joint.sum(1), joint.sum(0)
+    nz = joint > 0
+    mutual = (joint[nz] * np.log(joint[nz] / np.outer(pa, pb)[nz])).sum()
+    entropy = lambda p: -(p[p > 0] * np.log(p[p > 0])).sum()  # noqa: E731
+    denominator = (entropy(pa) + entropy(pb)) / 2
+    return 1.0 if denominator == 0 else mutual / denominator
+
+
+def test_clustering_agreement_against_hand_computed_nmi():
+    # identical partitions (renamed) -> 1; the outliers of either side are left out
+    assert mmt_plus.clustering_agreement(np.array([0, 0, 1, 1, -1]), np.array([5, 5, 2, 2, 3])) == pytest.approx(1)
+    # hand-computed: A = [0 0 1 1], B = [0 1 0 1] are independent -> 0
+    assert mmt_plus.clustering_agreement(np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1])) == pytest.approx(0, abs=1e-9)
+    # A = [0 0 0 1], B = [0 0 1 1]: H(A) = H(.75,.25), H(B) = ln 2, I = H(B) - H(B|A) = ln2 - 3/4 H(2/3, 1/3)
+    h = lambda *p: -sum(x * math.log(x) for x in p)  # noqa: E731
+    expected = (math.log(2) - 0.75 * h(2 / 3, 1 / 3)) / ((h(0.75, 0.25) + math.log(2)) / 2)
+    assert mmt_plus.clustering_agreement(np.array([0, 0, 0, 1]), np.array([0, 0, 1, 1])) == pytest.approx(expected)
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        a, b = rng.integers(-1, 6, size=80), rng.integers(-1, 4, size=80)
+        keep = (a >= 0) & (b >= 0)
+        assert mmt_plus.clustering_agreement(a, b) == pytest.approx(nmi_from_definition(a[keep], b[keep]))
+    assert mmt_plus.clustering_agreement(np.array([-1, 0]), np.array([0, -1])) == 0.0
+
+
+def test_similarity_correlation_against_hand_computation():
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(30, 8))
+    rotation, _ = np.linalg.qr(rng.normal(size=(8, 8)))
+    a_t = torch.tensor(a)
+    # a rotated copy ranks every pair alike
+    assert mmt_plus.similarity_correlation(a_t, torch.tensor(a @ rotation)) == pytest.approx(1.0)
+    b = a + rng.normal(size=(30, 8))
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    i, j = np.triu_indices(30, k=1)
+    expected = np.corrcoef((unit(a) @ unit(a).T)[i, j], (unit(b) @ unit(b).T)[i, j])[0, 1]
+    assert mmt_plus.similarity_correlation(a_t, torch.tensor(b)) == pytest.approx(expected)
+    unrelated = mmt_plus.similarity_correlation(a_t, torch.tensor(rng.normal(size=(30, 8))))
+    assert abs(unrelated) < 0.3
+    # subsampling keeps evenly spaced rows
+    rows = np.unique(np.round(np.linspace(0, 29, 10)).astype(int))
+    i, j = np.triu_indices(len(rows), k=1)
+    sub = np.corrcoef((unit(a[rows]) @ unit(a[rows]).T)[i, j], (unit(b[rows]) @ unit(b[rows]).T)[i, j])[0, 1]
+    assert mmt_plus.similarity_correlation(a_t, torch.tensor(b), max_rows=10) == pytest.approx(sub)
+
+
+def test_warmup_camera_normalization_and_teacher_diagnostics_in_a_run(tmp_path, tiny_data_root, inits):
+    extra = ["--warmup-iters", "4", "--camera-normalize", "meanstd", "--lr", "1e-4"]
+    mmt_plus.main(tiny_args(tiny_data_root, tmp_path, inits, epochs=1) + extra)
+    record = [r for r in read_log(tmp_path / "log.jsonl") if "losses" in r][0]
+    assert record["lr"] == pytest.approx(1e-4 * 2 / 4)  # 2 iterations: the second step ran at 2/4 of the rate
+    teachers = record["teachers"]
+    assert -1 <= teachers["similarity_correlation"] <= 1 and 0 <= teachers["clustering_nmi"] <= 1
+    assert len(teachers["clusters"]) == 2
+    assert record["losses"]["soft_target_entropy"] >= 0
+
+
+def test_zero_learning_rate_only_re_estimates_batchnorm(tmp_path, tiny_data_root, inits):
+    """The BN-only control (--lr 0): every weight keeps its initial value; only BN running statistics move."""
+    reid = pytest.importorskip("reid")
+    mmt_plus.main(tiny_args(tiny_data_root, tmp_path, inits, epochs=1) + ["--lr", "0", "--no-teacher-diagnostics"])
+    state = torch.load(tmp_path / "checkpoint.pth", map_location="cpu", weights_only=False)
+    initial = reid.load_checkpoint(inits[0])["state_dict"]
+    student = state["students"][0]
+    changed_stats = 0
+    for key, value in student.items():
+        plain = key.replace(".bn_target", "").replace(".bn_source", "")
+        if plain not in initial or key.startswith("classifier."):
+            continue
+        if key.endswith(("running_mean", "running_var")):
+            changed_stats += int(".bn_target" in key and not torch.equal(value, initial[plain]))
+        elif not key.endswith("num_batches_tracked"):
+            torch.testing.assert_close(value, initial[plain], rtol=0, atol=0, msg=key)
+    assert changed_stats > 0
