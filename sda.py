@@ -53,7 +53,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CHECKPOINT_NAME = "checkpoint.pt"
 # Architecture fields a checkpoint must agree on when resuming or translating.
-ARCHITECTURE_KEYS = ("ngf", "ndf", "n_blocks", "d_layers", "height", "width")
+ARCHITECTURE_KEYS = ("ngf", "ndf", "n_blocks", "input_skip", "d_layers", "height", "width")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -98,10 +98,17 @@ class ResnetGenerator(nn.Module):
     """CycleGAN ResNet generator: c7s1-ngf, two stride-2 downsamplings, n residual blocks at 4*ngf channels,
     two transposed-conv upsamplings, c7s1-3. InstanceNorm without affine parameters or running statistics (so
     the conv biases stay on), reflection padding, no dropout. Input and output are ImageNet-normalised (module
-    docstring); H and W must be multiples of 4 for the output to have the input's size."""
+    docstring); H and W must be multiples of 4 for the output to have the input's size.
 
-    def __init__(self, ngf: int = 64, n_blocks: int = 9):
+    input_skip (not in the release): the network predicts a change of the input instead of a whole new image,
+    output = sigmoid(logit(input) + net(input)) in [0, 1] pixel space, and start_as_identity() zeroes the last
+    convolution so that training starts from the identity map. A translation then has to be learnt as an
+    edit of the person's own colours; the release's generator starts from a grey image and, with a budget of a
+    few hundred steps, never gets back to the source colours (measured with identity_fidelity)."""
+
+    def __init__(self, ngf: int = 64, n_blocks: int = 9, input_skip: bool = False):
         super().__init__()
+        self.input_skip = input_skip
         layers: list[nn.Module] = [
             nn.ReflectionPad2d(3),
             nn.Conv2d(3, ngf, 7),
@@ -123,11 +130,23 @@ class ResnetGenerator(nn.Module):
                 nn.InstanceNorm2d(c // 2),
                 nn.ReLU(inplace=True),
             ]
-        layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, 3, 7), nn.Sigmoid()]
+        layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, 3, 7)]
+        if not input_skip:
+            layers += [nn.Sigmoid()]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return normalise_imagenet(self.net(x))
+        if not self.input_skip:
+            return normalise_imagenet(self.net(x))
+        pixels = denormalise_imagenet(x.float()).clamp(1e-3, 1 - 1e-3)
+        return normalise_imagenet(torch.sigmoid(torch.logit(pixels) + self.net(x).float()))
+
+    def start_as_identity(self) -> None:
+        """With input_skip: zero the last convolution, so the generator starts as the identity map."""
+        if self.input_skip:
+            last = [m for m in self.net if isinstance(m, nn.Conv2d)][-1]
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
 
 
 # The release's PatchGAN (3 layers) scores 70x70-pixel patches of 384x128 images: each score sees 55 % of the
@@ -195,10 +214,10 @@ class Generators(nn.Module):
     Every generator call is per sample (convolutions and InstanceNorm never mix samples), so stacking the
     source and target batches into one call gives exactly the outputs of separate calls, only faster."""
 
-    def __init__(self, ngf: int, n_blocks: int):
+    def __init__(self, ngf: int, n_blocks: int, input_skip: bool = False):
         super().__init__()
-        self.source_to_target = ResnetGenerator(ngf, n_blocks)
-        self.target_to_source = ResnetGenerator(ngf, n_blocks)
+        self.source_to_target = ResnetGenerator(ngf, n_blocks, input_skip)
+        self.target_to_source = ResnetGenerator(ngf, n_blocks, input_skip)
 
     def forward(
         self, real_source: torch.Tensor, real_target: torch.Tensor, with_identity: bool = True
@@ -692,9 +711,11 @@ def train(args: argparse.Namespace) -> None:
 
     # ---- networks
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    generators = Generators(args.ngf, args.n_blocks)
+    generators = Generators(args.ngf, args.n_blocks, args.input_skip)
     discriminators = Discriminators(args.ndf, args.d_layers)
     init_weights_normal(generators)
+    generators.source_to_target.start_as_identity()
+    generators.target_to_source.start_as_identity()
     init_weights_normal(discriminators)
     generators.to(device, memory_format=memory_format)
     discriminators.to(device, memory_format=memory_format)
@@ -924,7 +945,7 @@ def load_generator(path: str | Path) -> tuple[ResnetGenerator, dict]:
     if state.get("global_step", 0) <= 0:
         raise ValueError(f"--checkpoint {path}: the generator was saved before any training step")
     architecture = state["architecture"]
-    generator = ResnetGenerator(architecture["ngf"], architecture["n_blocks"])
+    generator = ResnetGenerator(architecture["ngf"], architecture["n_blocks"], architecture.get("input_skip", False))
     prefix = "source_to_target."
     generator.load_state_dict({k[len(prefix) :]: v for k, v in state["generators"].items() if k.startswith(prefix)})
     return generator.eval(), architecture
@@ -1074,6 +1095,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ngf", type=int, default=64, help="generator width (channels of the first conv)")
     t.add_argument("--ndf", type=int, default=64, help="discriminator width")
     t.add_argument("--n-blocks", type=int, default=9, help="residual blocks per generator")
+    t.add_argument(
+        "--input-skip",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="generators edit their input (sigmoid(logit(x) + net(x))) and start as the identity map; not in "
+        "the release (ResnetGenerator)",
+    )
     t.add_argument(
         "--d-layers",
         type=int,

@@ -706,3 +706,19 @@ def test_fidelity_command_compares_a_translated_copy(tmp_path, tiny_data_root):
     sorted(copy_dir.iterdir())[0].unlink()
     with pytest.raises(FileNotFoundError, match="have no translation"):
         sda.main(common + ["--translated", str(copy_dir)])
+
+
+def test_input_skip_generator_starts_as_identity_and_learns_edits():
+    torch.manual_seed(0)
+    generator = sda.ResnetGenerator(ngf=4, n_blocks=1, input_skip=True)
+    sda.init_weights_normal(generator)
+    generator.start_as_identity()
+    pixels = torch.rand(2, 3, 32, 16).clamp(0.01, 0.99)
+    images = sda.normalise_imagenet(pixels)
+    assert torch.allclose(sda.denormalise_imagenet(generator(images)), pixels, atol=1e-5)
+    generator(images).pow(2).mean().backward()  # the zeroed layer still gets a gradient
+    last = [m for m in generator.net if isinstance(m, nn.Conv2d)][-1]
+    assert last.weight.grad.abs().sum() > 0
+    plain = sda.ResnetGenerator(ngf=4, n_blocks=1)
+    plain.start_as_identity()  # a no-op without input_skip
+    assert isinstance(plain.net[-1], nn.Sigmoid) and not isinstance(generator.net[-1], nn.Sigmoid)
