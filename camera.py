@@ -39,6 +39,7 @@ from reid import (
     ImageDataset,
     JsonlLogger,
     SeededRandomSampler,
+    add_dataset_arguments,
     autocast_context,
     build_model,
     build_train_transform,
@@ -48,7 +49,7 @@ from reid import (
     load_checkpoint,
     lr_factor,
     make_loader,
-    read_dataset,
+    resolve_datasets,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -131,13 +132,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), help="defaults for a setting (explicit flags win)")
     # data
-    parser.add_argument("--data-root", required=True, help="dataset root (VisDA-2020 layout)")
-    parser.add_argument("--train-dataset", default="target_train", help="images with camera labels to train on")
-    parser.add_argument(
-        "--val-dataset",
-        default="target_val",
-        help="labelled split whose query+gallery cameras select the best epoch",
-    )
+    add_dataset_arguments(parser, ("target", "val"))  # cameras of --target's training images; --val selects
     parser.add_argument(
         "--logs-dir", default="logs/camera", help="output folder: checkpoint.pth, model_best.pth, log.jsonl"
     )
@@ -213,15 +208,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     logs_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path, best_path = logs_dir / "checkpoint.pth", logs_dir / "model_best.pth"
 
-    train_items = list(read_dataset(args.train_dataset, args.data_root).train)
-    val_data = read_dataset(args.val_dataset, args.data_root)
-    val_items = list(val_data.query) + list(val_data.gallery)
-    if not train_items:
-        raise SystemExit(f"--train-dataset {args.train_dataset}: no training images under {args.data_root}")
+    datasets = resolve_datasets(args, ("target", "val"))
+    if datasets.target is None:
+        raise SystemExit("--target none: the camera model trains on the target training images' cameras")
+    train_items = datasets.target
+    val_items = list(datasets.val.query) + list(datasets.val.gallery)
     num_cameras = max(camid for _, _, camid in train_items) + 1
     bad = sorted({camid for _, _, camid in val_items if not 0 <= camid < num_cameras})
     if bad:
-        raise SystemExit(f"--val-dataset {args.val_dataset}: camera ids {bad} unseen in {args.train_dataset}")
+        raise SystemExit(f"--val {args.val}: camera ids {bad} unseen in --target {args.target}")
     if args.batch_size % world_size:
         raise SystemExit(f"--batch-size {args.batch_size} is not divisible by {world_size} processes")
     per_process_batch = args.batch_size // world_size
@@ -232,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # per (seed, epoch), sharded across DDP processes and seeds each sample's augmentation: a resumed run sees
     # the same images and augmentations as an uninterrupted one.
     transform = build_train_transform(args.height, args.width, autoaugment=False, random_erasing=args.random_erasing)
-    dataset = ImageDataset(train_items, transform)
+    dataset = ImageDataset(train_items, transform, args.skip_bad_images)
     sampler = SeededRandomSampler(len(train_items), args.seed, args.iters * per_process_batch, seed_samples=True)
     loader = make_loader(dataset, sampler, per_process_batch, args.workers)
 

@@ -63,6 +63,7 @@ from reid import (
     IterLoader,
     JsonlLogger,
     RandomIdentitySampler,
+    add_dataset_arguments,
     autocast_context,
     build_model,
     build_train_transform,
@@ -73,8 +74,7 @@ from reid import (
     label_smoothed_ce,
     load_checkpoint,
     load_model_weights,
-    read_dataset,
-    read_diagnostic_identities,
+    resolve_datasets,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -457,7 +457,9 @@ class TwoViews:
         return self.transform(image), self.transform(image)
 
 
-def make_loader(items, transform, batch_size: int, iters: int, workers: int, seed: int, epoch: int) -> IterLoader:
+def make_loader(
+    items, transform, batch_size: int, iters: int, workers: int, seed: int, epoch: int, skip_bad_images: bool = False
+) -> IterLoader:
     """`iters` P x 4 batches of two-view samples. The sampler shards identities across DDP processes, and its stream
     and every sample's augmentation seed are functions of (seed, epoch), so a resumed run sees the same batches."""
     sampler = RandomIdentitySampler(
@@ -465,7 +467,7 @@ def make_loader(items, transform, batch_size: int, iters: int, workers: int, see
     )
     sampler.set_epoch(epoch)
     loader = DataLoader(
-        ImageDataset(items, TwoViews(transform)),
+        ImageDataset(items, TwoViews(transform), skip_bad_images),
         batch_size=batch_size,
         sampler=sampler,
         num_workers=workers,
@@ -645,10 +647,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="mmt+: DSBN, joint source batches, MoCo; mmt: the original MMT (target only)",
     )
     # data
-    parser.add_argument("--data-root", required=True, help="dataset root (VisDA-2020 layout)")
-    parser.add_argument("--source", default="personx", help="labelled source dataset (release: raw personx)")
-    parser.add_argument("--target", default="target_train", help="unlabelled target training set")
-    parser.add_argument("--val-dataset", default="target_val", help="labelled split for model selection")
+    add_dataset_arguments(parser, ("source", "target", "val"), source="personx")  # release: raw personx
     parser.add_argument("--logs-dir", default="logs/mmt", help="output: checkpoint.pth, model_best.pth, log.jsonl")
     parser.add_argument("--height", type=int, default=256, help="input height (release: 384)")
     parser.add_argument("--width", type=int, default=128, help="input width")
@@ -840,30 +839,26 @@ def main(argv: Sequence[str] | None = None) -> dict:
     per_process_batch = args.batch_size // world_size
 
     # data: target training set in a fixed (path) order; the source only for MMT+
-    target_items = sorted(read_dataset(args.target, args.data_root).train)
-    if not target_items:
-        raise SystemExit(f"--target {args.target}: no training images under {args.data_root}")
-    val_data = read_dataset(args.val_dataset, args.data_root)
-    if not val_data.query or not val_data.gallery:
-        raise SystemExit(f"--val-dataset {args.val_dataset}: no query/gallery images under {args.data_root}")
+    datasets = resolve_datasets(args, ("source", "target", "val") if args.mode == "mmt+" else ("target", "val"))
+    if datasets.target is None:
+        raise SystemExit("--target none: MMT needs a target training set")
+    target_items = sorted(datasets.target)
+    val_data = datasets.val
     source_items, num_source_classes = [], 0
     if args.mode == "mmt+":
-        source_data = read_dataset(args.source, args.data_root)
-        source_items, num_source_classes = list(source_data.train), int(source_data.num_train_pids)
-        if not source_items:
-            raise SystemExit(f"--source {args.source}: no training images under {args.data_root}")
-    # Ground truth of the embedded benchmark, for the pseudo-label DIAGNOSTICS in the log only (never for training).
-    has_truth = (Path(args.data_root) / "diagnostics" / "target_training_identities.txt").is_file()
-    identities = read_diagnostic_identities(args.data_root) if has_truth else None
+        source_items, num_source_classes = list(datasets.source.train), int(datasets.source.num_train_pids)
+    # True target identities where the data has them (a labelled target dataset, or the embedded benchmark's
+    # diagnostics/), for the pseudo-label DIAGNOSTICS in the log only (never for training).
+    identities = datasets.target_identities
     true_ids = None
     if identities is not None:
-        true_ids = np.array([identities.get(os.path.basename(path), -1) for path, _, _ in target_items])
+        true_ids = np.array([identities.get(path, -1) for path, _, _ in target_items])
         if (true_ids < 0).any():
             true_ids = None  # incomplete ground truth: no diagnostics rather than wrong ones
     if args.oracle_pseudo_labels and true_ids is None:
         raise SystemExit(
-            f"--oracle-pseudo-labels needs {args.data_root}/diagnostics/target_training_identities.txt covering every "
-            "target training image (the embedded benchmark's ground truth)"
+            f"--oracle-pseudo-labels needs ground-truth identities of every --target {args.target} image (a "
+            "labelled dataset, or the embedded benchmark's diagnostics/target_training_identities.txt)"
         )
     target_camids = np.array([camid for _, _, camid in target_items])
 
@@ -1013,13 +1008,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
             if label >= 0
         ]
         target_loader = make_loader(
-            pseudo_items, transform, per_process_batch, args.iters, args.workers, args.seed, epoch
+            pseudo_items, transform, per_process_batch, args.iters, args.workers, args.seed, epoch, args.skip_bad_images
         )
         target_loader.new_epoch()
         source_loader = None
         if args.mode == "mmt+":
             source_loader = make_loader(
-                source_items, transform, per_process_batch, args.iters, args.workers, args.seed + 1, epoch
+                source_items,
+                transform,
+                per_process_batch,
+                args.iters,
+                args.workers,
+                args.seed + 1,
+                epoch,
+                args.skip_bad_images,
             )
             source_loader.new_epoch()
 

@@ -40,12 +40,14 @@ from PIL import Image, ImageDraw, ImageOps
 
 import reid_ops
 from reid import (
+    add_dataset_arguments,
     build_model,
+    canonical_dataset_name,
     default_workers,
     extract_features,
     load_checkpoint,
     load_model_weights,
-    read_dataset,
+    resolve_datasets,
     save_checkpoint,
 )
 
@@ -402,12 +404,13 @@ def cached_features(
     items: Sequence[Item],
     args: argparse.Namespace,
     cache_dir: Path,
+    data_root: str,
 ) -> tuple[torch.Tensor, dict]:
     """Eval-mode features (N, D), not normalised, of `items` for one checkpoint (cached when possible)."""
     model, info = load_model_for_inference(checkpoint, arch)
     height = args.height or info["height"] or 256
     width = args.width or info["width"] or 128
-    key = feature_cache_key(checkpoint, args.dataset, args.data_root, args.flip, height, width, info["arch"])
+    key = feature_cache_key(checkpoint, args.val, data_root, args.flip, height, width, info["arch"])
     cache_path = Path(cache_dir) / f"{Path(checkpoint).stem}-{key}.pt"
     paths = [path for path, _, _ in items]
     info.update(height=height, width=width, cache=str(cache_path))
@@ -450,14 +453,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--camera-checkpoint", default=None, help="camera model from camera.py (omit: no camera term)")
     parser.add_argument("--camera-arch", default=None, help="override the camera checkpoint's architecture")
-    parser.add_argument(
-        "--dataset",
-        default="target_val",
-        help="split to process: target_val (labelled), target_test (submission only), market1501, ...",
-    )
-    parser.add_argument(
-        "--data-root", required=True, help="dataset root (VisDA-2020 layout for target_val/target_test)"
-    )
+    add_dataset_arguments(parser, ("val",))  # the split processed: --val NAME --val-root DIR
     parser.add_argument("--out", required=True, help="output folder (results, submission, pictures, feature cache)")
     # feature extraction
     parser.add_argument(
@@ -482,8 +478,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--rerank",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="k-reciprocal re-ranking (Zhong et al. 2017)",
+        default=None,
+        help="k-reciprocal re-ranking (Zhong et al. 2017); default: on for VisDA-2020 (target_val, target_test), off\n"
+        "elsewhere (Market-1501, DukeMTMC-reID, MSMT17 papers report the plain metric first), where the re-ranked\n"
+        "result is added as an extra row",
     )
     parser.add_argument("--k1", type=int, default=30, help="re-ranking k1 (slides: 30)")
     parser.add_argument("--k2", type=int, default=6, help="re-ranking k2 (slides: 6)")
@@ -496,6 +494,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="truncate AP to the top-k ranks (100 = the VisDA-2020 server's metric); default: full AP",
     )
     parser.add_argument("--max-rank", type=int, default=50, help="longest CMC rank reported")
+    parser.add_argument(
+        "--submission",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="write the VisDA-2020 submission (result.txt, result.zip); default: only for target_val/target_test",
+    )
     parser.add_argument("--submission-topk", type=int, default=100, help="gallery indices per line of result.txt")
     parser.add_argument(
         "--index-digits",
@@ -525,6 +529,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--lambda-value must be in [0, 1], got {args.lambda_value}")
     if args.index_digits < 1 or args.submission_topk < 1:
         parser.error("--index-digits and --submission-topk must be >= 1")
+    # evaluation conventions per dataset: re-ranking and the submission file are VisDA-2020's
+    visda = canonical_dataset_name(args.val) in ("target_val", "target_test") if args.val else False
+    args.rerank = visda if args.rerank is None else args.rerank
+    args.submission = visda if args.submission is None else args.submission
     return args
 
 
@@ -578,26 +586,24 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(args.cache_dir) if args.cache_dir else out_dir / "feature_cache"
 
-    data = read_dataset(args.dataset, args.data_root)
+    data = resolve_datasets(args, ("val",)).val
     query, gallery = list(data.query), list(data.gallery)
-    if not query or not gallery:
-        raise SystemExit(
-            f"--dataset {args.dataset} at {args.data_root}: empty query ({len(query)}) or gallery ({len(gallery)})"
-        )
     items = query + gallery
-    has_labels = args.dataset != "target_test" and len({pid for _, pid, _ in query}) > 1
-    print(f"[postprocess] {args.dataset}: {len(query)} query, {len(gallery)} gallery images; labels: {has_labels}")
+    has_labels = data.name != "target_test" and len({pid for _, pid, _ in query}) > 1
+    print(f"[postprocess] {args.val}: {len(query)} query, {len(gallery)} gallery images; labels: {has_labels}")
 
     archs = args.archs or [None]
     model_features, model_infos = [], []
     for index, checkpoint in enumerate(args.checkpoints):
         arch = archs[index] if len(archs) > 1 else archs[0]
-        features, info = cached_features(checkpoint, arch, items, args, cache_dir)
+        features, info = cached_features(checkpoint, arch, items, args, cache_dir, data.root)
         model_features.append(features)
         model_infos.append(info)
     camera_features, camera_info = None, None
     if args.camera_checkpoint:
-        camera_raw, camera_info = cached_features(args.camera_checkpoint, args.camera_arch, items, args, cache_dir)
+        camera_raw, camera_info = cached_features(
+            args.camera_checkpoint, args.camera_arch, items, args, cache_dir, data.root
+        )
         camera_features = l2_normalize(camera_raw)  # camera embeddings are L2-normalised (ref. §9)
 
     # Variants: the configured one last (it writes the submission); with --ablation (labelled splits) first
@@ -616,6 +622,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     continue  # that is the configured variant, evaluated last
                 variants.append((ensemble_name, all_models, camera, use_rerank))
     variants.append((f"{ensemble_name} (final)", all_models, camera_features, args.rerank))
+    final_index = len(variants) - 1
+    if has_labels and not args.rerank:  # the re-ranked result beside the plain one (reported first)
+        variants.append((f"{ensemble_name} + re-ranking", all_models, camera_features, True))
 
     rows = []
     final_distance = None
@@ -631,9 +640,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 f"mAP {100 * row['mAP']:.1f} top-1 {100 * row['top1']:.1f}"
             )
         rows.append(row)
-        final_distance = distance
+        if len(rows) - 1 == final_index:
+            final_distance = distance
 
-    submission = write_submission(final_distance, out_dir, args.submission_topk, args.index_digits)
+    submission = None
+    if args.submission:
+        submission = write_submission(final_distance, out_dir, args.submission_topk, args.index_digits)
     figures = []
     if args.num_figures > 0:
         figures = draw_ranked_lists(
@@ -647,29 +659,28 @@ def main(argv: Sequence[str] | None = None) -> dict:
             args.seed,
         )
     results = {
-        "dataset": args.dataset,
-        "data_root": str(Path(args.data_root).resolve()),
+        "dataset": args.val,
+        "data_root": data.root,
         "num_query": len(query),
         "num_gallery": len(gallery),
         "has_labels": has_labels,
         "models": model_infos,
         "camera_model": camera_info,
         "rows": rows,
-        "final": rows[-1],
-        "submission": str(submission),
+        "final": rows[final_index],
+        "submission": str(submission) if submission else None,
         "figures": [str(path) for path in figures],
         "args": vars(args),
     }
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
     table = markdown_table(rows)
-    metric = "full AP" if args.ap_topk is None else f"AP over the top-{args.ap_topk} ranks"
-    scope = f"metrics in %, mAP = {metric}" if has_labels else "no labels: submission only"
-    title = f"Results on {args.dataset} ({scope})"
+    title = f"Results on {args.val} ({'metrics in %' if has_labels else 'no labels: submission only'})"
     atomic_write_text(out_dir / "results.md", f"## {title}\n\n{table}")
     print(f"\n{title}\n{table}")
+    written = f"{submission}, {out_dir / 'result.zip'}, " if submission else ""
     print(
-        f"[postprocess] wrote {submission}, {out_dir / 'result.zip'}, {out_dir / 'results.json'}, "
-        f"{out_dir / 'results.md'} and {len(figures)} ranked-list pictures"
+        f"[postprocess] wrote {written}{out_dir / 'results.json'}, {out_dir / 'results.md'} and {len(figures)} "
+        "ranked-list pictures"
     )
     return results
 

@@ -35,6 +35,7 @@ from reid import (
     JsonlLogger,
     RandomIdentitySampler,
     SeededRandomSampler,
+    add_dataset_arguments,
     autocast_context,
     build_model,
     build_train_transform,
@@ -46,16 +47,14 @@ from reid import (
     lr_factor,
     make_loader,
     rank_and_world_size,
-    read_dataset,
-    read_diagnostic_identities,
     relabel_pids,
+    resolve_datasets,
     rng_state,
     save_checkpoint,
     set_rng_state,
     set_seed,
     setup_distributed,
     softmax_triplet_loss,
-    validation_split,
 )
 
 PRESETS = {
@@ -99,15 +98,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), help="defaults for a setting; explicit flags override")
-    parser.add_argument("--data-root", required=True, help="VisDA-layout root (or the source dataset's root)")
-    parser.add_argument(
-        "--source",
-        default="personx_sda",
-        help="labelled training set (personx, personx_sda, personx_spgan, market1501, dukemtmc, msmt17)",
-    )
-    parser.add_argument("--target", default="target_train", help="unlabelled set for BN adaptation ('none' to skip)")
-    parser.add_argument("--target-root", help="root of --target and --val if not --data-root")
-    parser.add_argument("--val", default="target_val", help="query/gallery set for model selection")
+    add_dataset_arguments(parser, ("source", "target", "val"), source="personx_sda")
     parser.add_argument(
         "--target-labels-upper-bound",
         action="store_true",
@@ -150,7 +141,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=True,
         help="bf16 autocast + channels_last on CPU, fp16 on CUDA",
     )
-    parser.add_argument("--skip-bad-images", action="store_true", help="warn and skip unreadable images")
     parser.add_argument(
         "--workers",
         type=int,
@@ -195,10 +185,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         (logs_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
 
     # ---- data ----
-    target_root = args.target_root or args.data_root
     if args.target_labels_upper_bound:
-        identities = read_diagnostic_identities(target_root)
-        target = [(p, identities[Path(p).name], c) for p, _, c in read_dataset("target_train", target_root).train]
+        datasets = resolve_datasets(args, ("target", "val"))
+        if datasets.target_identities is None:
+            raise SystemExit(f"--target-labels-upper-bound: --target {args.target} has no ground-truth identities")
+        target = [(p, datasets.target_identities[p], c) for p, _, c in datasets.target]
         # one-image identities (the benchmark's passers-by) give no positive pair: a labelled re-ID training set
         # would not contain them, and the P x K sampler would fill batches with K copies of one image
         images_per_pid = defaultdict(int)
@@ -210,11 +201,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
             f"{len(target) - len(source_items)} one-image identities left out"
         )
     else:
-        source_items = read_dataset(args.source, args.data_root).train
+        datasets = resolve_datasets(args, ("source", "target", "val"))
+        source_items = datasets.source.train
     num_classes = len({pid for _, pid, _ in source_items})
-    use_target = args.target != "none" and not args.target_labels_upper_bound
-    target_items = read_dataset(args.target, target_root).train if use_target else []
-    query, gallery = validation_split(args.val, target_root)
+    use_target = datasets.target is not None and not args.target_labels_upper_bound
+    target_items = datasets.target if use_target else []
+    query, gallery = datasets.val.query, datasets.val.gallery
 
     train_transform = build_train_transform(args.height, args.width, args.autoaugment, args.random_erasing)
     samples_per_epoch = args.iters * args.batch_size

@@ -7,8 +7,10 @@ import; they never import each other. Read top to bottom: data, model, losses, e
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import glob
+import itertools
 import json
 import os
 import random
@@ -43,14 +45,21 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 # ================================================================================================
 
 
+class DatasetError(ValueError):
+    """A dataset that cannot be read as named: the message names the file (and line) or the folder expected."""
+
+
 @dataclass
 class ReIDData:
-    """The splits of one dataset. Lists may be empty (e.g. personx has no query/gallery)."""
+    """The splits of one dataset. Lists may be empty (e.g. personx has no query/gallery). `indexed`: the order of
+    query and gallery is defined by index files (VisDA-2020) and numbers the submission, so no image may be left out."""
 
     name: str
     train: list[Item] = field(default_factory=list)
     query: list[Item] = field(default_factory=list)
     gallery: list[Item] = field(default_factory=list)
+    root: str = ""
+    indexed: bool = False
 
     @property
     def num_train_pids(self) -> int:
@@ -64,6 +73,65 @@ class ReIDData:
 # VisDA-2020 target cameras are {1, 2, 4, 5, 6} (there is no camera 3): mapped to 0..4.
 VISDA_TARGET_CAMERAS = {1: 0, 2: 1, 4: 2, 5: 3, 6: 4}
 PID_CAM_PATTERN = re.compile(r"^(-?\d+)_c(\d+)")  # <pid>_c<cam>..., matched on the basename only
+VISDA_DATASETS = ("personx", "personx_sda", "personx_spgan", "target_train", "target_val", "target_test")
+STANDARD_DATASETS = ("market1501", "dukemtmc", "msmt17")
+DATASET_NAMES = (*VISDA_DATASETS, *STANDARD_DATASETS, "list", "folder")
+# Other spellings, as torchreid and fast-reid name the datasets (matched case-insensitively).
+DATASET_ALIASES = {
+    "market": "market1501",
+    "market-1501": "market1501",
+    "duke": "dukemtmc",
+    "dukemtmcreid": "dukemtmc",
+    "dukemtmc-reid": "dukemtmc",
+    "msmt": "msmt17",
+    "msmt17_v1": "msmt17",
+    "msmt17_v2": "msmt17",
+}
+
+
+@dataclass(frozen=True)
+class _FolderLayout:
+    """Market-1501 and DukeMTMC-reID: bounding_box_train/, query/, bounding_box_test/, the identity and the camera
+    in each file name. Both use the same folder names, so the file-name convention is what tells them apart."""
+
+    title: str
+    folder_names: tuple[str, ...]  # the dataset's own folder, searched below a parent root
+    name_pattern: re.Pattern
+    example: str
+    max_camera: int
+
+
+FOLDER_LAYOUTS = {
+    "market1501": _FolderLayout(
+        "Market-1501",
+        ("Market-1501-v15.09.15", "Market-1501", "market1501/Market-1501-v15.09.15"),
+        re.compile(r"^(-1|\d{4})_c(\d)s\d_\d{6}_\d{2}\.[A-Za-z]+$"),
+        "0002_c1s1_000451_03.jpg",
+        6,
+    ),
+    "dukemtmc": _FolderLayout(
+        "DukeMTMC-reID",
+        ("DukeMTMC-reID", "dukemtmc-reid/DukeMTMC-reID", "dukemtmcreid/DukeMTMC-reID"),
+        re.compile(r"^(\d{4})_c(\d)_f\d{7}\.[A-Za-z]+$"),
+        "0005_c2_f0046985.jpg",
+        8,
+    ),
+}
+FOLDER_SPLITS = ("bounding_box_train", "query", "bounding_box_test")
+# MSMT17: V1 has train/ and test/, V2 mask_train_v2/ and mask_test_v2/; list files of `<path> <pid>` lines.
+MSMT_FOLDERS = ("MSMT17_V1", "MSMT17_V2", "MSMT17", "msmt17/MSMT17_V1", "msmt17/MSMT17_V2")
+MSMT_IMAGE_DIRS = (("train", "test"), ("mask_train_v2", "mask_test_v2"))
+MSMT_MAX_CAMERA = 15
+
+
+def canonical_dataset_name(name: str) -> str:
+    """The reader's name of a dataset: its own name or an alias (torchreid, fast-reid), case-insensitive."""
+    key = name.strip().lower()
+    key = DATASET_ALIASES.get(key, key)
+    if key not in DATASET_NAMES:
+        aliases = ", ".join(sorted(DATASET_ALIASES))
+        raise DatasetError(f"unknown dataset {name!r}; expected one of {', '.join(DATASET_NAMES)} (or {aliases})")
+    return key
 
 
 def _require_dir(path: Path, what: str) -> Path:
@@ -85,7 +153,7 @@ def _list_images(folder: Path) -> list[Path]:
 def _parse_pid_cam(path: Path) -> tuple[int, int]:
     match = PID_CAM_PATTERN.match(path.name)
     if match is None:
-        raise ValueError(f"{path}: file name does not start with '<pid>_c<camera>' (e.g. 0001_c3s1_000024_00.jpg)")
+        raise DatasetError(f"{path}: file name does not start with '<pid>_c<camera>' (e.g. 0001_c3s1_000024_00.jpg)")
     return int(match.group(1)), int(match.group(2))
 
 
@@ -95,21 +163,69 @@ def relabel_pids(items: list[Item]) -> list[Item]:
     return [(path, mapping[pid], cam) for path, pid, cam in items]
 
 
-def _read_labelled_folder(folder: Path, relabel: bool, camera_map: dict[int, int] | None = None) -> list[Item]:
+def resolve_inside(base: Path, relative: str, where: str) -> Path:
+    """`base / relative` for a path read from an index, list or label file (`where` = "file:line"). Refused: an
+    absolute path, a `..` component, and a path whose symbolic links lead outside `base` (itself resolved, so a
+    data root made of links to the real folders, as run_pipeline.sh builds, still works)."""
+    if not relative or relative.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", relative):
+        raise DatasetError(f"{where}: {relative!r} is an absolute path; paths must be relative to {base}")
+    if ".." in re.split(r"[/\\]", relative):
+        raise DatasetError(f"{where}: {relative!r} contains '..'; paths must stay inside {base}")
+    path = base / relative
+    real_base = Path(os.path.realpath(base))
+    if not Path(os.path.realpath(path)).is_relative_to(real_base):
+        raise DatasetError(f"{where}: {relative!r} leads outside {base} (through a symbolic link)")
+    return path
+
+
+def _read_lines(path: Path, what: str, min_fields: int, form: str) -> list[tuple[int, list[str]]]:
+    """(line number, fields) of the non-empty lines; a line with too few fields or a path listed twice is an error
+    naming the file and both lines."""
+    rows, first_line = [], {}
+    for line_number, line in enumerate(_require_file(path, what).read_text().splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) < min_fields:
+            raise DatasetError(f"{path}:{line_number}: expected '{form}', got {line!r}")
+        key = os.path.normpath(fields[0])
+        if key in first_line:
+            raise DatasetError(
+                f"{path}:{line_number}: {fields[0]!r} is listed twice (lines {first_line[key]} and {line_number})"
+            )
+        first_line[key] = line_number
+        rows.append((line_number, fields))
+    return rows
+
+
+def _read_labelled_folder(
+    folder: Path,
+    relabel: bool,
+    camera_map: dict[int, int] | None = None,
+    layout: _FolderLayout | None = None,
+) -> list[Item]:
     items = []
     for path in _list_images(folder):
+        if layout is not None and not layout.name_pattern.match(path.name):
+            raise DatasetError(
+                f"{path}: not a {layout.title} file name (expected names like {layout.example}); "
+                "other data can be read as the 'list' dataset"
+            )
         pid, cam = _parse_pid_cam(path)
         if pid < 0:  # Market/Duke junk images
             continue
         if camera_map is not None:
             if cam not in camera_map:
-                raise ValueError(f"{path}: camera {cam} is not one of {sorted(camera_map)}")
+                raise DatasetError(f"{path}: camera {cam} is not one of {sorted(camera_map)}")
             camid = camera_map[cam]
         else:
+            if layout is not None and not 1 <= cam <= layout.max_camera:
+                raise DatasetError(f"{path}: camera {cam} is outside {layout.title}'s 1..{layout.max_camera}")
             camid = cam - 1
         items.append((str(path), pid, camid))
     if not items:
-        raise ValueError(f"{folder}: no images found (expected files like 0001_c1s1_000024_00.jpg)")
+        example = layout.example if layout is not None else "0001_c1s1_000024_00.jpg"
+        raise DatasetError(f"{folder}: no images found (expected files like {example})")
     return relabel_pids(items) if relabel else items
 
 
@@ -117,128 +233,449 @@ def _read_index_file(index: Path, image_dir: Path, labelled: bool) -> list[Item]
     """VisDA index files: `image-name camera-index person-identity image-index` (validation) or
     `image-name  image-index` (test). The order of lines defines the submission indices."""
     items = []
-    for line_number, line in enumerate(_require_file(index, "VisDA-2020 index file").read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        name = line.split()[0]
-        path = image_dir / name
+    for line_number, fields in _read_lines(index, "VisDA-2020 index file", 1, "<image> ..."):
+        path = resolve_inside(image_dir, fields[0], f"{index}:{line_number}")
         if labelled:
             try:
                 pid, cam = _parse_pid_cam(path)
             except ValueError as error:
-                raise ValueError(f"{index}:{line_number}: {error}") from None
+                raise DatasetError(f"{index}:{line_number}: {error}") from None
             if cam not in VISDA_TARGET_CAMERAS:
-                raise ValueError(f"{index}:{line_number}: camera {cam} not in {sorted(VISDA_TARGET_CAMERAS)}")
+                raise DatasetError(f"{index}:{line_number}: camera {cam} not in {sorted(VISDA_TARGET_CAMERAS)}")
             items.append((str(path), pid, VISDA_TARGET_CAMERAS[cam]))
         else:
             items.append((str(path), 0, 0))
     return items
 
 
-def _read_msmt_list(list_file: Path, image_dir: Path, relabel: bool) -> list[Item]:
-    """MSMT17 list files: `<relative path> <pid>`; the camera is the third field of the name."""
-    items = []
-    for line_number, line in enumerate(_require_file(list_file, "MSMT17 list file").read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        parts = line.split()
-        if len(parts) < 2:
-            raise ValueError(f"{list_file}:{line_number}: expected '<path> <pid>', got {line!r}")
-        name_fields = Path(parts[0]).name.split("_")
-        if len(name_fields) < 3 or not name_fields[2].isdigit():
-            raise ValueError(f"{list_file}:{line_number}: cannot read the camera from {parts[0]!r}")
-        items.append((str(image_dir / parts[0]), int(parts[1]), int(name_fields[2]) - 1))
+def _read_msmt_lists(
+    list_files: Sequence[Path], image_dir: Path, root: Path, relabel: bool, max_camera: int = MSMT_MAX_CAMERA
+) -> list[Item]:
+    """MSMT17 list files: `<path> <pid>` with the path relative to the image folder (train/ or test/), or to the
+    dataset root when it starts with that folder's name; the camera is the third field of the file name. Several
+    files (list_train + list_val) are read as one list: a path listed twice is an error naming both lines."""
+    items, seen = [], {}
+    for list_file in list_files:
+        for line_number, fields in _read_lines(list_file, "MSMT17 list file", 2, "<path> <pid>"):
+            where = f"{list_file}:{line_number}"
+            relative = fields[0]
+            base = root if re.split(r"[/\\]", relative)[0] == image_dir.name else image_dir
+            path = resolve_inside(base, relative, where)
+            if str(path) in seen:
+                raise DatasetError(f"{where}: {relative!r} is listed twice (also {seen[str(path)]})")
+            seen[str(path)] = where
+            name_fields = path.name.split("_")
+            if len(name_fields) < 3 or not name_fields[2].isdigit():
+                raise DatasetError(
+                    f"{where}: cannot read the camera from {relative!r} (expected names like "
+                    "0000_000_01_0303morning_0015_0.jpg)"
+                )
+            if not fields[1].lstrip("-").isdigit():
+                raise DatasetError(f"{where}: identity {fields[1]!r} is not an integer")
+            camera = int(name_fields[2])
+            if not 1 <= camera <= max_camera:
+                raise DatasetError(f"{where}: camera {camera} is outside MSMT17's 1..{max_camera}")
+            items.append((str(path), int(fields[1]), camera - 1))
     return relabel_pids(items) if relabel else items
+
+
+def _read_generic_list(list_file: Path, root: Path, relabel: bool) -> list[Item]:
+    """The 'list' dataset: `relative/path pid camid` per line, paths relative to the dataset root, camid an integer
+    >= 0 used as is; a negative pid marks a junk image (left out, as Market-1501's -1)."""
+    items = []
+    for line_number, fields in _read_lines(list_file, "list file", 3, "relative/path pid camid"):
+        where = f"{list_file}:{line_number}"
+        path = resolve_inside(root, fields[0], where)
+        try:
+            pid, camid = int(fields[1]), int(fields[2])
+        except ValueError:
+            raise DatasetError(f"{where}: pid {fields[1]!r} and camid {fields[2]!r} must be integers") from None
+        if camid < 0:
+            raise DatasetError(f"{where}: camid {camid} must be >= 0")
+        if pid >= 0:
+            items.append((str(path), pid, camid))
+    return relabel_pids(items) if relabel else items
+
+
+def _guess_layout(root: Path) -> str:
+    """A few words on what is under `root`, for error messages ("" when nothing recognisable)."""
+    if not root.is_dir():
+        return ""
+    if (root / "personX").is_dir() or (root / "target_training").is_dir():
+        return "the VisDA-2020 layout (personX/, target_training/, ...)"
+    if (root / "bounding_box_train").is_dir():
+        names = [p.name for p in itertools.islice((root / "bounding_box_train").iterdir(), 50)]
+        for layout in FOLDER_LAYOUTS.values():
+            if names and all(layout.name_pattern.match(name) for name in names if Path(name).suffix):
+                return f"{layout.title} (bounding_box_train/ with names like {layout.example})"
+        return "bounding_box_train/ with names of neither Market-1501 nor DukeMTMC-reID"
+    if any((root / train).is_dir() for train, _ in MSMT_IMAGE_DIRS) and (root / "list_train.txt").is_file():
+        return "MSMT17 (list_train.txt and its image folders)"
+    if any((root / f"list_{split}.txt").is_file() for split in ("train", "query", "gallery")):
+        return "list files (list_train.txt, ...): the 'list' dataset"
+    folders = [f"{folder}/" for layout in FOLDER_LAYOUTS.values() for folder in layout.folder_names]
+    found = [name for name in [*folders, *(f"{f}/" for f in MSMT_FOLDERS)] if (root / name.rstrip("/")).is_dir()]
+    return f"a parent folder holding {', '.join(found)}" if found else ""
+
+
+def _found(root: Path) -> str:
+    guess = _guess_layout(root)
+    return f"; found {guess} there" if guess else ""
+
+
+def locate_dataset(name: str, data_root: str | Path) -> Path:
+    """The folder of a standard dataset below `data_root`: the root itself or, when the root is a parent folder,
+    its Market-1501-v15.09.15/, DukeMTMC-reID/ or MSMT17_V1|V2/ (also as torchreid nests them). Other datasets:
+    the root. A Market-1501 name given Duke's folder (or the reverse) is refused: the file names tell them apart."""
+    name = canonical_dataset_name(name)
+    root = Path(data_root).expanduser().resolve()
+    _require_dir(root, f"data root of dataset {name!r}")
+    if name in FOLDER_LAYOUTS:
+        layout = FOLDER_LAYOUTS[name]
+        for candidate in (root, *(root / folder for folder in layout.folder_names)):
+            if all((candidate / split).is_dir() for split in FOLDER_SPLITS):
+                names = [p.name for p in itertools.islice((candidate / "bounding_box_train").iterdir(), 50)]
+                for other_name, other in FOLDER_LAYOUTS.items():
+                    matches = [n for n in names if Path(n).suffix.lower() in IMAGE_SUFFIXES]
+                    if other is not layout and matches and all(other.name_pattern.match(n) for n in matches):
+                        raise DatasetError(
+                            f"{candidate} holds {other.title} images (names like {other.example}), not {layout.title} "
+                            f"ones (names like {layout.example}): name it {other_name}, or give the folder "
+                            f"{layout.folder_names[0]}/ (or its parent)"
+                        )
+                return candidate
+        raise DatasetError(
+            f"no {layout.title} layout under {root}: expected {root}/{layout.folder_names[0]}/ (or the root itself) "
+            f"holding {', '.join(s + '/' for s in FOLDER_SPLITS)}{_found(root)}"
+        )
+    if name == "msmt17":
+        for candidate in (root, *(root / folder for folder in MSMT_FOLDERS)):
+            if (candidate / "list_train.txt").is_file() and any(
+                (candidate / train).is_dir() for train, _ in MSMT_IMAGE_DIRS
+            ):
+                return candidate
+        raise DatasetError(
+            f"no MSMT17 layout under {root}: expected {root}/MSMT17_V1/ or MSMT17_V2/ (or the root itself) holding "
+            f"list_train.txt, list_query.txt, list_gallery.txt and train/, test/ (V2: mask_train_v2/, mask_test_v2/)"
+            f"{_found(root)}"
+        )
+    return root
 
 
 def read_diagnostic_identities(data_root: str | Path) -> dict[str, int]:
     """Ground-truth identities of target_training in the embedded benchmark (DIAGNOSTICS ONLY: pseudo-label
     quality, and the clearly-flagged upper-bound run `--target-labels-upper-bound`)."""
     path = Path(data_root) / "diagnostics" / "target_training_identities.txt"
-    mapping = {}
-    for line in _require_file(path, "diagnostic identities of the embedded benchmark").read_text().splitlines():
-        if line.strip():
-            name, pid = line.split()[:2]
-            mapping[name] = int(pid)
-    return mapping
+    form = "<image name> <identity>"
+    return {fields[0]: int(fields[1]) for _, fields in _read_lines(path, "diagnostic identities", 2, form)}
 
 
-def read_dataset(name: str, data_root: str | Path) -> ReIDData:
-    """Reads a dataset by name; every item is (absolute path, pid, camid).
+def read_dataset(name: str, data_root: str | Path, msmt_trainval: bool = False) -> ReIDData:
+    """Reads a dataset by name (or a torchreid/fast-reid alias); every item is (absolute path, pid, camid).
 
     VisDA-2020 layout (one `data_root`): personx, personx_sda, personx_spgan (labelled source, pids
     relabelled 0..P-1), target_train (pid 0, cameras {1,2,4,5,6} -> 0..4), target_val and target_test
-    (query/gallery in index-file order). Standard datasets (their own root): market1501, dukemtmc
-    (bounding_box_train / query / bounding_box_test), msmt17 (list_*.txt), and `folder` (every image
-    below the root, pid 0, camid 0; for feature extraction).
+    (query/gallery in index-file order). Standard datasets (their own folder, or a parent folder holding it, see
+    `locate_dataset`): market1501, dukemtmc (bounding_box_train / query / bounding_box_test; junk pid -1 left
+    out, distractors 0000 kept), msmt17 (list_*.txt; `msmt_trainval` adds list_val.txt to the training set, the
+    32,621-image convention of MMT/SpCL). `list`: list_train.txt, list_query.txt, list_gallery.txt (any of them)
+    of `relative/path pid camid` lines. `folder`: every image below the root, pid 0, camid 0 (feature extraction).
     """
-    root = Path(data_root).expanduser().resolve()
-    _require_dir(root, f"data root of dataset {name!r}")
+    name = canonical_dataset_name(name)
+    root = locate_dataset(name, data_root)
     if name in ("personx", "personx_sda", "personx_spgan"):
         folder = {"personx": "personX", "personx_sda": "personX_sda", "personx_spgan": "personX_spgan"}[name]
-        image_dir = _require_dir(root / folder / "image_train", f"{name} training images")
-        return ReIDData(name, train=_read_labelled_folder(image_dir, relabel=True))
+        if not (root / folder / "image_train").is_dir():
+            raise FileNotFoundError(
+                f"{root / folder / 'image_train'}: missing folder ({name} training images of the VisDA-2020 layout)"
+                f"{_found(root)}"
+            )
+        return ReIDData(name, train=_read_labelled_folder(root / folder / "image_train", relabel=True), root=str(root))
     if name == "target_train":
-        label_file = _require_file(root / "target_training" / "label_target_training.txt", "target camera labels")
-        image_dir = _require_dir(root / "target_training" / "image_train", "target training images")
+        image_dir = root / "target_training" / "image_train"
+        if not image_dir.is_dir():
+            raise FileNotFoundError(f"{image_dir}: missing folder (target training images){_found(root)}")
+        label_file = root / "target_training" / "label_target_training.txt"
         items = []
-        for line_number, line in enumerate(label_file.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            parts = line.split()
-            if len(parts) < 2 or not parts[1].isdigit() or int(parts[1]) not in VISDA_TARGET_CAMERAS:
-                raise ValueError(f"{label_file}:{line_number}: expected '<image> <camera in 1,2,4,5,6>', got {line!r}")
-            items.append((str(image_dir / parts[0]), 0, VISDA_TARGET_CAMERAS[int(parts[1])]))
-        return ReIDData(name, train=items)
-    if name == "target_val":
-        query_dir = _require_dir(root / "target_validation" / "image_query", "validation queries")
-        gallery_dir = _require_dir(root / "target_validation" / "image_gallery", "validation gallery")
+        form = "<image> <camera in 1,2,4,5,6>"
+        for line_number, fields in _read_lines(label_file, "target camera labels", 2, form):
+            where = f"{label_file}:{line_number}"
+            if not fields[1].isdigit() or int(fields[1]) not in VISDA_TARGET_CAMERAS:
+                raise DatasetError(f"{where}: expected '{form}', got {' '.join(fields)!r}")
+            path = resolve_inside(image_dir, fields[0], where)
+            items.append((str(path), 0, VISDA_TARGET_CAMERAS[int(fields[1])]))
+        return ReIDData(name, train=items, root=str(root))
+    if name in ("target_val", "target_test"):
+        split = "validation" if name == "target_val" else "test"
+        folder = "target_validation" if name == "target_val" else "target_test"
+        if not (root / folder).is_dir():
+            raise FileNotFoundError(f"{root / folder}: missing folder ({name} of the VisDA-2020 layout){_found(root)}")
+        query_dir = _require_dir(root / folder / "image_query", f"{split} queries")
+        gallery_dir = _require_dir(root / folder / "image_gallery", f"{split} gallery")
+        labelled = name == "target_val"
         return ReIDData(
             name,
-            query=_read_index_file(root / "index_validation_query.txt", query_dir, labelled=True),
-            gallery=_read_index_file(root / "index_validation_gallery.txt", gallery_dir, labelled=True),
+            query=_read_index_file(root / f"index_{split}_query.txt", query_dir, labelled=labelled),
+            gallery=_read_index_file(root / f"index_{split}_gallery.txt", gallery_dir, labelled=labelled),
+            root=str(root),
+            indexed=True,
         )
-    if name == "target_test":
-        query_dir = _require_dir(root / "target_test" / "image_query", "test queries")
-        gallery_dir = _require_dir(root / "target_test" / "image_gallery", "test gallery")
-        return ReIDData(
-            name,
-            query=_read_index_file(root / "index_test_query.txt", query_dir, labelled=False),
-            gallery=_read_index_file(root / "index_test_gallery.txt", gallery_dir, labelled=False),
+    if name in FOLDER_LAYOUTS:
+        layout = FOLDER_LAYOUTS[name]
+        train, query, gallery = (
+            _read_labelled_folder(root / split, relabel=split == "bounding_box_train", layout=layout)
+            for split in FOLDER_SPLITS
         )
-    if name in ("market1501", "dukemtmc"):
-        return ReIDData(
-            name,
-            train=_read_labelled_folder(_require_dir(root / "bounding_box_train", "training images"), relabel=True),
-            query=_read_labelled_folder(_require_dir(root / "query", "query images"), relabel=False),
-            gallery=_read_labelled_folder(_require_dir(root / "bounding_box_test", "gallery images"), relabel=False),
-        )
+        return ReIDData(name, train=train, query=query, gallery=gallery, root=str(root))
     if name == "msmt17":
-        train_dir = _require_dir(root / "train", "MSMT17 training images")
-        test_dir = _require_dir(root / "test", "MSMT17 test images")
+        train_dir, test_dir = next(
+            (root / train, root / test) for train, test in MSMT_IMAGE_DIRS if (root / train).is_dir()
+        )
+        _require_dir(test_dir, "MSMT17 test images")
+        train_lists = [root / "list_train.txt"] + ([root / "list_val.txt"] if msmt_trainval else [])
         return ReIDData(
             name,
-            train=_read_msmt_list(root / "list_train.txt", train_dir, relabel=True),
-            query=_read_msmt_list(root / "list_query.txt", test_dir, relabel=False),
-            gallery=_read_msmt_list(root / "list_gallery.txt", test_dir, relabel=False),
+            train=_read_msmt_lists(train_lists, train_dir, root, relabel=True),
+            query=_read_msmt_lists([root / "list_query.txt"], test_dir, root, relabel=False),
+            gallery=_read_msmt_lists([root / "list_gallery.txt"], test_dir, root, relabel=False),
+            root=str(root),
         )
-    if name == "folder":
-        paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not paths:
-            raise ValueError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
-        return ReIDData(name, train=[(str(p), 0, 0) for p in paths])
-    raise ValueError(
-        f"unknown dataset {name!r}; expected one of personx, personx_sda, personx_spgan, target_train, "
-        "target_val, target_test, market1501, dukemtmc, msmt17, folder"
-    )
+    if name == "list":
+        files = {split: root / f"list_{split}.txt" for split in ("train", "query", "gallery")}
+        if not any(path.is_file() for path in files.values()):
+            raise FileNotFoundError(
+                f"{root}: no list_train.txt, list_query.txt or list_gallery.txt (the 'list' dataset: "
+                f"'relative/path pid camid' lines){_found(root)}"
+            )
+        splits = {
+            split: _read_generic_list(path, root, relabel=split == "train") if path.is_file() else []
+            for split, path in files.items()
+        }
+        return ReIDData(name, **splits, root=str(root))
+    # folder
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise DatasetError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+    return ReIDData(name, train=[(str(p), 0, 0) for p in paths], root=str(root))
 
 
 def validation_split(name: str, data_root: str | Path) -> tuple[list[Item], list[Item]]:
     """(query, gallery) used for model selection: target_val for the VisDA layout, else the dataset's own."""
     data = read_dataset(name, data_root)
     if not data.query or not data.gallery:
-        raise ValueError(f"dataset {name!r} has no query/gallery split to validate on")
+        raise DatasetError(f"dataset {name!r} has no query/gallery split to validate on")
     return data.query, data.gallery
+
+
+def check_images(items: Sequence[Item], what: str, skip_bad_images: bool, allow_skip: bool = True) -> list[Item]:
+    """Decodes every image before any training (JPEG at 1/8 scale: cheap, yet a truncated or corrupt file fails),
+    with a progress bar. Unreadable images are an error naming them, or with `skip_bad_images` are left out with a
+    warning. `allow_skip` False: sets whose order numbers a submission (VisDA index files) cannot lose an image."""
+    from tqdm import tqdm
+
+    good, bad = [], []
+    for item in tqdm(items, desc=f"checking {what}", unit="img", disable=len(items) < 2000, dynamic_ncols=True):
+        try:
+            with Image.open(item[0]) as image:
+                image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+                image.load()
+            good.append(item)
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            bad.append(f"{item[0]} ({type(error).__name__}: {error})")
+    if bad and (not skip_bad_images or not allow_skip):
+        remedy = (
+            "pass --skip-bad-images to leave them out"
+            if allow_skip
+            else "its index files number the images, so none may be left out"
+        )
+        raise DatasetError(f"{len(bad)} unreadable image(s) in {what}: {'; '.join(bad[:3])} ({remedy})")
+    for message in bad:
+        print(f"[data] skipping unreadable image {message}", file=sys.stderr)
+    return good
+
+
+# ------------------------------------------------------------------------------------------------
+# The dataset arguments of every stage: --source/--target/--val NAME with their --*-root DIR
+
+
+DATASET_ROLES = ("source", "target", "val")
+_ROLE_HELP = {
+    "source": "labelled source training set",
+    "target": "unlabelled target training set (identity labels, if the dataset has them, are never used for "
+    "training; 'none': no target)",
+    "val": "labelled query/gallery set for model selection and evaluation",
+}
+
+
+def add_dataset_arguments(
+    parser: argparse.ArgumentParser,
+    used: Sequence[str],
+    source: str = "personx",
+    target: str = "target_train",
+    val: str = "target_val",
+) -> None:
+    """The same dataset arguments in every stage (`used`: the roles this stage reads; the others are accepted so
+    that one set of flags can be passed to every stage). The old spellings --val-dataset, --dataset and
+    --train-dataset are still accepted (not shown)."""
+    names = ", ".join(DATASET_NAMES)
+    group = parser.add_argument_group(
+        "datasets",
+        f"Every stage takes the same dataset arguments; this one reads {', '.join('--' + r for r in used)}. Names: "
+        f"{names} (aliases: {', '.join(sorted(DATASET_ALIASES))}). A root may be the dataset's own folder or its "
+        "parent (holding Market-1501-v15.09.15/, DukeMTMC-reID/, MSMT17_V1|V2/). The 'list' dataset reads "
+        "list_train.txt, list_query.txt, list_gallery.txt of 'relative/path pid camid' lines under its root. "
+        "A labelled source sharing folders or image files with the target or the validation set is refused.",
+    )
+    group.add_argument(
+        "--data-root", metavar="DIR", help="VisDA-2020 layout root; the default of every --*-root below%(default).0s"
+    )
+    defaults = {"source": source, "target": target, "val": val}
+    for role in DATASET_ROLES:
+        group.add_argument(
+            f"--{role}", default=defaults[role], metavar="NAME", help=f"{_ROLE_HELP[role]} (default: %(default)s)"
+        )
+        fallback = "--target-root, else --data-root" if role == "val" else "--data-root"
+        group.add_argument(
+            f"--{role}-root", metavar="DIR", help=f"root of --{role} (default: {fallback})%(default).0s"
+        )  # .0s: no "(default: None)" added
+    group.add_argument(
+        "--msmt17-trainval",
+        action="store_true",
+        help="MSMT17: train on list_train.txt + list_val.txt (32,621 images, the MMT/SpCL convention) instead "
+        "of list_train.txt alone (30,248)",
+    )
+    group.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="every image is decoded before the stage starts; leave unreadable ones out (with a warning) instead "
+        "of stopping",
+    )
+    for old, role in (("--val-dataset", "val"), ("--dataset", "val"), ("--train-dataset", "target")):
+        group.add_argument(old, dest=role, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+@dataclass
+class Datasets:
+    """What a stage reads. `target` items carry pid 0 (no labels); `target_identities` maps a target image path to
+    its true identity where the data has one (a labelled dataset, or the benchmark's diagnostics/): DIAGNOSTICS
+    ONLY (pseudo-label quality, flagged upper bounds), never a training input."""
+
+    source: ReIDData | None = None
+    target: list[Item] | None = None
+    target_identities: dict[str, int] | None = None
+    val: ReIDData | None = None
+    roots: dict[str, str] = field(default_factory=dict)
+
+
+def _role_root(args: argparse.Namespace, role: str) -> str:
+    """--ROLE-root, else (validation is on the target domain) --target-root for --val, else --data-root."""
+    fallback = getattr(args, "target_root", None) if role == "val" else None
+    root = getattr(args, f"{role}_root", None) or fallback or getattr(args, "data_root", None)
+    if not root:
+        raise DatasetError(f"--{role} {getattr(args, role)}: give --{role}-root DIR (or --data-root DIR)")
+    return root
+
+
+def _file_keys(items: Sequence[Item]) -> dict[tuple[int, int] | str, str]:
+    """One key per image file: (device, inode), so a path, a symbolic link to it or a hard link are the same."""
+    keys = {}
+    for path, _, _ in items:
+        try:
+            stat = os.stat(path)
+            keys[(stat.st_dev, stat.st_ino)] = path
+        except OSError:
+            keys[os.path.realpath(path)] = path
+    return keys
+
+
+def check_no_shared_images(
+    labelled: Sequence[Item], other: Sequence[Item], labelled_flag: str, other_flag: str, same_folders_too: bool
+) -> None:
+    """Refuses a labelled source that reads the same folders as the target, or any image file of the target or the
+    validation set: that would train on their labels (Market-1501 and DukeMTMC-reID share folder names, so a
+    wrong root goes unnoticed otherwise)."""
+    if same_folders_too:
+        labelled_dirs = {os.path.realpath(os.path.dirname(p)) for p, _, _ in labelled}
+        same = sorted(labelled_dirs & {os.path.realpath(os.path.dirname(p)) for p, _, _ in other})
+        if same:
+            raise DatasetError(
+                f"{labelled_flag} and {other_flag} read the same folder {same[0]}: the labelled source would be the "
+                "target's own images; give each its own root"
+            )
+    labelled_keys, other_keys = _file_keys(labelled), _file_keys(other)
+    shared = [key for key in labelled_keys if key in other_keys]
+    if shared:
+        raise DatasetError(
+            f"{labelled_flag} and {other_flag} share {len(shared)} image file(s), e.g. {labelled_keys[shared[0]]} and "
+            f"{other_keys[shared[0]]}: training on them would leak {other_flag}'s images into the labelled source"
+        )
+
+
+def resolve_datasets(args: argparse.Namespace, used: Sequence[str]) -> Datasets:
+    """Reads the roles a stage uses from the arguments of `add_dataset_arguments`, checks the labelled source
+    against the target and the validation set, and decodes every image (`check_images`). Errors become one-line
+    exits naming the flag, the root and the file or folder expected."""
+    datasets = Datasets()
+    current = ""
+    try:
+        for role in used:
+            name = getattr(args, role)
+            if role == "target" and name == "none":
+                continue
+            current = f"--{role} {name}"
+            root = _role_root(args, role)
+            current = f"--{role} {name} (root {root})"
+            data = read_dataset(name, root, msmt_trainval=getattr(args, "msmt17_trainval", False))
+            datasets.roots[role] = data.root
+            if role == "source":
+                if not data.train:
+                    raise DatasetError(f"no labelled training images in {data.root}")
+                datasets.source = data
+            elif role == "target":
+                if not data.train:
+                    raise DatasetError(f"no training images in {data.root}")
+                datasets.target = [(path, 0, camid) for path, _, camid in data.train]
+                if canonical_dataset_name(name) == "target_train":
+                    truth_file = Path(data.root) / "diagnostics" / "target_training_identities.txt"
+                    if truth_file.is_file():
+                        by_name = read_diagnostic_identities(data.root)
+                        truth = {path: by_name.get(os.path.basename(path), -1) for path, _, _ in data.train}
+                        datasets.target_identities = truth if min(truth.values(), default=-1) >= 0 else None
+                elif canonical_dataset_name(name) != "folder":  # a labelled dataset used as the target
+                    datasets.target_identities = {path: pid for path, pid, _ in data.train}
+            else:
+                if not data.query or not data.gallery:
+                    raise DatasetError(f"no query/gallery split in {data.root}")
+                datasets.val = data
+        current = ""
+        if datasets.source is not None:
+            source_flag = f"--source {args.source}"
+            if datasets.target is not None:
+                check_no_shared_images(
+                    datasets.source.train, datasets.target, source_flag, f"--target {args.target}", True
+                )
+            if datasets.val is not None:
+                val_items = datasets.val.query + datasets.val.gallery
+                check_no_shared_images(datasets.source.train, val_items, source_flag, f"--val {args.val}", False)
+        skip = getattr(args, "skip_bad_images", False)
+        if datasets.source is not None:
+            current = f"--source {args.source}"
+            # relabelled again: a left-out image may take the last image of an identity with it
+            datasets.source.train = relabel_pids(
+                check_images(datasets.source.train, "the source training images", skip)
+            )
+        if datasets.target is not None:
+            current = f"--target {args.target}"
+            kept = {p for p, _, _ in check_images(datasets.target, "the target training images", skip)}
+            datasets.target = [item for item in datasets.target if item[0] in kept]
+        if datasets.val is not None:
+            current = f"--val {args.val}"
+            allow = not datasets.val.indexed
+            datasets.val.query = check_images(datasets.val.query, "the query images", skip, allow)
+            datasets.val.gallery = check_images(datasets.val.gallery, "the gallery images", skip, allow)
+    except (ValueError, OSError) as error:
+        raise SystemExit(f"error: {current + ': ' if current else ''}{error}") from None
+    return datasets
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -514,7 +951,7 @@ def _last_stride_one(trunk: ResNetTrunk) -> None:
 
 def _resnet_trunk(net: torchvision.models.ResNet, ibn: bool) -> ResNetTrunk:
     trunk = ResNetTrunk(net)
-    if ibn:  # IBN-a: bn1 of every block (bottleneck or basic) of stages 1-3 (not stage 4)
+    if ibn:  # IBN-a: bn1 of every bottleneck of stages 1-3 (not stage 4)
         for layer in (trunk.layer1, trunk.layer2, trunk.layer3):
             for block in layer:
                 planes = block.bn1.num_features
@@ -639,8 +1076,6 @@ def build_trunk(arch: str) -> tuple[nn.Module, int]:
     bottleneck = models.resnet.Bottleneck
     if arch == "resnet18":
         return _resnet_trunk(models.resnet18(weights=None), ibn=False), 512
-    if arch == "resnet18_ibn":  # IBN-Net's resnet18_ibn_a: IN on half of bn1 in every basic block of stages 1-3
-        return _resnet_trunk(models.resnet18(weights=None), ibn=True), 512
     if arch == "resnet50":
         return _resnet_trunk(models.resnet50(weights=None), ibn=False), 2048
     if arch == "resnet50_ibn":
@@ -661,7 +1096,6 @@ def build_trunk(arch: str) -> tuple[nn.Module, int]:
 
 ARCHS = (
     "resnet18",
-    "resnet18_ibn",
     "resnet50",
     "resnet50_ibn",
     "resnet101_ibn",
@@ -674,7 +1108,6 @@ ARCHS = (
 # File names of the ImageNet weights looked up in the torch hub cache by `--pretrained imagenet`.
 IMAGENET_FILES = {
     "resnet18": "resnet18-f37072fd.pth (torchvision)",
-    "resnet18_ibn": "resnet18_ibn_a-2f571257.pth (IBN-Net release)",
     "resnet50": "resnet50-0676ba61.pth or resnet50-11ad3fa6.pth (torchvision)",
     "resnet50_ibn": "resnet50_ibn_a-d9d0bb7b.pth (IBN-Net release)",
     "resnet101_ibn": "resnet101_ibn_a-59ea0ac6.pth (IBN-Net release)",

@@ -672,12 +672,10 @@ def train(args: argparse.Namespace) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     # ---- data: P x K source batches (identity structure needed for relation mining), random target batches
-    source = reid.read_dataset("personx", args.data_root)
-    target = reid.read_dataset("target_train", args.data_root)
-    if not source.train:
-        raise ValueError(f"--data-root {args.data_root}: no source (personX/image_train) images found")
-    if not target.train:
-        raise ValueError(f"--data-root {args.data_root}: no target_training images found")
+    datasets = reid.resolve_datasets(args, ("source", "target"))
+    if datasets.target is None:
+        raise SystemExit("--target none: SDA translates the source into the target's style; name a target")
+    source, target = datasets.source, reid.ReIDData(args.target, train=datasets.target)
     if len(target.train) < args.batch_size:
         raise ValueError(f"--batch-size {args.batch_size} exceeds the {len(target.train)} target training images")
     # SDA pipeline (reference §3.1): resize, flip, pad (10 px at width 128), crop, normalise; no AutoAugment or erasing.
@@ -700,8 +698,12 @@ def train(args: argparse.Namespace) -> None:
         pin_memory=device.type == "cuda",
         persistent_workers=False,  # a new iterator per epoch picks up the sampler's new epoch
     )
-    source_loader = DataLoader(reid.ImageDataset(source.train, transform), sampler=source_sampler, **loader_options)
-    target_loader = DataLoader(reid.ImageDataset(target.train, transform), sampler=target_sampler, **loader_options)
+    source_loader = DataLoader(
+        reid.ImageDataset(source.train, transform, args.skip_bad_images), sampler=source_sampler, **loader_options
+    )
+    target_loader = DataLoader(
+        reid.ImageDataset(target.train, transform, args.skip_bad_images), sampler=target_sampler, **loader_options
+    )
     # Identity-fidelity probe (identity_fidelity): two un-augmented crops of every source identity, translated at
     # every sample grid; the score goes into the log and beside the grid.
     probe = fidelity_items(source.train)
@@ -951,8 +953,16 @@ def load_generator(path: str | Path) -> tuple[ResnetGenerator, dict]:
     return generator.eval(), architecture
 
 
-def translated_path(out_root: Path, source_path: str) -> Path:
-    return out_root / "personX_sda" / "image_train" / Path(source_path).name
+def translation_layout(source_name: str, items: Sequence[reid.Item], out_root: Path) -> tuple[Path, list[Path]]:
+    """Where the translations go: raw PersonX -> OUT/personX_sda/image_train/<name> (read as `personx_sda`); any
+    other source -> OUT/<source>_sda/images/<path below the source images' common folder>, with a list_train.txt
+    (read as `--source list --source-root OUT/<source>_sda`)."""
+    name = reid.canonical_dataset_name(source_name)
+    if name == "personx":
+        return out_root / "personX_sda", [out_root / "personX_sda" / "image_train" / Path(p).name for p, _, _ in items]
+    common = os.path.commonpath([os.path.dirname(p) for p, _, _ in items])
+    folder = out_root / f"{name}_sda"
+    return folder, [folder / "images" / os.path.relpath(p, common) for p, _, _ in items]
 
 
 @torch.no_grad()
@@ -960,21 +970,34 @@ def translate(args: argparse.Namespace) -> None:
     generator, architecture = load_generator(args.checkpoint)
     device = torch.device(args.device) if args.device else torch.device("cpu")
     generator.to(device)
-    items = reid.read_dataset("personx", args.data_root).train
-    if not items:
-        raise ValueError(f"--data-root {args.data_root}: no personX/image_train images found")
+    items = reid.resolve_datasets(args, ("source",)).source.train
     out_root = Path(args.out)
-    out_dir = out_root / "personX_sda" / "image_train"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if out_dir.resolve() == Path(items[0][0]).parent.resolve():
-        raise ValueError(f"--out {out_root}: would overwrite the source images in {out_dir}")
-    for leftover in out_dir.glob(".*.tmp*"):  # temp files of an interrupted run
-        leftover.unlink()
+    out_dir, destinations = translation_layout(args.source, items, out_root)
+    for (source_path, _, _), destination in zip(items, destinations, strict=True):
+        if os.path.realpath(destination) == os.path.realpath(source_path):
+            raise SystemExit(f"error: --out {out_root}: would overwrite the source image {source_path}")
+    destination_of = {item[0]: destination for item, destination in zip(items, destinations, strict=True)}
+    for folder in sorted({d.parent for d in destinations}):
+        folder.mkdir(parents=True, exist_ok=True)
+        for leftover in folder.glob(".*.tmp*"):  # temp files of an interrupted run
+            leftover.unlink()
     # Resumable: every output file is complete (temp name, then rename), so existing ones are simply skipped.
-    todo = [item for item in items if not translated_path(out_root, item[0]).exists()]
+    todo = [item for item in items if not destination_of[item[0]].exists()]
     print(f"translate: {len(items)} source images, {len(items) - len(todo)} already done, writing to {out_dir}")
-    if not todo:
-        return
+    if todo:
+        write_translations(generator, architecture, todo, destination_of, device, args)
+    if out_dir.name != "personX_sda":  # written last: the list names only finished images
+        lines = [
+            f"{destination.relative_to(out_dir).as_posix()} {pid} {camid}\n"
+            for (_, pid, camid), destination in zip(items, destinations, strict=True)
+        ]
+        temporary = out_dir / f".list_train.txt.tmp{os.getpid()}"
+        temporary.write_text("".join(lines))
+        os.replace(temporary, out_dir / "list_train.txt")
+        print(f"translate: {out_dir / 'list_train.txt'} lists them (--source list --source-root {out_dir})")
+
+
+def write_translations(generator, architecture: dict, todo, destination_of: dict, device, args) -> None:
     # The generator runs at its training resolution; the result is resized back to the source image's own
     # size.
     loader = DataLoader(
@@ -996,7 +1019,7 @@ def translate(args: argparse.Namespace) -> None:
                 result = Image.fromarray(image.permute(1, 2, 0).numpy())
                 if result.size != size:
                     result = result.resize(size, Image.BICUBIC)
-                destination = translated_path(out_root, source_path)
+                destination = destination_of[source_path]
                 tmp = destination.with_name(f".{destination.name}.tmp{os.getpid()}")
                 image_format = Image.registered_extensions().get(destination.suffix.lower(), "PNG")
                 save_options = {"quality": args.jpeg_quality} if image_format == "JPEG" else {}
@@ -1009,7 +1032,7 @@ def translate(args: argparse.Namespace) -> None:
 def measure_fidelity(args: argparse.Namespace) -> dict:
     """identity_fidelity of a translated copy of personX/image_train (same file names, e.g. personX_sda or the
     embedded benchmark's perfect-translator control) against the source images, on every source image."""
-    items = reid.read_dataset("personx", args.data_root).train
+    items = reid.resolve_datasets(args, ("source",)).source.train
     translated_dir = Path(args.translated)
     if not translated_dir.is_dir():
         raise FileNotFoundError(f"--translated {translated_dir}: no such folder")
@@ -1065,7 +1088,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     t.add_argument("--preset", choices=sorted(PRESETS), help="defaults for a setting (explicit flags still win)")
-    t.add_argument("--data-root", required=True, help="VisDA-2020 layout root (personX/, target_training/, ...)")
+    reid.add_dataset_arguments(t, ("source", "target"))
     t.add_argument("--out", default="logs/sda", help="output folder: checkpoint.pt, log.jsonl, samples/")
     t.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     # relation consistency
@@ -1143,8 +1166,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     s.add_argument("--checkpoint", required=True, help="checkpoint.pt written by `sda.py train`")
-    s.add_argument("--data-root", required=True, help="VisDA-2020 layout root holding personX/image_train")
-    s.add_argument("--out", required=True, help="root to write personX_sda/image_train/ into (usually --data-root)")
+    reid.add_dataset_arguments(s, ("source",))
+    s.add_argument(
+        "--out",
+        required=True,
+        help="where to write: OUT/personX_sda/image_train/ for --source personx (usually OUT = --data-root), else "
+        "OUT/<source>_sda/ with images/ and list_train.txt (then: --source list --source-root OUT/<source>_sda)",
+    )
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--workers", type=int, default=reid.default_workers(), help="data-loading processes")
     s.add_argument("--device", help="torch device (default cpu)")
@@ -1154,10 +1182,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = commands.add_parser(
         "fidelity",
-        help="identity fidelity of a translated copy of personX/image_train (identity_fidelity)",
+        help="identity fidelity of a translated copy of the source images (identity_fidelity)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    f.add_argument("--data-root", required=True, help="root holding the source personX/image_train")
+    reid.add_dataset_arguments(f, ("source",))
     f.add_argument("--translated", required=True, help="folder of translated images named as the source ones")
     f.add_argument("--height", type=int, default=128, help="images are compared at this size")
     f.add_argument("--width", type=int, default=64)
