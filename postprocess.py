@@ -674,7 +674,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     }
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
     table = markdown_table(rows)
-    title = f"Results on {args.val} ({'metrics in %' if has_labels else 'no labels: submission only'})"
+    metric = "full AP" if args.ap_topk is None else f"AP over the top-{args.ap_topk} ranks"
+    scope = f"metrics in %, mAP = {metric}" if has_labels else "no labels: submission only"
+    title = f"Results on {args.val} ({scope})"
     atomic_write_text(out_dir / "results.md", f"## {title}\n\n{table}")
     print(f"\n{title}\n{table}")
     written = f"{submission}, {out_dir / 'result.zip'}, " if submission else ""

@@ -951,7 +951,7 @@ def _last_stride_one(trunk: ResNetTrunk) -> None:
 
 def _resnet_trunk(net: torchvision.models.ResNet, ibn: bool) -> ResNetTrunk:
     trunk = ResNetTrunk(net)
-    if ibn:  # IBN-a: bn1 of every bottleneck of stages 1-3 (not stage 4)
+    if ibn:  # IBN-a: bn1 of every block (bottleneck or basic) of stages 1-3 (not stage 4)
         for layer in (trunk.layer1, trunk.layer2, trunk.layer3):
             for block in layer:
                 planes = block.bn1.num_features
@@ -1076,6 +1076,8 @@ def build_trunk(arch: str) -> tuple[nn.Module, int]:
     bottleneck = models.resnet.Bottleneck
     if arch == "resnet18":
         return _resnet_trunk(models.resnet18(weights=None), ibn=False), 512
+    if arch == "resnet18_ibn":  # IBN-Net's resnet18_ibn_a: IN on half of bn1 in every basic block of stages 1-3
+        return _resnet_trunk(models.resnet18(weights=None), ibn=True), 512
     if arch == "resnet50":
         return _resnet_trunk(models.resnet50(weights=None), ibn=False), 2048
     if arch == "resnet50_ibn":
@@ -1096,6 +1098,7 @@ def build_trunk(arch: str) -> tuple[nn.Module, int]:
 
 ARCHS = (
     "resnet18",
+    "resnet18_ibn",
     "resnet50",
     "resnet50_ibn",
     "resnet101_ibn",
@@ -1108,6 +1111,7 @@ ARCHS = (
 # File names of the ImageNet weights looked up in the torch hub cache by `--pretrained imagenet`.
 IMAGENET_FILES = {
     "resnet18": "resnet18-f37072fd.pth (torchvision)",
+    "resnet18_ibn": "resnet18_ibn_a-2f571257.pth (IBN-Net release)",
     "resnet50": "resnet50-0676ba61.pth or resnet50-11ad3fa6.pth (torchvision)",
     "resnet50_ibn": "resnet50_ibn_a-d9d0bb7b.pth (IBN-Net release)",
     "resnet101_ibn": "resnet101_ibn_a-59ea0ac6.pth (IBN-Net release)",

@@ -41,6 +41,7 @@ def _ibn_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     "arch, dim, stride",
     [
         ("resnet18", 512, 16),
+        ("resnet18_ibn", 512, 16),
         ("resnet50", 2048, 16),
         ("resnet50_ibn", 2048, 16),
         ("densenet169_ibn", 1664, 32),
@@ -84,6 +85,34 @@ def test_deep_ibn_resnets_structure(arch, blocks):
     model.eval()
     with torch.no_grad():
         assert model(torch.randn(1, 3, 64, 32)).shape == (1, 2048)
+
+
+def test_resnet18_ibn_placement():
+    """IBN-a on basic blocks (IBN-Net's resnet18_ibn_a): bn1 of both blocks of stages 1-3 is IN (affine) on the
+    first half of the channels and BN on the rest; stage 4, the stem and every bn2 stay BatchNorm; same
+    parameter shapes as resnet18 elsewhere, so only the bn1 of stages 1-3 differ from a resnet18 state dict."""
+    model = reid.build_model("resnet18_ibn", num_classes=0)
+    trunk = model.backbone
+    expected = sorted(f"backbone.layer{s}.{b}.bn1.IN" for s in (1, 2, 3) for b in (0, 1))
+    assert sorted(_ibn_modules(model)) == expected
+    for stage, planes in ((1, 64), (2, 128), (3, 256)):
+        for block in getattr(trunk, f"layer{stage}"):
+            assert block.bn1.IN.num_features == planes // 2 and block.bn1.IN.affine
+            assert block.bn1.BN.num_features == planes - planes // 2
+            assert isinstance(block.bn2, torch.nn.BatchNorm2d)
+    assert isinstance(trunk.bn1, torch.nn.BatchNorm2d)
+    assert all(isinstance(block.bn1, torch.nn.BatchNorm2d) for block in trunk.layer4)
+    assert trunk.layer4[0].conv1.stride == (1, 1)  # last stride 1, as every re-ID trunk here
+    plain = reid.build_model("resnet18", num_classes=0).state_dict()
+    ibn = model.state_dict()
+    differing = (set(plain) ^ set(ibn)) | {k for k in set(plain) & set(ibn) if plain[k].shape != ibn[k].shape}
+    assert differing and all(k.split(".")[1] in ("layer1", "layer2", "layer3") and ".bn1." in k for k in differing)
+    # the IN half normalises each image on its own: scaling one image of a batch does not change the IN output
+    block = trunk.layer1[0].bn1.eval()
+    x = torch.randn(2, 64, 8, 4)
+    scaled = x.clone()
+    scaled[1] *= 3.0
+    torch.testing.assert_close(block(x)[:, :32], block(scaled)[:, :32], rtol=1e-4, atol=1e-4)
 
 
 def test_resnet50_ibn_placement_and_stem():
