@@ -593,6 +593,38 @@ def translate_images(generator: nn.Module, images: torch.Tensor, autocast=nullco
     return torch.cat(outputs)
 
 
+def image_statistics(images01: torch.Tensor) -> torch.Tensor:
+    """(N,9) low-level statistics of [0, 1] images, what a camera's style changes: per-channel mean and standard
+    deviation, mean saturation (max - min channel), and the mean absolute horizontal gradient and Laplacian of
+    the grey image (sharpness, blur, noise)."""
+    images01 = images01.double()
+    grey = images01.mean(1)
+    laplacian = (
+        4 * grey[:, 1:-1, 1:-1] - grey[:, :-2, 1:-1] - grey[:, 2:, 1:-1] - grey[:, 1:-1, :-2] - grey[:, 1:-1, 2:]
+    )
+    return torch.cat(
+        [
+            images01.mean((2, 3)),
+            images01.std((2, 3)),
+            (images01.amax(1) - images01.amin(1)).mean((1, 2))[:, None],
+            (grey[:, :, 1:] - grey[:, :, :-1]).abs().mean((1, 2))[:, None],
+            laplacian.abs().mean((1, 2))[:, None],
+        ],
+        1,
+    )
+
+
+def style_gap(source01: torch.Tensor, translated01: torch.Tensor, target01: torch.Tensor) -> float:
+    """How much of the source-target difference in image_statistics the translation leaves: with every
+    statistic scaled by its standard deviation over the source and target images, |mean(translated) -
+    mean(target)| / |mean(source) - mean(target)|; 1 = the source's look (e.g. the identity map), 0 = the
+    target's. Read beside identity_fidelity: the identity map keeps every identity and translates nothing."""
+    source, translated, target = (image_statistics(x) for x in (source01, translated01, target01))
+    scale = torch.cat([source, target]).std(0).clamp(min=1e-8)
+    source_mean, translated_mean, target_mean = (x.mean(0) / scale for x in (source, translated, target))
+    return ((translated_mean - target_mean).norm() / (source_mean - target_mean).norm().clamp(min=1e-12)).item()
+
+
 def fidelity_items(items: Sequence[tuple], per_identity: int = 2, max_images: int = 256) -> list[tuple]:
     """A fixed probe set: the first `per_identity` images (sorted by path) of each identity, at most
     `max_images` in all."""
@@ -710,6 +742,10 @@ def train(args: argparse.Namespace) -> None:
     probe_set = reid.ImageDataset(probe, reid.build_test_transform(args.height, args.width))
     probe_images = torch.stack([probe_set[i][0] for i in range(len(probe))]).to(device)
     probe_pids = torch.tensor([item[1] for item in probe])
+    probe01 = denormalise_imagenet(probe_images).cpu()
+    target_probe = sorted(target.train)[:: max(1, len(target.train) // len(probe))][: len(probe)]
+    target_probe_set = reid.ImageDataset(target_probe, reid.build_test_transform(args.height, args.width))
+    probe_target01 = denormalise_imagenet(torch.stack([target_probe_set[i][0] for i in range(len(target_probe))]))
 
     # ---- networks
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -906,9 +942,8 @@ def train(args: argparse.Namespace) -> None:
                         sample_path, real_source[:n], images["fake_target"][:n], images["cycled_source"][:n]
                     )
                     translated01 = translate_images(unwrap(generators).source_to_target, probe_images, autocast)
-                    fidelity = identity_fidelity(
-                        denormalise_imagenet(probe_images).cpu(), translated01.cpu(), probe_pids
-                    )
+                    fidelity = identity_fidelity(probe01, translated01.cpu(), probe_pids)
+                    fidelity["style_gap"] = style_gap(probe01, translated01.cpu(), probe_target01)
                     terms.update({f"fidelity_{k}": v for k, v in fidelity.items()})
                     write_json(sample_path.with_suffix(".json"), {"step": global_step, **fidelity})
                 logger.log(terms)
@@ -1047,6 +1082,10 @@ def measure_fidelity(args: argparse.Namespace) -> dict:
         for chosen in (items, translated_items)
     ]
     result = identity_fidelity(source01, translated01, torch.tensor([pid for _, pid, _ in items]))
+    target_items = reid.read_dataset("target_train", args.target_root or args.data_root).train
+    if target_items:
+        target01 = torch.stack([reid.ImageDataset(target_items, transform)[i][0] for i in range(len(target_items))])
+        result["style_gap"] = style_gap(source01, translated01, denormalise_imagenet(target01))
     result = {"translated": str(translated_dir), "images": len(items), **result}
     print(json.dumps(result, indent=1))
     if args.out:
@@ -1187,6 +1226,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reid.add_dataset_arguments(f, ("source",))
     f.add_argument("--translated", required=True, help="folder of translated images named as the source ones")
+    f.add_argument("--target-root", help="root holding target_training/ for the style gap (default --data-root)")
     f.add_argument("--height", type=int, default=128, help="images are compared at this size")
     f.add_argument("--width", type=int, default=64)
     f.add_argument("--out", help="also write the result to this JSON file")

@@ -654,6 +654,7 @@ def test_train_logs_fidelity_beside_the_samples(trained_run):
     assert 0 <= records[-1]["fidelity_identity_drift"] and 0 <= records[-1]["fidelity_identity_kept"] <= 1
     sample = json.loads(sorted((trained_run / "samples").glob("*.json"))[-1].read_text())
     assert sample["identity_drift"] == records[-1]["fidelity_identity_drift"]
+    assert sample["style_gap"] == records[-1]["fidelity_style_gap"] >= 0
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -703,6 +704,7 @@ def test_fidelity_command_compares_a_translated_copy(tmp_path, tiny_data_root):
     written = json.loads(out.read_text())
     assert written["identity_drift"] == pytest.approx(0.0, abs=1e-9) and written["identity_kept"] == 1.0
     assert written["images"] == len(list(source_dir.iterdir())) and result is None
+    assert written["style_gap"] == pytest.approx(1.0)  # the identity map translates nothing
     sorted(copy_dir.iterdir())[0].unlink()
     with pytest.raises(FileNotFoundError, match="have no translation"):
         sda.main(common + ["--translated", str(copy_dir)])
@@ -722,3 +724,33 @@ def test_input_skip_generator_starts_as_identity_and_learns_edits():
     plain = sda.ResnetGenerator(ngf=4, n_blocks=1)
     plain.start_as_identity()  # a no-op without input_skip
     assert isinstance(plain.net[-1], nn.Sigmoid) and not isinstance(generator.net[-1], nn.Sigmoid)
+
+
+def reference_style_gap(source: np.ndarray, translated: np.ndarray, target: np.ndarray) -> float:
+    """From the definition, numpy float64, images (N,3,H,W) in [0, 1]."""
+
+    def statistics(images):
+        grey = images.mean(1)
+        lap = 4 * grey[:, 1:-1, 1:-1] - grey[:, :-2, 1:-1] - grey[:, 2:, 1:-1] - grey[:, 1:-1, :-2] - grey[:, 1:-1, 2:]
+        rows = []
+        for n in range(len(images)):
+            rows.append(
+                [*images[n].mean((1, 2)), *images[n].std((1, 2), ddof=1), (images[n].max(0) - images[n].min(0)).mean()]
+                + [np.abs(np.diff(grey[n], axis=1)).mean(), np.abs(lap[n]).mean()]
+            )
+        return np.array(rows)
+
+    s, tr, t = statistics(source), statistics(translated), statistics(target)
+    scale = np.concatenate([s, t]).std(0, ddof=1)
+    return float(np.linalg.norm((tr.mean(0) - t.mean(0)) / scale) / np.linalg.norm((s.mean(0) - t.mean(0)) / scale))
+
+
+def test_style_gap_matches_reference_and_reads_one_for_the_identity_map():
+    rng = np.random.default_rng(3)
+    source = rng.uniform(0.2, 0.8, size=(12, 3, 16, 8))
+    target = np.clip(source[::-1] * 0.7 + rng.normal(0, 0.1, size=source.shape), 0, 1)
+    translated = 0.5 * source + 0.5 * target
+    tensors = [torch.from_numpy(x.copy()) for x in (source, translated, target)]
+    assert sda.style_gap(*tensors) == pytest.approx(reference_style_gap(source, translated, target), rel=1e-9)
+    assert sda.style_gap(tensors[0], tensors[0], tensors[2]) == pytest.approx(1.0)
+    assert sda.style_gap(tensors[0], tensors[2], tensors[2]) == pytest.approx(0.0, abs=1e-12)
