@@ -1005,7 +1005,8 @@ def translate(args: argparse.Namespace) -> None:
     generator, architecture = load_generator(args.checkpoint)
     device = torch.device(args.device) if args.device else torch.device("cpu")
     generator.to(device)
-    items = reid.resolve_datasets(args, ("source",)).source.train
+    datasets = reid.resolve_datasets(args, ("source", "target"))
+    items = datasets.source.train
     out_root = Path(args.out)
     out_dir, destinations = translation_layout(args.source, items, out_root)
     for (source_path, _, _), destination in zip(items, destinations, strict=True):
@@ -1067,7 +1068,8 @@ def write_translations(generator, architecture: dict, todo, destination_of: dict
 def measure_fidelity(args: argparse.Namespace) -> dict:
     """identity_fidelity of a translated copy of personX/image_train (same file names, e.g. personX_sda or the
     embedded benchmark's perfect-translator control) against the source images, on every source image."""
-    items = reid.resolve_datasets(args, ("source",)).source.train
+    datasets = reid.resolve_datasets(args, ("source", "target"))
+    items = datasets.source.train
     translated_dir = Path(args.translated)
     if not translated_dir.is_dir():
         raise FileNotFoundError(f"--translated {translated_dir}: no such folder")
@@ -1082,7 +1084,7 @@ def measure_fidelity(args: argparse.Namespace) -> dict:
         for chosen in (items, translated_items)
     ]
     result = identity_fidelity(source01, translated01, torch.tensor([pid for _, pid, _ in items]))
-    target_items = reid.read_dataset("target_train", args.target_root or args.data_root).train
+    target_items = datasets.target  # the style gap's target images; none with --target none
     if target_items:
         target01 = torch.stack([reid.ImageDataset(target_items, transform)[i][0] for i in range(len(target_items))])
         result["style_gap"] = style_gap(source01, translated01, denormalise_imagenet(target01))
@@ -1224,9 +1226,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="identity fidelity of a translated copy of the source images (identity_fidelity)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    reid.add_dataset_arguments(f, ("source",))
+    reid.add_dataset_arguments(f, ("source", "target"))
     f.add_argument("--translated", required=True, help="folder of translated images named as the source ones")
-    f.add_argument("--target-root", help="root holding target_training/ for the style gap (default --data-root)")
     f.add_argument("--height", type=int, default=128, help="images are compared at this size")
     f.add_argument("--width", type=int, default=64)
     f.add_argument("--out", help="also write the result to this JSON file")
