@@ -51,6 +51,7 @@ from reid import (
     make_loader,
     resolve_datasets,
     rng_state,
+    run_cli,
     save_checkpoint,
     set_rng_state,
     set_seed,
@@ -333,4 +334,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

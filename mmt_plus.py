@@ -76,6 +76,7 @@ from reid import (
     load_model_weights,
     resolve_datasets,
     rng_state,
+    run_cli,
     save_checkpoint,
     set_rng_state,
     set_seed,
@@ -844,6 +845,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise SystemExit("--target none: MMT needs a target training set")
     target_items = sorted(datasets.target)
     val_data = datasets.val
+    if not args.k2 <= args.k1 <= len(target_items):  # the Jaccard graph's limits, checked before any model is loaded
+        raise SystemExit(
+            f"--k1 {args.k1} / --k2 {args.k2}: clustering needs k2 <= k1 <= {len(target_items)} (the --target images)"
+        )
     source_items, num_source_classes = [], 0
     if args.mode == "mmt+":
         source_items, num_source_classes = list(datasets.source.train), int(datasets.source.num_train_pids)
@@ -1115,4 +1120,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

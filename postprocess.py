@@ -48,6 +48,7 @@ from reid import (
     load_checkpoint,
     load_model_weights,
     resolve_datasets,
+    run_cli,
     save_checkpoint,
 )
 
@@ -379,10 +380,31 @@ def load_model_for_inference(path: str, arch: str | None = None) -> tuple[torch.
     return model.eval(), info
 
 
+def image_fingerprints(paths: Sequence[str]) -> list[list]:
+    """(path, size, mtime_ns) of every image: an image rewritten under the same name changes its entry (as make and
+    rsync detect changes). A missing image gets size and mtime None (extraction then reports it)."""
+    fingerprints = []
+    for path in paths:
+        try:
+            stat = os.stat(path)
+            fingerprints.append([str(path), stat.st_size, stat.st_mtime_ns])
+        except OSError:
+            fingerprints.append([str(path), None, None])
+    return fingerprints
+
+
 def feature_cache_key(
-    checkpoint: str, dataset: str, data_root: str, flip: bool, height: int, width: int, arch: str
+    checkpoint: str,
+    dataset: str,
+    data_root: str,
+    flip: bool,
+    height: int,
+    width: int,
+    arch: str,
+    image_paths: Sequence[str],
 ) -> str:
-    """Identifies one extraction: a rewritten checkpoint (new mtime/size) or other settings give a new key."""
+    """Identifies one extraction: a rewritten checkpoint or image (new mtime/size), other images or other settings
+    give a new key."""
     stat = os.stat(checkpoint)
     description = {
         "checkpoint": str(Path(checkpoint).resolve()),
@@ -394,33 +416,55 @@ def feature_cache_key(
         "height": int(height),
         "width": int(width),
         "arch": arch,
+        "images": image_fingerprints(image_paths),
     }
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:24]
 
 
+def read_feature_cache(cache_path: Path, paths: list[str]) -> torch.Tensor | None:
+    """The cached (N, D) features if `cache_path` holds them for exactly these images, else None. An unreadable or
+    malformed cache file is reported and ignored (the features are extracted again and the file replaced)."""
+    try:
+        cached = torch.load(cache_path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unreadable cache is rebuilt, never trusted
+        print(
+            f"[postprocess] warning: feature cache {cache_path} is unreadable ({type(error).__name__}); rebuilding it"
+        )
+        return None
+    features = cached.get("features") if isinstance(cached, dict) else None
+    if not torch.is_tensor(features) or features.dim() != 2 or features.shape[0] != len(paths):
+        print(f"[postprocess] warning: feature cache {cache_path} holds no ({len(paths)}, D) features; rebuilding it")
+        return None
+    if cached.get("paths") != paths:
+        print(f"[postprocess] cache {cache_path} lists other images; extracting again")
+        return None
+    return features
+
+
 def cached_features(
     checkpoint: str,
-    arch: str | None,
+    model: torch.nn.Module,
+    info: dict,
     items: Sequence[Item],
     args: argparse.Namespace,
     cache_dir: Path,
     data_root: str,
 ) -> tuple[torch.Tensor, dict]:
-    """Eval-mode features (N, D), not normalised, of `items` for one checkpoint (cached when possible)."""
-    model, info = load_model_for_inference(checkpoint, arch)
+    """Eval-mode features (N, D), not normalised, of `items` for one checkpoint, loaded by load_model_for_inference
+    as (model, info) (cached when possible)."""
+    info = dict(info)
     height = args.height or info["height"] or 256
     width = args.width or info["width"] or 128
-    key = feature_cache_key(checkpoint, args.val, data_root, args.flip, height, width, info["arch"])
-    cache_path = Path(cache_dir) / f"{Path(checkpoint).stem}-{key}.pt"
     paths = [path for path, _, _ in items]
+    key = feature_cache_key(checkpoint, args.val, data_root, args.flip, height, width, info["arch"], paths)
+    cache_path = Path(cache_dir) / f"{Path(checkpoint).stem}-{key}.pt"
     info.update(height=height, width=width, cache=str(cache_path))
     if cache_path.exists() and not args.no_cache:
-        cached = torch.load(cache_path, map_location="cpu", weights_only=True)
-        if cached.get("paths") == paths:
+        features = read_feature_cache(cache_path, paths)
+        if features is not None:
             print(f"[postprocess] features of {checkpoint} from cache {cache_path}")
             info["cached"] = True
-            return cached["features"], info
-        print(f"[postprocess] cache {cache_path} lists other images; extracting again")
+            return features, info
     start = time.time()
     features = extract_features(
         model, list(items), height, width, batch_size=args.batch_size, flip=args.flip, workers=args.workers
@@ -589,20 +633,33 @@ def main(argv: Sequence[str] | None = None) -> dict:
     data = resolve_datasets(args, ("val",)).val
     query, gallery = list(data.query), list(data.gallery)
     items = query + gallery
+    if args.rerank or args.ablation:  # checked before any model is loaded or feature extracted
+        if args.k1 > len(items) - 1 or args.k2 > len(items):
+            raise SystemExit(
+                f"--k1 {args.k1} / --k2 {args.k2}: re-ranking needs k1 <= {len(items) - 1} and k2 <= {len(items)} "
+                f"(the {len(query)} query + {len(gallery)} gallery images of --val {args.val})"
+            )
     has_labels = data.name != "target_test" and len({pid for _, pid, _ in query}) > 1
     print(f"[postprocess] {args.val}: {len(query)} query, {len(gallery)} gallery images; labels: {has_labels}")
 
+    # every checkpoint is loaded (and a bad one refused) before any feature is extracted
     archs = args.archs or [None]
+    models = [
+        load_model_for_inference(checkpoint, archs[index] if len(archs) > 1 else archs[0])
+        for index, checkpoint in enumerate(args.checkpoints)
+    ]
+    camera_model = None
+    if args.camera_checkpoint:
+        camera_model = load_model_for_inference(args.camera_checkpoint, args.camera_arch)
     model_features, model_infos = [], []
-    for index, checkpoint in enumerate(args.checkpoints):
-        arch = archs[index] if len(archs) > 1 else archs[0]
-        features, info = cached_features(checkpoint, arch, items, args, cache_dir, data.root)
+    for checkpoint, (model, info) in zip(args.checkpoints, models, strict=True):
+        features, info = cached_features(checkpoint, model, info, items, args, cache_dir, data.root)
         model_features.append(features)
         model_infos.append(info)
     camera_features, camera_info = None, None
-    if args.camera_checkpoint:
+    if camera_model is not None:
         camera_raw, camera_info = cached_features(
-            args.camera_checkpoint, args.camera_arch, items, args, cache_dir, data.root
+            args.camera_checkpoint, *camera_model, items, args, cache_dir, data.root
         )
         camera_features = l2_normalize(camera_raw)  # camera embeddings are L2-normalised (ref. §9)
 
@@ -688,4 +745,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -50,6 +50,7 @@ from reid import (
     relabel_pids,
     resolve_datasets,
     rng_state,
+    run_cli,
     save_checkpoint,
     set_rng_state,
     set_seed,
@@ -409,4 +410,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -18,7 +18,7 @@ import re
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -245,6 +245,8 @@ def _read_index_file(index: Path, image_dir: Path, labelled: bool) -> list[Item]
             items.append((str(path), pid, VISDA_TARGET_CAMERAS[cam]))
         else:
             items.append((str(path), 0, 0))
+    if not items:
+        raise DatasetError(f"{index}: lists no images (empty index file)")
     return items
 
 
@@ -404,6 +406,8 @@ def read_dataset(name: str, data_root: str | Path, msmt_trainval: bool = False) 
                 raise DatasetError(f"{where}: expected '{form}', got {' '.join(fields)!r}")
             path = resolve_inside(image_dir, fields[0], where)
             items.append((str(path), 0, VISDA_TARGET_CAMERAS[int(fields[1])]))
+        if not items:
+            raise DatasetError(f"{label_file}: lists no images (empty label file)")
         return ReIDData(name, train=items, root=str(root))
     if name in ("target_val", "target_test"):
         split = "validation" if name == "target_val" else "test"
@@ -1457,6 +1461,20 @@ def is_main_process() -> bool:
 # ================================================================================================
 # Run set-up
 # ================================================================================================
+
+
+def run_cli(main: Callable[[], Any]) -> None:
+    """Runs a stage's main() as a command: an input error (a missing, unreadable or unwritable file or folder, a
+    refused checkpoint, a bad argument or dataset: OSError or ValueError, whose messages name the file) ends it with
+    one line on stderr, `error: ...`, and exit status 1 instead of a traceback. REID_TRACEBACK=1 shows the
+    traceback; any other exception (a bug) keeps it."""
+    try:
+        main()
+    except (OSError, ValueError) as error:
+        if os.environ.get("REID_TRACEBACK") == "1":
+            raise
+        lines = str(error).strip().splitlines()
+        raise SystemExit(f"error: {lines[0] if lines else type(error).__name__}") from None
 
 
 def lr_factor(epoch: int, warmup_epochs: int, milestones: Sequence[int]) -> float:

@@ -1258,4 +1258,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    reid.run_cli(lambda: main(sys.argv[1:]))

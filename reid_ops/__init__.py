@@ -15,6 +15,7 @@ matrix unless N x N is its output.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -67,7 +68,19 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(part).all()) for part in flat.split(1 << 22))
 
 
-def _check_features(tensor: torch.Tensor, name: str) -> None:
+# The kernels compute in float32 with the expansion ||x||^2 + ||y||^2 - 2 x.y, whose terms are bounded by
+# (max ||x|| + max ||y||)^2; a quarter of float32's maximum leaves room for rounding in the sums.
+_MAX_SQUARED_DISTANCE = float(torch.finfo(torch.float32).max) / 4
+
+
+def _max_row_norm(tensor: torch.Tensor) -> float:
+    """Largest row norm, computed in float64 in slices of about 4M elements (no input-sized temporary)."""
+    rows = max(1, (1 << 22) // tensor.shape[1])
+    return max(float(torch.linalg.vector_norm(part.double(), dim=1).max()) for part in tensor.split(rows))
+
+
+def _check_features(tensor: torch.Tensor, name: str) -> float:
+    """Validates a (num_samples, dim) feature matrix; returns its largest row norm."""
     if tensor.dim() != 2:
         raise ValueError(f"{name} must be 2-D (num_samples, dim), got shape {tuple(tensor.shape)}")
     if tensor.shape[0] == 0:
@@ -76,6 +89,18 @@ def _check_features(tensor: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} has 0 feature dimensions")
     if not _all_finite(tensor):
         raise ValueError(f"{name} contains NaN or Inf values")
+    return _max_row_norm(tensor)
+
+
+def _check_no_overflow(max_norm_x: float, max_norm_y: float, names: str) -> None:
+    """Refuses finite features whose squared distances could overflow float32: they would come out as Inf or NaN
+    distances, or as a constant re-ranking matrix, without any error."""
+    bound = (max_norm_x + max_norm_y) * (max_norm_x + max_norm_y)  # a float: inf rather than OverflowError
+    if not bound <= _MAX_SQUARED_DISTANCE:
+        raise ValueError(
+            f"{names}: squared distances up to {bound:.3g} would overflow float32, in which they are computed "
+            f"(largest accepted {_MAX_SQUARED_DISTANCE:.3g}); scale the features down (e.g. L2-normalise them)"
+        )
 
 
 def _check_pair(x: torch.Tensor, y: torch.Tensor, xn: str, yn: str) -> None:
@@ -120,9 +145,10 @@ def pairwise_distance(x: Any, y: Any, metric: str = "sqeuclidean") -> Any:
     """
     xt, x_np = _as_tensor(x, "x")
     yt, _ = _as_tensor(y, "y")
-    _check_features(xt, "x")
-    _check_features(yt, "y")
+    norm_x = _check_features(xt, "x")
+    norm_y = _check_features(yt, "y")
     _check_pair(xt, yt, "x", "y")
+    _check_no_overflow(norm_x, norm_y, "x and y")
     out = _ops.pairwise_distance(_float32(xt), _float32(yt), _metric_code(metric))
     return _out(out, x_np)
 
@@ -134,9 +160,10 @@ def knn(x: Any, y: Any, k: int, metric: str = "sqeuclidean") -> tuple[Any, Any]:
     """
     xt, x_np = _as_tensor(x, "x")
     yt, _ = _as_tensor(y, "y")
-    _check_features(xt, "x")
-    _check_features(yt, "y")
+    norm_x = _check_features(xt, "x")
+    norm_y = _check_features(yt, "y")
     _check_pair(xt, yt, "x", "y")
+    _check_no_overflow(norm_x, norm_y, "x and y")
     k = _check_int(k, "k", 1, yt.shape[0], f"y has {yt.shape[0]} rows")
     dist, idx = _ops.knn(_float32(xt), _float32(yt), k, _metric_code(metric))
     return _out(dist, x_np), _out(idx, x_np)
@@ -177,9 +204,10 @@ def re_ranking(query_features: Any, gallery_features: Any, k1: int = 20, k2: int
     """
     qt, q_np = _as_tensor(query_features, "query_features")
     gt, _ = _as_tensor(gallery_features, "gallery_features")
-    _check_features(qt, "query_features")
-    _check_features(gt, "gallery_features")
+    norm_q = _check_features(qt, "query_features")
+    norm_g = _check_features(gt, "gallery_features")
     _check_pair(qt, gt, "query_features", "gallery_features")
+    _check_no_overflow(norm_q, norm_g, "query_features and gallery_features")
     num_query = qt.shape[0]
     n = num_query + gt.shape[0]
     k1, k2, lambda_value = _check_rerank_params(k1, k2, lambda_value, n)
@@ -217,6 +245,13 @@ def re_ranking_from_distances(
             raise ValueError(f"{name} must be a non-empty 2-D matrix, got shape {tuple(tensor.shape)}")
         if not _all_finite(tensor):
             raise ValueError(f"{name} contains NaN or Inf values")
+        # the classic algorithm squares the distances
+        largest = max(float(part.abs().max()) for part in tensor.reshape(-1).split(1 << 22))
+        if not largest * largest <= _MAX_SQUARED_DISTANCE:
+            raise ValueError(
+                f"{name}: distances up to {largest:.3g} overflow float32 when squared (largest accepted "
+                f"{math.sqrt(_MAX_SQUARED_DISTANCE):.3g}); scale the distances down"
+            )
     num_query, num_gallery = qg.shape
     if tuple(qq.shape) != (num_query, num_query):
         raise ValueError(f"q_q_dist must be ({num_query}, {num_query}) to match q_g_dist, got {tuple(qq.shape)}")
@@ -254,7 +289,8 @@ def jaccard_graph(features: Any, k1: int = 20, k2: int = 6, max_distance: float 
     not stored has distance exactly 1. Pass it to sklearn's DBSCAN(metric="precomputed").
     """
     ft, _ = _as_tensor(features, "features")
-    _check_features(ft, "features")
+    norm = _check_features(ft, "features")
+    _check_no_overflow(norm, norm, "features")
     n = ft.shape[0]
     k1 = _check_int(k1, "k1", 1, n, f"features has {n} rows")
     k2 = _check_int(k2, "k2", 1, k1, "query expansion uses the first k2 of the k1 neighbours")
@@ -331,7 +367,8 @@ def evaluate_rank(
         (query_camids, "query_camids", num_query),
         (gallery_camids, "gallery_camids", num_gallery),
     ):
-        array = torch.as_tensor(np.asarray(value.cpu() if isinstance(value, torch.Tensor) else value))
+        # contiguous copy: numpy views with negative strides (e.g. pids[::-1]) cannot become tensors directly
+        array = torch.as_tensor(np.ascontiguousarray(value.cpu() if isinstance(value, torch.Tensor) else value))
         if array.dim() != 1 or array.numel() != expected:
             axis = "row" if name.startswith("query") else "column"
             raise ValueError(f"{name} must have {expected} entries (one per distmat {axis}), got {tuple(array.shape)}")

@@ -298,11 +298,19 @@ def test_markdown_table_lists_every_row():
 def test_feature_cache_key_changes_with_inputs(tmp_path):
     checkpoint = tmp_path / "model.pth"
     checkpoint.write_bytes(b"abc")
-    base = dict(dataset="target_val", data_root=str(tmp_path), flip=True, height=64, width=32, arch="resnet18")
+    images = [tmp_path / f"{i}.jpg" for i in range(3)]
+    for image in images:
+        image.write_bytes(b"pixels")
+    base = dict(dataset="target_val", data_root=str(tmp_path), flip=True, height=64, width=32, arch="resnet18",
+                image_paths=[str(image) for image in images])  # fmt: skip
     key = postprocess.feature_cache_key(str(checkpoint), **base)
     assert key == postprocess.feature_cache_key(str(checkpoint), **base)
-    for change in [dict(flip=False), dict(height=128), dict(dataset="target_test"), dict(arch="resnet50")]:
+    for change in [dict(flip=False), dict(height=128), dict(dataset="target_test"), dict(arch="resnet50"),
+                   dict(image_paths=base["image_paths"][:2]), dict(image_paths=base["image_paths"][::-1])]:  # fmt: skip
         assert postprocess.feature_cache_key(str(checkpoint), **{**base, **change}) != key
+    images[1].write_bytes(b"other pixels")  # an image rewritten under the same name (size and mtime change)
+    assert postprocess.feature_cache_key(str(checkpoint), **base) != key
+    key = postprocess.feature_cache_key(str(checkpoint), **base)
     checkpoint.write_bytes(b"abcd")  # rewritten checkpoint (size and mtime change)
     assert postprocess.feature_cache_key(str(checkpoint), **base) != key
 
