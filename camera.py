@@ -46,9 +46,9 @@ from reid import (
     default_workers,
     extract_features,
     is_main_process,
-    load_checkpoint,
     lr_factor,
     make_loader,
+    read_checkpoint,
     resolve_datasets,
     rng_state,
     run_cli,
@@ -243,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     start_epoch, best_accuracy, best_epoch = 0, -1.0, -1
     if args.resume and checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path)
+        state = read_checkpoint(checkpoint_path, kinds=("camera",), what="--resume")
         if state.get("arch") != args.arch or state.get("num_classes") != num_cameras:
             raise SystemExit(
                 f"--resume: {checkpoint_path} holds a {state.get('arch')} model with {state.get('num_classes')} "
@@ -291,7 +291,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "epoch": epoch,
             "best_accuracy": best_accuracy,
             "best_epoch": best_epoch,
-            "kind": "camera",
             "args": vars(args),
         }
 
@@ -310,12 +309,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 record["val_camera_accuracy"] = accuracy
                 if accuracy > best_accuracy:
                     best_accuracy, best_epoch = accuracy, epoch + 1
-                    save_checkpoint(model_state(epoch), best_path)
+                    save_checkpoint(model_state(epoch), best_path, "camera")
                 record["best_val_camera_accuracy"] = best_accuracy
                 print(f"[camera] epoch {epoch + 1}: val camera accuracy {accuracy:.3f} (best {best_accuracy:.3f})")
             state = model_state(epoch)
             state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=rng_state())
-            save_checkpoint(state, checkpoint_path)
+            save_checkpoint(state, checkpoint_path, "camera")
             logger.log(record)
         if distributed:
             torch.distributed.barrier()

@@ -65,15 +65,14 @@ from reid import (
     RandomIdentitySampler,
     add_dataset_arguments,
     autocast_context,
-    build_model,
     build_train_transform,
     default_workers,
     evaluate,
     extract_features,
     is_main_process,
     label_smoothed_ce,
-    load_checkpoint,
-    load_model_weights,
+    load_model,
+    read_checkpoint,
     resolve_datasets,
     rng_state,
     run_cli,
@@ -529,12 +528,8 @@ def load_init(path: str, arch: str, head_args: dict, num_source_classes: int, us
     `build_head(in_features=D, **head_args)`. The pre-trained source classifier rows are copied into the head's first
     rows when `use_source_rows` (the release cannot load them into its bigger head and restarts the source
     prototypes from Xavier noise, reference §13.1.5)."""
-    checkpoint = load_checkpoint(path)
-    state_dict = checkpoint.get("state_dict", checkpoint)
-    state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
-    classifier = state_dict.pop("classifier.weight", None)
-    model = build_model(arch, num_classes=0)
-    load_model_weights(model, {k: v for k, v in state_dict.items() if not k.startswith("classifier.")})
+    model, checkpoint = load_model(path, arch=arch, what="--init")
+    classifier = checkpoint["state_dict"].get("classifier.weight")
     head = build_head(in_features=model.feature_dim, **head_args)
     if use_source_rows and classifier is not None and num_source_classes > 0:
         if tuple(classifier.shape) != (num_source_classes, model.feature_dim):
@@ -896,7 +891,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     optimizer = torch.optim.Adam(trainable_parameters(), lr=args.lr, weight_decay=args.weight_decay)
     start_epoch, global_step, best_map, best_epoch, history = 0, 0, -1.0, -1, []
     if args.resume and checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path)
+        state = read_checkpoint(checkpoint_path, kinds=("mmt_plus",), what="--resume")
         if state.get("mode") != args.mode or state.get("arch") != args.arch:
             raise SystemExit(
                 f"{checkpoint_path}: a {state.get('mode')}/{state.get('arch')} run, not {args.mode}/{args.arch}"
@@ -1074,10 +1069,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         "mAP": best_map,
                         "teacher": better + 1,
                         "mode": args.mode,
-                        "kind": "mmt",
                         "args": vars(args),
                     },
                     best_path,
+                    "mmt_plus",
                 )
             record.update(best_mAP=best_map, best_epoch=best_epoch, seconds=round(time.time() - start, 1))
             save_checkpoint(
@@ -1088,7 +1083,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     "height": args.height,
                     "width": args.width,
                     "mode": args.mode,
-                    "kind": "mmt-resume",
                     "epoch": epoch,
                     "global_step": global_step,
                     "best_mAP": best_map,
@@ -1101,6 +1095,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     "args": vars(args),
                 },
                 checkpoint_path,
+                "mmt_plus",
             )
             logger.log(record)
             history.append(record)

@@ -40,13 +40,14 @@ from PIL import Image, ImageDraw, ImageOps
 
 import reid_ops
 from reid import (
+    REID_MODEL_KINDS,
     add_dataset_arguments,
-    build_model,
     canonical_dataset_name,
+    checkpoint_setting,
     default_workers,
     extract_features,
-    load_checkpoint,
-    load_model_weights,
+    load_model,
+    read_checkpoint,
     resolve_datasets,
     run_cli,
     save_checkpoint,
@@ -334,48 +335,17 @@ def markdown_table(rows: Sequence[dict]) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _checkpoint_field(checkpoint: dict, name: str):
-    """A field stored at the top level of a checkpoint or inside its saved args (dict or Namespace)."""
-    if name in checkpoint and checkpoint[name] is not None:
-        return checkpoint[name]
-    args = checkpoint.get("args")
-    if isinstance(args, argparse.Namespace):
-        args = vars(args)
-    if isinstance(args, dict):
-        return args.get(name)
-    return None
-
-
-def load_model_for_inference(path: str, arch: str | None = None) -> tuple[torch.nn.Module, dict]:
-    """Build `reid.build_model(arch, num_classes=0)` and load the checkpoint's weights (classifier
-    dropped). Works for pretrain.py, camera.py and mmt_plus.py checkpoints (the latter store a plain model
-    holding the target BN branch under "state_dict"). The architecture is read from the checkpoint unless
-    `arch` overrides it."""
-    checkpoint = load_checkpoint(path)
-    state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state_dict, dict):
-        raise ValueError(f"{path}: not a checkpoint dict with a 'state_dict' entry")
-    arch = arch or _checkpoint_field(checkpoint, "arch")
-    if arch is None:
-        raise ValueError(f"{path}: the checkpoint names no architecture ('arch'); pass it with --archs")
-    state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
-    state_dict = {key: value for key, value in state_dict.items() if not key.startswith("classifier.")}
-    model = build_model(arch, num_classes=0)
-    missing = sorted(
-        key for key in set(model.state_dict()) - set(state_dict) if not key.endswith("num_batches_tracked")
-    )
-    if missing:
-        raise ValueError(
-            f"{path}: {len(missing)} weights of a {arch} model are missing from the checkpoint "
-            f"(e.g. {missing[:3]}); "
-            "wrong --archs entry, or a checkpoint with domain-specific BN that was not collapsed?"
-        )
-    load_model_weights(model, state_dict)
+def load_model_for_inference(
+    path: str, arch: str | None = None, kinds: Sequence[str] = REID_MODEL_KINDS, what: str = "--checkpoints"
+) -> tuple[torch.nn.Module, dict]:
+    """The checkpoint's network without its classifier, in eval mode (reid.load_model; `kinds` are the checkpoint
+    kinds accepted: re-ID models for --checkpoints, camera.py's for --camera-checkpoint), and its settings."""
+    model, checkpoint = load_model(path, kinds=kinds, arch=arch, what=what)
     info = {
         "path": str(path),
-        "arch": arch,
-        "height": _checkpoint_field(checkpoint, "height"),
-        "width": _checkpoint_field(checkpoint, "width"),
+        "arch": model.arch,
+        "height": checkpoint_setting(checkpoint, "height"),
+        "width": checkpoint_setting(checkpoint, "width"),
     }
     return model.eval(), info
 
@@ -425,7 +395,7 @@ def read_feature_cache(cache_path: Path, paths: list[str]) -> torch.Tensor | Non
     """The cached (N, D) features if `cache_path` holds them for exactly these images, else None. An unreadable or
     malformed cache file is reported and ignored (the features are extracted again and the file replaced)."""
     try:
-        cached = torch.load(cache_path, map_location="cpu", weights_only=True)
+        cached = read_checkpoint(cache_path, kinds=("features",), what="feature cache")
     except Exception as error:  # noqa: BLE001 - any unreadable cache is rebuilt, never trusted
         print(
             f"[postprocess] warning: feature cache {cache_path} is unreadable ({type(error).__name__}); rebuilding it"
@@ -449,6 +419,8 @@ def cached_features(
     args: argparse.Namespace,
     cache_dir: Path,
     data_root: str,
+    kinds: Sequence[str] = REID_MODEL_KINDS,
+    what: str = "--checkpoints",
 ) -> tuple[torch.Tensor, dict]:
     """Eval-mode features (N, D), not normalised, of `items` for one checkpoint, loaded by load_model_for_inference
     as (model, info) (cached when possible)."""
@@ -457,7 +429,7 @@ def cached_features(
     width = args.width or info["width"] or 128
     paths = [path for path, _, _ in items]
     key = feature_cache_key(checkpoint, args.val, data_root, args.flip, height, width, info["arch"], paths)
-    cache_path = Path(cache_dir) / f"{Path(checkpoint).stem}-{key}.pt"
+    cache_path = Path(cache_dir) / f"{Path(checkpoint).stem}-{key}.pth"
     info.update(height=height, width=width, cache=str(cache_path))
     if cache_path.exists() and not args.no_cache:
         features = read_feature_cache(cache_path, paths)
@@ -474,7 +446,7 @@ def cached_features(
     info["cached"] = False
     print(f"[postprocess] extracted {tuple(features.shape)} features of {checkpoint} in {info['extract_seconds']} s")
     if not args.no_cache:
-        save_checkpoint({"features": features, "paths": paths, "info": dict(info)}, cache_path)
+        save_checkpoint({"features": features, "paths": paths, "info": dict(info)}, cache_path, "features")
     return features, info
 
 
@@ -650,7 +622,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ]
     camera_model = None
     if args.camera_checkpoint:
-        camera_model = load_model_for_inference(args.camera_checkpoint, args.camera_arch)
+        camera_model = load_model_for_inference(
+            args.camera_checkpoint, args.camera_arch, ("camera",), "--camera-checkpoint"
+        )
     model_features, model_infos = [], []
     for checkpoint, (model, info) in zip(args.checkpoints, models, strict=True):
         features, info = cached_features(checkpoint, model, info, items, args, cache_dir, data.root)

@@ -43,10 +43,10 @@ from reid import (
     evaluate,
     is_main_process,
     label_smoothed_ce,
-    load_checkpoint,
     lr_factor,
     make_loader,
     rank_and_world_size,
+    read_checkpoint,
     relabel_pids,
     resolve_datasets,
     rng_state,
@@ -231,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp and device.type == "cuda")
     start_epoch, start_iter, best_map, best_epoch = 0, 0, -1.0, -1
     if args.resume and checkpoint_path.is_file():
-        state = load_checkpoint(checkpoint_path)
+        state = read_checkpoint(checkpoint_path, kinds=("pretrain",), what="--resume")
         if state.get("arch") != args.arch or state.get("num_classes") != num_classes:
             raise ValueError(
                 f"{checkpoint_path}: saved for {state.get('arch')} with {state.get('num_classes')} "
@@ -355,10 +355,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
             total_done += 1
             if args.save_every and (iteration + 1) % args.save_every == 0 and iteration + 1 < args.iters:
                 if is_main_process():
-                    save_checkpoint(checkpoint_state(epoch, iteration + 1), checkpoint_path)
+                    save_checkpoint(checkpoint_state(epoch, iteration + 1), checkpoint_path, "pretrain")
             if args.max_iters and total_done >= args.max_iters:
                 if is_main_process():
-                    save_checkpoint(checkpoint_state(epoch, iteration + 1), checkpoint_path)
+                    save_checkpoint(checkpoint_state(epoch, iteration + 1), checkpoint_path, "pretrain")
                 print(f"[pretrain] stopping after {total_done} iterations (--max-iters)")
                 return {"stopped": True, "epoch": epoch, "iteration": iteration + 1}
         start_iter = 0
@@ -387,9 +387,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     best = checkpoint_state(epoch + 1, 0)
                     for key in ("optimizer", "scheduler", "rng"):
                         best.pop(key)
-                    save_checkpoint(best, best_path)
+                    save_checkpoint(best, best_path, "pretrain")
         if is_main_process():
-            save_checkpoint(checkpoint_state(epoch + 1, 0), checkpoint_path)
+            save_checkpoint(checkpoint_state(epoch + 1, 0), checkpoint_path, "pretrain")
             if logger:
                 logger.log(record)
         if distributed:

@@ -10,7 +10,7 @@ what stage II (``pretrain.py -ds personx_sda``) trains on.
     python pretrain.py --data-root DATA --source personx --arch resnet50_ibn --logs-dir logs/pretrain-personx
     python sda.py train --data-root DATA --out logs/sda \
         --source-encoder logs/pretrain-personx/model_best.pth [--target-encoder logs/mmt/model_best.pth]
-    python sda.py translate --checkpoint logs/sda/checkpoint.pt --data-root DATA --out DATA
+    python sda.py translate --checkpoint logs/sda/checkpoint.pth --data-root DATA --out DATA
     python sda.py train --preset demo ...       # small generator and images: minutes on 2 CPU cores
 
 Read top to bottom: networks, losses, image pool, encoders, one training iteration, the training loop, the
@@ -51,7 +51,8 @@ import reid
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_NAME = "checkpoint.pth"
+LEGACY_CHECKPOINT_NAME = "checkpoint.pt"  # earlier versions; still resumed from
 # Architecture fields a checkpoint must agree on when resuming or translating.
 ARCHITECTURE_KEYS = ("ngf", "ndf", "n_blocks", "input_skip", "d_layers", "height", "width")
 
@@ -348,31 +349,8 @@ def linear_decay_multiplier(epoch: int, epochs_constant: int, epochs_decay: int)
 # ------------------------------------------------------------------------------------------------------------
 
 
-def read_encoder_checkpoint(path: str | Path, arch: str | None = None) -> tuple[dict, str]:
-    """(state dict without 'module.' prefixes, architecture) of a pretrain.py / mmt_plus.py checkpoint (or of a
-    bare state dict). The architecture is the checkpoint's "arch" entry; `arch` (--arch) must agree with it, or
-    name it when the checkpoint does not."""
-    checkpoint = reid.load_checkpoint(path)
-    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
-        raise ValueError(f"checkpoint {path}: no model state_dict in it")
-    saved_arch = checkpoint.get("arch") if isinstance(checkpoint.get("arch"), str) else None
-    if arch and saved_arch and arch != saved_arch:
-        raise ValueError(f"checkpoint {path} holds a {saved_arch} model, but --arch is {arch}")
-    if not (arch or saved_arch):
-        raise ValueError(f"checkpoint {path} does not name its architecture: pass --arch")
-    return {k.removeprefix("module."): v for k, v in state.items()}, arch or saved_arch
-
-
-def build_encoder(state: dict, arch: str, num_classes: int = 0) -> nn.Module:
-    """A reid.ReIDModel with these weights. num_classes 0 drops the classifier (frozen relation encoder);
-    otherwise a classifier of that size is kept, loaded when the state has one of the same shape."""
-    model = reid.build_model(arch, num_classes=num_classes)
-    shape = model.classifier.weight.shape if num_classes else None
-    reid.load_model_weights(
-        model, {k: v for k, v in state.items() if not k.startswith("classifier.") or v.shape == shape}
-    )
-    return model
+# Encoder files: re-ID models of pretrain.py / mmt_plus.py, or a bare state dict of one (with --arch).
+ENCODER_KINDS = ("weights", *reid.REID_MODEL_KINDS)
 
 
 def classifier_weight(state: dict, shape: torch.Size) -> torch.Tensor | None:
@@ -394,15 +372,17 @@ def build_relation_encoders(
     BatchNorm on its running statistics and a source-identity classifier for its own re-ID loss: the target
     checkpoint's if its shape fits, else the source encoder's (trained on the same identities), else
     reid.build_model's fresh initialisation."""
-    source_state, source_arch = read_encoder_checkpoint(source_path, arch)
-    source_encoder = freeze(build_encoder(source_state, source_arch))
-    target_state, target_arch = source_state, source_arch
-    if target_path:
-        target_state, target_arch = read_encoder_checkpoint(target_path, arch)
+    source_encoder, source_checkpoint = reid.load_model(source_path, ENCODER_KINDS, arch, what="--source-encoder")
+    source_encoder = freeze(source_encoder)
+    target_flag = "--target-encoder" if target_path else "--source-encoder"
+    target_path = target_path or source_path
     if not online:
-        return source_encoder, freeze(build_encoder(target_state, target_arch))
-    target_encoder = build_encoder(target_state, target_arch, num_classes=num_source_pids)
+        return source_encoder, freeze(reid.load_model(target_path, ENCODER_KINDS, arch, what=target_flag)[0])
+    target_encoder, target_checkpoint = reid.load_model(
+        target_path, ENCODER_KINDS, arch, num_source_pids, what=target_flag
+    )
     shape = target_encoder.classifier.weight.shape
+    target_state, source_state = target_checkpoint["state_dict"], source_checkpoint["state_dict"]
     if classifier_weight(target_state, shape) is None and classifier_weight(source_state, shape) is not None:
         target_encoder.classifier.weight.data.copy_(classifier_weight(source_state, shape))
     set_batchnorm_eval(target_encoder)
@@ -697,6 +677,8 @@ def train(args: argparse.Namespace) -> None:
     reid.set_seed(args.seed + rank)
     out_dir = Path(args.out)
     checkpoint_path = out_dir / CHECKPOINT_NAME
+    if args.resume and not checkpoint_path.exists() and (out_dir / LEGACY_CHECKPOINT_NAME).exists():
+        checkpoint_path = out_dir / LEGACY_CHECKPOINT_NAME  # resumed from; saved as checkpoint.pth
     if checkpoint_path.exists() and not args.resume:
         raise FileExistsError(f"{checkpoint_path} exists: pass --resume to continue it, or choose another --out")
     if args.resume and not checkpoint_path.exists():
@@ -784,7 +766,7 @@ def train(args: argparse.Namespace) -> None:
 
     start_epoch, start_iteration, global_step = 0, 0, 0
     if args.resume:
-        state = reid.load_checkpoint(checkpoint_path)
+        state = reid.read_checkpoint(checkpoint_path, kinds=("sda",), what="--resume")
         saved = state["architecture"]
         if saved != architecture_of(args):
             raise ValueError(
@@ -818,7 +800,6 @@ def train(args: argparse.Namespace) -> None:
 
     def save(epoch: int, iteration: int) -> None:
         state = {
-            "kind": "sda",
             "architecture": architecture_of(args),
             "args": vars(args),
             "epoch": epoch,
@@ -835,7 +816,7 @@ def train(args: argparse.Namespace) -> None:
         if optimizer_reid is not None:
             state["target_encoder"] = target_encoder.state_dict()
             state["optimizer_reid"] = optimizer_reid.state_dict()
-        reid.save_checkpoint(state, checkpoint_path)
+        reid.save_checkpoint(state, out_dir / CHECKPOINT_NAME, "sda")
 
     logger = reid.JsonlLogger(out_dir / "log.jsonl") if main_process else None
     if main_process:
@@ -976,8 +957,8 @@ def load_generator(path: str | Path) -> tuple[ResnetGenerator, dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--checkpoint: no such file: {path} (run `sda.py train` first)")
-    state = reid.load_checkpoint(path)
-    if not isinstance(state, dict) or state.get("kind") != "sda" or "generators" not in state:
+    state = reid.read_checkpoint(path, kinds=("sda",), what="--checkpoint")
+    if "generators" not in state:
         raise ValueError(f"--checkpoint {path}: not an sda.py training checkpoint (no trained generator in it)")
     if state.get("global_step", 0) <= 0:
         raise ValueError(f"--checkpoint {path}: the generator was saved before any training step")
@@ -1130,8 +1111,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--preset", choices=sorted(PRESETS), help="defaults for a setting (explicit flags still win)")
     reid.add_dataset_arguments(t, ("source", "target"))
-    t.add_argument("--out", default="logs/sda", help="output folder: checkpoint.pt, log.jsonl, samples/")
-    t.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    t.add_argument("--out", default="logs/sda", help="output folder: checkpoint.pth, log.jsonl, samples/")
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from <out>/checkpoint.pth (or an earlier version's checkpoint.pt)",
+    )
     # relation consistency
     t.add_argument(
         "--arch", help="architecture of the re-ID encoders (default: the 'arch' their checkpoints name); checked"
@@ -1206,7 +1191,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="write <out>/personX_sda/image_train/ with the trained source-to-target generator",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    s.add_argument("--checkpoint", required=True, help="checkpoint.pt written by `sda.py train`")
+    s.add_argument(
+        "--checkpoint", required=True, help="checkpoint.pth (or an earlier version's .pt) written by `sda.py train`"
+    )
     reid.add_dataset_arguments(s, ("source",))
     s.add_argument(
         "--out",

@@ -11,6 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import camera  # noqa: E402
+import reid  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -50,7 +51,7 @@ def test_few_iterations_resume_and_postprocess_loading(tmp_path, tiny_data_root)
     # interrupted after epoch 1, then resumed for the second epoch
     resumed_dir = tmp_path / "resumed"
     camera.main(tiny_args(tiny_data_root, resumed_dir, epochs=1))
-    state = torch.load(resumed_dir / "checkpoint.pth", map_location="cpu", weights_only=False)
+    state = reid.read_checkpoint(resumed_dir / "checkpoint.pth")
     assert state["epoch"] == 0 and state["arch"] == "resnet18" and state["num_classes"] == 5
     camera.main(tiny_args(tiny_data_root, resumed_dir, epochs=2) + ["--resume"])
     resumed_log = read_log(resumed_dir / "log.jsonl")

@@ -325,7 +325,7 @@ def save_random_checkpoint(path: Path, arch: str, num_classes: int, seed: int) -
 
     torch.manual_seed(seed)
     model = reid.build_model(arch, num_classes=num_classes)
-    reid.save_checkpoint({"state_dict": model.state_dict(), "arch": arch, "height": 64, "width": 32}, path)
+    reid.save_checkpoint({"state_dict": model.state_dict(), "arch": arch, "height": 64, "width": 32}, path, "pretrain")
     return path
 
 
@@ -380,11 +380,11 @@ def test_checkpoint_without_arch_or_with_missing_weights_fails_clearly(tmp_path)
 
     model = reid.build_model("resnet18", num_classes=0)
     no_arch = tmp_path / "no_arch.pth"
-    reid.save_checkpoint({"state_dict": model.state_dict()}, no_arch)
+    reid.save_checkpoint({"state_dict": model.state_dict()}, no_arch, "pretrain")
     with pytest.raises(ValueError, match="no_arch.pth.*architecture"):
         postprocess.load_model_for_inference(str(no_arch))
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("bnneck")}
     partial = tmp_path / "partial.pth"
-    reid.save_checkpoint({"state_dict": state, "arch": "resnet18"}, partial)
+    reid.save_checkpoint({"state_dict": state, "arch": "resnet18"}, partial, "pretrain")
     with pytest.raises(ValueError, match="partial.pth.*missing"):
         postprocess.load_model_for_inference(str(partial))

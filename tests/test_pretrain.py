@@ -191,7 +191,7 @@ def test_pretrained_from_a_pretrain_checkpoint_loads_only_the_trunk(tmp_path):
             if buffer.is_floating_point():
                 buffer.add_(torch.rand_like(buffer))
     path = tmp_path / "model_best.pth"
-    reid.save_checkpoint({"state_dict": trained.state_dict(), "arch": "resnet18", "num_classes": 5}, path)
+    reid.save_checkpoint({"state_dict": trained.state_dict(), "arch": "resnet18", "num_classes": 5}, path, "pretrain")
     fresh = reid.ReIDModel("resnet18", num_classes=7)
     model = reid.build_model("resnet18", num_classes=7, pretrained=str(path))
     for key, value in trained.backbone.state_dict().items():
@@ -497,10 +497,10 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(tiny_data_ro
     with_worker = tmp_path / "with_worker"
     pretrain.main(_train_args(tiny_data_root, with_worker, "--workers", "1"))
     np.testing.assert_allclose([r[2] for r in _losses(with_worker / "log.jsonl")], [r[2] for r in reference], rtol=1e-5)
-    best = reid.load_checkpoint(straight / "model_best.pth")
-    assert best["arch"] == "resnet18" and best["feature_dim"] == 512
-    model = reid.build_model("resnet18", num_classes=best["num_classes"])
-    reid.load_model_weights(model, best["state_dict"])
+    num_classes = reid.read_checkpoint(straight / "model_best.pth")["num_classes"]
+    model, best = reid.load_model(straight / "model_best.pth", kinds=("pretrain",), num_classes=num_classes)
+    assert best["kind"] == "pretrain" and best["arch"] == "resnet18" and best["feature_dim"] == 512
+    assert torch.equal(model.classifier.weight, best["state_dict"]["classifier.weight"])
 
 
 def test_target_labels_upper_bound_reads_diagnostics(tiny_data_root, tmp_path):
