@@ -29,7 +29,6 @@ import argparse
 import os
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +47,7 @@ from reid import (
     is_main_process,
     lr_factor,
     make_loader,
+    prepare_run_dir,
     read_checkpoint,
     resolve_datasets,
     rng_state,
@@ -180,7 +180,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=True,
         help="NHWC memory format for training",
     )
-    parser.add_argument("--resume", action="store_true", help="continue from LOGS_DIR/checkpoint.pth if present")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in LOGS_DIR from its checkpoint.pth if present (refused if a setting other than "
+        "--workers, --threads or --device changed)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="delete the previous run in LOGS_DIR first")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     args = parser.parse_args(argv)
     if args.preset:
@@ -205,8 +211,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     else:
         device = torch.device("cpu")
     set_seed(args.seed)
-    logs_dir = Path(args.logs_dir)
-    logs_dir.mkdir(parents=True, exist_ok=True)
+    logs_dir = prepare_run_dir(args.logs_dir, args, write=is_main_process())
     checkpoint_path, best_path = logs_dir / "checkpoint.pth", logs_dir / "model_best.pth"
 
     datasets = resolve_datasets(args, ("target", "val"))
@@ -241,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         optimizer,
         lambda epoch: lr_factor(epoch, args.warmup_epochs, args.milestones),
     )
-    start_epoch, best_accuracy, best_epoch = 0, -1.0, -1
+    start_epoch, best_accuracy, best_epoch, log_position = 0, -1.0, -1, None
     if args.resume and checkpoint_path.exists():
         state = read_checkpoint(checkpoint_path, kinds=("camera",), what="--resume")
         if state.get("arch") != args.arch or state.get("num_classes") != num_cameras:
@@ -258,6 +263,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             state["best_epoch"],
         )
         set_rng_state(state["rng"])
+        log_position = state.get("log_position")
         if is_main_process():
             print(f"[camera] resumed from {checkpoint_path} at epoch {start_epoch}")
     training_model = model
@@ -265,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         ids = [device.index] if device.type == "cuda" else None
         training_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
-    logger = JsonlLogger(logs_dir / "log.jsonl") if is_main_process() else None
+    logger = JsonlLogger(logs_dir / "log.jsonl", log_position) if is_main_process() else None
     if logger is not None:
         logger.log(
             {
@@ -312,10 +318,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     save_checkpoint(model_state(epoch), best_path, "camera")
                 record["best_val_camera_accuracy"] = best_accuracy
                 print(f"[camera] epoch {epoch + 1}: val camera accuracy {accuracy:.3f} (best {best_accuracy:.3f})")
+            logger.log(record)  # before the checkpoint: a run killed in between redoes the epoch
             state = model_state(epoch)
-            state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=rng_state())
+            state.update(
+                optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(),
+                rng=rng_state(),
+                log_position=logger.position(),
+            )
             save_checkpoint(state, checkpoint_path, "camera")
-            logger.log(record)
         if distributed:
             torch.distributed.barrier()
 

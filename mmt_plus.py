@@ -72,6 +72,7 @@ from reid import (
     is_main_process,
     label_smoothed_ce,
     load_model,
+    prepare_run_dir,
     read_checkpoint,
     resolve_datasets,
     rng_state,
@@ -777,7 +778,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory format for training"
     )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--resume", action="store_true", help="continue from LOGS_DIR/checkpoint.pth if present")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in LOGS_DIR from its checkpoint.pth if present (refused if a setting other than "
+        "--workers, --threads or --device changed)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="delete the previous run in LOGS_DIR first")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     args = parser.parse_args(argv)
     if args.preset:
@@ -827,8 +834,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     set_seed(args.seed)  # the same head initialisation and MoCo queues on every process
-    logs_dir = Path(args.logs_dir)
-    logs_dir.mkdir(parents=True, exist_ok=True)
+    logs_dir = prepare_run_dir(args.logs_dir, args, write=is_main_process())
     checkpoint_path, best_path = logs_dir / "checkpoint.pth", logs_dir / "model_best.pth"
     if args.batch_size % (4 * world_size):
         raise SystemExit(f"--batch-size {args.batch_size} is not divisible by 4 instances x {world_size} processes")
@@ -889,7 +895,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         return [p for s in students for p in s.parameters() if p.requires_grad]
 
     optimizer = torch.optim.Adam(trainable_parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    start_epoch, global_step, best_map, best_epoch, history = 0, 0, -1.0, -1, []
+    start_epoch, global_step, best_map, best_epoch, history, log_position = 0, 0, -1.0, -1, [], None
     if args.resume and checkpoint_path.exists():
         state = read_checkpoint(checkpoint_path, kinds=("mmt_plus",), what="--resume")
         if state.get("mode") != args.mode or state.get("arch") != args.arch:
@@ -905,6 +911,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         best_map, best_epoch = state["best_mAP"], state["best_epoch"]
         if world_size == 1 and "rng" in state:
             set_rng_state(state["rng"])
+        log_position = state.get("log_position")
         if is_main_process():
             print(f"[mmt] resumed from {checkpoint_path} at epoch {start_epoch + 1} (global step {global_step})")
 
@@ -915,7 +922,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     transform = build_train_transform(args.height, args.width, autoaugment=False, random_erasing=args.random_erasing)
 
-    logger = JsonlLogger(logs_dir / "log.jsonl") if is_main_process() else None
+    logger = JsonlLogger(logs_dir / "log.jsonl", log_position) if is_main_process() else None
     if logger is not None:
         per_bn = (
             {"source": per_process_batch, "target": per_process_batch}
@@ -1075,6 +1082,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     "mmt_plus",
                 )
             record.update(best_mAP=best_map, best_epoch=best_epoch, seconds=round(time.time() - start, 1))
+            logger.log(record)  # before the checkpoint: a run killed in between redoes the epoch
             save_checkpoint(
                 {
                     "state_dict": plain_state(teachers[0]),
@@ -1092,12 +1100,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     "moco_queues": [q.state_dict() for q in queues],
                     "optimizer": optimizer.state_dict(),
                     "rng": rng_state(),
+                    "log_position": logger.position(),
                     "args": vars(args),
                 },
                 checkpoint_path,
                 "mmt_plus",
             )
-            logger.log(record)
             history.append(record)
             print(
                 f"[mmt] epoch {epoch + 1}: {num_clusters} clusters, outliers {record['outlier_fraction']:.2f}, "

@@ -687,9 +687,10 @@ def resolve_datasets(args: argparse.Namespace, used: Sequence[str]) -> Datasets:
 class ImageDataset(torch.utils.data.Dataset):
     """Items -> (transformed image, pid, camid, index).
 
-    A key may be an int or (index, seed): with a seed, the random augmentations of that sample are
-    a pure function of the seed (used for exact resumption). An unreadable or corrupt image raises an
-    error naming the file, unless `skip_bad_images`, which warns and substitutes the next image.
+    A key may be an int or (index, seed): with a seed, the random augmentations of that sample are a pure function
+    of the seed (used for exact resumption), and the global random states are left as they were. An unreadable or
+    corrupt image raises an error naming the file, unless `skip_bad_images`, which warns and substitutes the next
+    image.
     """
 
     def __init__(self, items: Sequence[Item], transform, skip_bad_images: bool = False):
@@ -724,11 +725,19 @@ class ImageDataset(torch.utils.data.Dataset):
                 break
         else:
             raise RuntimeError("no readable image in the dataset")
-        if seed is not None:
+        _, pid, camid = self.items[candidate]
+        if seed is None:
+            return self.transform(image), pid, camid, candidate
+        # The transforms draw from Python's and torch's global generators: seed them for this sample only and put
+        # the caller's states back, so that loading in the training process (0 workers) leaves its RNG alone.
+        python_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
             random.seed(seed)
             torch.manual_seed(seed)
-        _, pid, camid = self.items[candidate]
-        return self.transform(image), pid, camid, candidate
+            try:
+                return self.transform(image), pid, camid, candidate
+            finally:
+                random.setstate(python_state)
 
 
 # ------------------------------------------------------------------------------------------------

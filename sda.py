@@ -53,6 +53,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CHECKPOINT_NAME = "checkpoint.pth"
 LEGACY_CHECKPOINT_NAME = "checkpoint.pt"  # earlier versions; still resumed from
+# `train --resume` accepts these changes besides reid.RESUMABLE_CHANGES: they change outputs' timing, not training.
+SETTINGS_CHANGEABLE_ON_RESUME = ("checkpoint_every", "sample_every", "sample_count")
 # Architecture fields a checkpoint must agree on when resuming or translating.
 ARCHITECTURE_KEYS = ("ngf", "ndf", "n_blocks", "input_skip", "d_layers", "height", "width")
 
@@ -679,11 +681,9 @@ def train(args: argparse.Namespace) -> None:
     checkpoint_path = out_dir / CHECKPOINT_NAME
     if args.resume and not checkpoint_path.exists() and (out_dir / LEGACY_CHECKPOINT_NAME).exists():
         checkpoint_path = out_dir / LEGACY_CHECKPOINT_NAME  # resumed from; saved as checkpoint.pth
-    if checkpoint_path.exists() and not args.resume:
-        raise FileExistsError(f"{checkpoint_path} exists: pass --resume to continue it, or choose another --out")
     if args.resume and not checkpoint_path.exists():
         raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path}")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    reid.prepare_run_dir(out_dir, args, changeable=SETTINGS_CHANGEABLE_ON_RESUME, write=main_process)
 
     # ---- data: P x K source batches (identity structure needed for relation mining), random target batches
     datasets = reid.resolve_datasets(args, ("source", "target"))
@@ -764,7 +764,7 @@ def train(args: argparse.Namespace) -> None:
     pool_target = ImagePool(args.pool_size, seed=args.seed + rank)  # translated source images for D_target
     pool_source = ImagePool(args.pool_size, seed=args.seed + 500 + rank)  # translated target images for D_source
 
-    start_epoch, start_iteration, global_step = 0, 0, 0
+    start_epoch, start_iteration, global_step, log_position = 0, 0, 0, None
     if args.resume:
         state = reid.read_checkpoint(checkpoint_path, kinds=("sda",), what="--resume")
         saved = state["architecture"]
@@ -784,6 +784,7 @@ def train(args: argparse.Namespace) -> None:
             target_encoder.load_state_dict(state["target_encoder"])
             optimizer_reid.load_state_dict(state["optimizer_reid"])
         reid.set_rng_state(state["rng"])
+        log_position = state.get("log_position")
         start_epoch, start_iteration, global_step = state["epoch"], state["iteration"], state["global_step"]
         if start_iteration >= args.iters:
             start_epoch, start_iteration = start_epoch + 1, 0
@@ -812,16 +813,14 @@ def train(args: argparse.Namespace) -> None:
             "pool_target": pool_target.state_dict(),
             "pool_source": pool_source.state_dict(),
             "rng": reid.rng_state(),
+            "log_position": logger.position() if logger else None,
         }
         if optimizer_reid is not None:
             state["target_encoder"] = target_encoder.state_dict()
             state["optimizer_reid"] = optimizer_reid.state_dict()
         reid.save_checkpoint(state, out_dir / CHECKPOINT_NAME, "sda")
 
-    logger = reid.JsonlLogger(out_dir / "log.jsonl") if main_process else None
-    if main_process:
-        with open(out_dir / "args.json", "w") as f:
-            json.dump(vars(args), f, indent=2)
+    logger = reid.JsonlLogger(out_dir / "log.jsonl", log_position) if main_process else None
     autocast = lambda: reid.autocast_context(device, args.amp)  # noqa: E731
     epochs = args.epochs_constant + args.epochs_decay
     for epoch in range(start_epoch, epochs):
@@ -1115,8 +1114,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--resume",
         action="store_true",
-        help="continue from <out>/checkpoint.pth (or an earlier version's checkpoint.pt)",
+        help="continue from <out>/checkpoint.pth (or an earlier version's checkpoint.pt); refused if a setting "
+        "other than --workers, --threads, --device, --checkpoint-every, --sample-every or --sample-count changed",
     )
+    t.add_argument("--overwrite", action="store_true", help="delete the previous run in --out first")
     # relation consistency
     t.add_argument(
         "--arch", help="architecture of the re-ID encoders (default: the 'arch' their checkpoints name); checked"

@@ -40,6 +40,8 @@ def test_few_iterations_resume_and_postprocess_loading(tmp_path, tiny_data_root)
     summary = camera.main(tiny_args(tiny_data_root, full_dir, epochs=2))
     assert 0.0 <= summary["best_val_camera_accuracy"] <= 1.0
     assert (full_dir / "model_best.pth").exists() and (full_dir / "checkpoint.pth").exists()
+    assert json.loads((full_dir / "args.json").read_text())["epochs"] == 2  # the run-directory contract
+    assert len((full_dir / "log.txt").read_text().splitlines()) == len(read_log(full_dir / "log.jsonl"))
     full_epochs = [r for r in read_log(full_dir / "log.jsonl") if "epoch" in r]
     assert [r["epoch"] for r in full_epochs] == [1, 2]
     for record in full_epochs:

@@ -451,6 +451,8 @@ def test_run_resume_and_checkpoint_loading(tmp_path, tiny_data_root, inits):
         if "pseudo_labels" in r:
             assert 0 <= r["pseudo_labels"]["purity"] <= 1
     assert records[-1]["global_step"] == 4
+    assert json.loads((full / "args.json").read_text())["epochs"] == 2  # the run-directory contract
+    assert len((full / "log.txt").read_text().splitlines()) == len(read_log(full / "log.jsonl"))
     start = read_log(full / "log.jsonl")[0]
     assert start["images_per_batchnorm_per_domain"] == {"source": 8, "target": 8}
 

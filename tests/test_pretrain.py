@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import random
 import subprocess
 import sys
 from collections import defaultdict
@@ -537,3 +538,25 @@ def test_torchrun_two_processes(tiny_data_root, tmp_path):
     start = json.loads((logs / "log.jsonl").read_text().splitlines()[0])
     assert start["world_size"] == 2 and start["bn_batch_source"] == 8
     assert (logs / "model_best.pth").is_file()
+
+
+def test_seeded_samples_leave_the_global_random_state_alone(tiny_data_root):
+    """With 0 workers the dataset runs in the training process: a per-sample seed must not reseed its generators."""
+    items = reid.read_dataset("personx", tiny_data_root).train[:3]
+    transform = reid.build_train_transform(32, 16, autoaugment=True, random_erasing=True)
+    dataset = reid.ImageDataset(items, transform)
+    random.seed(11)
+    torch.manual_seed(12)
+    expected = (random.random(), torch.rand(4))
+    random.seed(11)
+    torch.manual_seed(12)
+    image = dataset[(1, 1234)][0]
+    after = (random.random(), torch.rand(4))
+    assert after[0] == expected[0] and torch.equal(after[1], expected[1])
+    # the sample is what the definition says: the transform drawn after seeding both generators with the seed
+    random.seed(1234)
+    torch.manual_seed(1234)
+    with Image.open(items[1][0]) as original:
+        reference = transform(original.convert("RGB"))
+    assert torch.equal(image, reference)
+    assert not torch.equal(dataset[(1, 1235)][0], reference)  # another seed, another augmentation
