@@ -2,7 +2,7 @@
 
 Slides ("Post-processing for Inference"): train a camera classification network (ResNeSt-50 backbone) on the
 target domain; at test time the distance between camera embeddings, weighted by 0.1, is subtracted from the
-re-ID distance (postprocess.py). Following the release (reference-implementation.md §9):
+re-ID distance (postprocess.py). Following the release (docs/differences.md#camera-model):
 
   * task: 5-way classification of the target training images' camera (ids {1,2,4,5,6} -> 0..4); the identity
     labels are not used (there are none);

@@ -1,7 +1,7 @@
 """The embedded benchmark: a synthetic two-domain person re-ID dataset in the exact VisDA-2020 folder layout.
 
 No re-ID dataset can be downloaded without credentials, so the toolkit ships this generator. It draws
-pedestrians procedurally (PIL ImageDraw + numpy) and writes (reference-implementation.md §2):
+pedestrians procedurally (PIL ImageDraw + numpy) and writes (docs/differences.md#data-layout):
 
     <out>/personX/image_train/0001_c3s1_000024_00.jpg      labelled source domain, cameras 1..6
     <out>/target_training/image_train/00000.jpg             unlabelled target domain, cameras {1,2,4,5,6}
@@ -1013,7 +1013,7 @@ def generate(
     if bar is not None:
         bar.close()
 
-    # index and label files (reference-implementation.md §2.3-2.5)
+    # index and label files (docs/differences.md#data-layout)
     write_text(
         out / "target_training/label_target_training.txt", [f"{j['name']} {j['camera']}" for j in jobs["target_train"]]
     )

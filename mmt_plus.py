@@ -1,6 +1,6 @@
 """Stage III: Improved Mutual Mean-Teaching (MMT+), and the original MMT for the ablation.
 
-Slides ("Improved Mutual Mean-Teaching (MMT+) framework") and reference-implementation.md §6-§7:
+Slides ("Improved Mutual Mean-Teaching (MMT+) framework") and docs/differences.md#mmt:
 
   * two students initialised from two pre-trained checkpoints (--init-1, --init-2: pretrain.py runs with different
     seeds) and their two mean teachers (exponential moving average of the students' parameters, alpha 0.999 with the
@@ -19,10 +19,11 @@ Slides ("Improved Mutual Mean-Teaching (MMT+) framework") and reference-implemen
 no MoCo, linear head, the MMT paper's DBSCAN-script weights (soft CE 0.5, hard triplet 0.2, soft triplet 0.8).
 
 Where the slides and the release differ we follow the slides; the release's behaviour stays available as a flag:
-  * Adam is reset at every re-clustering (slides); --keep-optimizer-state = the release's fp16 run (§13.1.4);
+  * Adam is reset at every re-clustering (slides); --keep-optimizer-state = the release's fp16 run;
   * the teachers' soft labels are their plain s*cos logits (slides' E[C](E[F](x))); --teacher-margin = release;
-  * the pre-trained source classifier seeds the source rows of the head; --no-init-source-rows = release (§13.1.5);
-  * the BNNeck bias stays frozen after the DSBN conversion (the release's conversion unfreezes it, §13.1.9).
+  * the pre-trained source classifier seeds the source rows of the head; --no-init-source-rows = release;
+  * the BNNeck bias stays frozen after the DSBN conversion (the release's conversion unfreezes it).
+  Details: docs/differences.md#mmt
 Kept as in the release: teachers run in train mode (per-domain batch statistics, see train loop), the MoCo key is
 the own teacher's output on the same view, outliers are dropped for the epoch, triplet weights 0 in MMT+.
 
@@ -140,7 +141,7 @@ def convert_dsbn(model: nn.Module) -> nn.Module:
 
     InstanceNorm (the IN half of IBN layers) is left alone. The BN modules are deep-copied with their
     `requires_grad` flags, so the BNNeck bias frozen by reid.build_model stays frozen (the release's conversion
-    makes it trainable as a side effect, reference §13.1.9; we keep the pre-training design)."""
+    makes it trainable as a side effect, docs/differences.md#mmt; we keep the pre-training design)."""
     for name, child in list(model.named_children()):
         if isinstance(child, nn.modules.batchnorm._BatchNorm):
             setattr(model, name, DomainSpecificBatchNorm(child))
@@ -180,7 +181,7 @@ def collapse_dsbn(model: nn.Module, branch: str = "target") -> nn.Module:
 
 
 class MarginHead(nn.Module):
-    """ArcFace ("arc") or CosFace ("cos") head on the BNNeck feature (reference §6.7).
+    """ArcFace ("arc") or CosFace ("cos") head on the BNNeck feature (docs/differences.md#mmt).
 
     cos_theta = <f/|f|, W_c/|W_c|>. ArcFace: the labelled class gets s * cos(theta + m), with the usual fallback
     cos_theta - m * sin(pi - m) where theta + m would pass pi (cos_theta <= cos(pi - m)). CosFace: s * (cos_theta - m).
@@ -311,7 +312,8 @@ def ema_update(teacher: nn.Module, student: nn.Module, alpha: float, global_step
 def cluster_features(
     features: torch.Tensor | np.ndarray, k1: int = 20, k2: int = 6, eps: float = 0.6, min_samples: int = 4
 ) -> np.ndarray:
-    """DBSCAN labels (-1 = outlier) of L2-normalised features on the sparse k-reciprocal Jaccard graph (§7).
+    """DBSCAN labels (-1 = outlier) of L2-normalised features on the sparse k-reciprocal Jaccard graph
+    (docs/differences.md#clustering-jaccard-distance).
 
     The graph stores every pair closer than slightly more than eps (DBSCAN itself applies <= eps), the diagonal as
     explicit zeros; pairs not stored are "not neighbours" for sklearn's sparse precomputed metric. No dense N x N."""
@@ -528,7 +530,7 @@ def load_init(path: str, arch: str, head_args: dict, num_source_classes: int, us
     """A plain pretrain.py network from checkpoint `path` whose classifier is a new head
     `build_head(in_features=D, **head_args)`. The pre-trained source classifier rows are copied into the head's first
     rows when `use_source_rows` (the release cannot load them into its bigger head and restarts the source
-    prototypes from Xavier noise, reference §13.1.5)."""
+    prototypes from Xavier noise, docs/differences.md#mmt)."""
     model, checkpoint = load_model(path, arch=arch, what="--init")
     classifier = checkpoint["state_dict"].get("classifier.weight")
     head = build_head(in_features=model.feature_dim, **head_args)
@@ -729,7 +731,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--teacher-margin",
         action="store_true",
         help="give the teachers the labels so their soft targets include the margin (release "
-        "behaviour, §13.1.6); default: plain s*cos logits, the slides' mean classifier output",
+        "behaviour, docs/differences.md#mmt); default: plain s*cos logits, the slides' mean classifier output",
     )
     # optimisation
     parser.add_argument(
@@ -1036,9 +1038,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         for student in students:
             student.train()
         for teacher in teachers:
-            # Teachers run in TRAIN mode, as in the release (§13.1.7): their soft labels and MoCo keys are computed
-            # with the same per-domain batch statistics as the student's forward on that batch, so teacher and
-            # student outputs differ only by the weights (EMA), not by BN statistics. Side effect: each teacher's
+            # Teachers run in TRAIN mode, as in the release (docs/differences.md#mmt): their soft labels and MoCo keys
+            # are computed with the same per-domain batch statistics as the student's forward on that batch, so teacher
+            # and student outputs differ only by the weights (EMA), not by BN statistics. Side effect: each teacher's
             # BN running statistics (used for clustering and testing) are its own estimates of the domain
             # statistics of the EMA weights, rather than an average of the students' stale ones.
             teacher.train()

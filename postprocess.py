@@ -1,6 +1,7 @@
 """Post-processing for inference: ensemble, camera-distance correction, k-reciprocal re-ranking, submission.
 
-The last step of MMT+ (slides, "Post-processing for Inference"; reference-implementation.md §9, §10):
+The last step of MMT+ (slides, "Post-processing for Inference"; docs/differences.md#camera-model and
+docs/differences.md#testing-and-submission):
 
   1. Model ensemble: every re-ID checkpoint extracts eval-mode BNNeck features (optionally averaged with the
      horizontally flipped image), each model's features are L2-normalised, the vectors of all models are
@@ -63,12 +64,12 @@ how d = d_reid - w * d_cam is formed (features of both terms are L2-normalised):
       Euclidean-type distance reid_ops.re_ranking_from_distances expects (it squares its inputs like the
       classic function). d < 0 needs |f_q-f_k| < w |c_q-c_k| <= 2w, which only near-duplicates reach.
   squared: both terms are SQUARED Euclidean distances, d = |f_q-f_k|^2 - w |c_q-c_k|^2: the release's
-      correction (ref. §9, §13.1 item 13). For re-ranking d is clamped at 0 and its square root is passed,
+      correction (docs/differences.md#camera-model). For re-ranking d is clamped at 0 and its square root is passed,
       so the re-ranking works on max(d, 0) as the classic one works on squared Euclidean distances. Here
       d < 0 already when |f_q-f_k| < 0.32 |c_q-c_k| (w 0.1): many close pairs tie at 0 after clamping.
-  release: the release's exact behaviour (ref. §13.1 item 12): squared distances as in 'squared' are passed
-      to the re-ranking unclamped, which squares them AGAIN; a negative entry (a very close cross-camera
-      pair) becomes a positive distance larger than that of less similar pairs (rank inversion). Offered
+  release: the release's exact behaviour (docs/differences.md#camera-model): squared distances as in
+      'squared' are passed to the re-ranking unclamped, which squares them AGAIN; a negative entry (a very close
+      cross-camera pair) becomes a positive distance larger than that of less similar pairs (rank inversion). Offered
       only to reproduce the release's numbers. Without re-ranking 'release' and 'squared' rank identically."""
 
 
@@ -176,7 +177,7 @@ def evaluate_distances(
     ap_topk: int | None = None,
 ) -> dict:
     """mAP / CMC / mINP through reid_ops.evaluate_rank (Market protocol: same pid and same camera removed).
-    ap_topk=100 gives the VisDA-2020 top-100 truncated AP (ref. §10.4)."""
+    ap_topk=100 gives the VisDA-2020 top-100 truncated AP (docs/differences.md#validation-metric)."""
     query_pids = np.array([pid for _, pid, _ in query], dtype=np.int64)
     gallery_pids = np.array([pid for _, pid, _ in gallery], dtype=np.int64)
     query_camids = np.array([cam for _, _, cam in query], dtype=np.int64)
@@ -223,10 +224,11 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def write_submission(distance: np.ndarray, out_dir: Path, topk: int = 100, index_digits: int = 5) -> Path:
-    """VisDA-2020 submission (ref. §10.3): `result.txt` with one line per query (query index-file order), the
-    `topk` closest gallery indices (0-based positions in the gallery index file), zero-padded to
-    `index_digits`, separated by single spaces; plus `result.zip` holding result.txt (what the server takes).
-    The release pads to 5 digits for validation and test alike; the organisers' validation example uses 4."""
+    """VisDA-2020 submission (docs/differences.md#testing-and-submission): `result.txt` with one line per query
+    (query index-file order), the `topk` closest gallery indices (0-based positions in the gallery index file),
+    zero-padded to `index_digits`, separated by single spaces; plus `result.zip` holding result.txt (what the
+    server takes). The release pads to 5 digits for validation and test alike; the organisers' validation example
+    uses 4."""
     if distance.ndim != 2 or distance.shape[0] == 0 or distance.shape[1] == 0:
         raise ValueError(f"write_submission: expected a non-empty (queries, gallery) matrix, got {distance.shape}")
     if distance.shape[1] < topk:
@@ -635,7 +637,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         camera_raw, camera_info = cached_features(
             args.camera_checkpoint, *camera_model, items, args, cache_dir, data.root
         )
-        camera_features = l2_normalize(camera_raw)  # camera embeddings are L2-normalised (ref. §9)
+        # camera embeddings are L2-normalised (docs/differences.md#camera-model)
+        camera_features = l2_normalize(camera_raw)
 
     # Variants: the configured one last (it writes the submission); with --ablation (labelled splits) first
     # each model alone with the configured post-processing, then the ensemble with every step off/on, all from

@@ -78,7 +78,7 @@ PRESETS = {
         milestones=[7, 9],
         eval_every=5,
     ),
-    # the release's settings (reference §5)
+    # the release's settings (docs/differences.md#pre-training)
     "visda": dict(
         arch="resnet50_ibn",
         height=384,

@@ -741,7 +741,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 # ------------------------------------------------------------------------------------------------
-# Transforms (torchvision's AutoAugment and RandomErasing; reference §3.1)
+# Transforms (torchvision's AutoAugment and RandomErasing; docs/differences.md#image-pipelines)
 
 
 def release_padding(width: int) -> int:
@@ -753,7 +753,8 @@ def release_padding(width: int) -> int:
 def build_train_transform(height: int, width: int, autoaugment: bool, random_erasing: bool) -> T.Compose:
     steps: list[Any] = []
     if autoaugment:
-        # The release applies its ImageNet policy to ~all images (its fade-out schedule is inert, §3.2).
+        # The release applies its ImageNet policy to ~all images (its fade-out schedule is inert,
+        # docs/differences.md#image-pipelines).
         steps.append(T.AutoAugment(T.AutoAugmentPolicy.IMAGENET))
     steps += [
         T.Resize((height, width), interpolation=T.InterpolationMode.BICUBIC),
@@ -839,8 +840,8 @@ class _EpochStream(torch.utils.data.Sampler):
 
 
 class RandomIdentitySampler(_EpochStream):
-    """P x K identity sampler with the release's camera rule (reference §3.3): per identity, an anchor,
-    then K - 1 images from *other* cameras (without replacement if at least K exist, else with
+    """P x K identity sampler with the release's camera rule (docs/differences.md#p-x-k-sampler): per identity,
+    an anchor, then K - 1 images from *other* cameras (without replacement if at least K exist, else with
     replacement), falling back to the identity's other images. Unlike the release, an identity with a
     single image contributes K copies of it, so batches stay aligned to whole identities."""
 
@@ -928,7 +929,7 @@ class IterLoader:
 class IBN(nn.Module):
     """Instance-Batch Normalisation (IBN-Net, Pan et al. ECCV 2018): InstanceNorm (affine) on part of the
     channels, BatchNorm on the rest. ResNet-IBN-a: IN on the first half; DenseNet-IBN-a: BN on the first
-    60 % and IN on the remaining 40 % (reference §11)."""
+    60 % and IN on the remaining 40 % (docs/differences.md#backbones)."""
 
     def __init__(self, channels: int, in_channels: int, in_first: bool = True):
         super().__init__()
@@ -1045,7 +1046,7 @@ class ResNeStBottleneck(nn.Module):
 
 class ResNeStTrunk(nn.Module):
     """ResNeSt-50/101: deep stem, radix-2 split attention, average-pool downsampling ("avg down") and
-    avd; stride 32 kept as in the release (reference §11)."""
+    avd; stride 32 kept as in the release (docs/differences.md#backbones)."""
 
     def __init__(self, layers: Sequence[int], stem_width: int):
         super().__init__()
@@ -1254,7 +1255,7 @@ def load_imagenet_weights(trunk: nn.Module, arch: str, source: str) -> None:
 
 
 # ================================================================================================
-# Losses (reference §3.5)
+# Losses (docs/differences.md#losses)
 # ================================================================================================
 
 
@@ -1356,7 +1357,7 @@ def evaluate(
     device: torch.device | str | None = None,
     ap_topk: int | None = None,
 ) -> dict[str, Any]:
-    """mAP / CMC of L2-normalised features under squared Euclidean distance (reference §3.8)."""
+    """mAP / CMC of L2-normalised features under squared Euclidean distance (docs/differences.md#validation-metric)."""
     features = extract_features(model, list(query) + list(gallery), height, width, batch_size, flip, workers, device)
     features = F.normalize(features, dim=1)
     q, g = features[: len(query)], features[len(query) :]
@@ -1727,7 +1728,8 @@ def run_cli(main: Callable[[], Any]) -> None:
 
 
 def lr_factor(epoch: int, warmup_epochs: int, milestones: Sequence[int]) -> float:
-    """Warm-up from 0.01 to 1 over `warmup_epochs`, then x0.1 at each milestone (reference §3.6)."""
+    """Warm-up from 0.01 to 1 over `warmup_epochs`, then x0.1 at each milestone
+    (docs/differences.md#optimiser-and-schedule)."""
     warm = 0.01 * (1 - epoch / warmup_epochs) + epoch / warmup_epochs if epoch < warmup_epochs else 1.0
     return warm * 0.1 ** sum(epoch >= m for m in milestones)
 

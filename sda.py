@@ -291,7 +291,7 @@ def discriminator_loss(discriminator: nn.Module, real: torch.Tensor, fake: torch
 def relation_consistency_loss(
     translated_features: torch.Tensor, source_features: torch.Tensor, source_pids: torch.Tensor
 ) -> torch.Tensor:
-    """SDA relation consistency (release form, reference §4.3): for each anchor, mine the hardest positive and
+    """SDA relation consistency (release form, docs/differences.md#sda): for each anchor, mine the hardest positive and
     hardest negative by source identity on the *translated* features, then soft cross-entropy between the
     2-way softmax over (d_ap, d_an) of the source features (target, detached) and of the translated features
     (prediction), at the same index pairs, Euclidean distances on un-normalised features. This is exactly
@@ -692,7 +692,8 @@ def train(args: argparse.Namespace) -> None:
     source, target = datasets.source, reid.ReIDData(args.target, train=datasets.target)
     if len(target.train) < args.batch_size:
         raise ValueError(f"--batch-size {args.batch_size} exceeds the {len(target.train)} target training images")
-    # SDA pipeline (reference §3.1): resize, flip, pad (10 px at width 128), crop, normalise; no AutoAugment or erasing.
+    # SDA pipeline (docs/differences.md#image-pipelines): resize, flip, pad (10 px at width 128), crop, normalise;
+    # no AutoAugment or erasing.
     transform = reid.build_train_transform(args.height, args.width, autoaugment=False, random_erasing=False)
     # Samplers from reid.py: deterministic per (seed, epoch), sharded across DDP ranks, exactly
     # iters x batch samples per rank and epoch, with per-sample augmentation seeds, so that a resumed run sees

@@ -1,5 +1,5 @@
 """Tests of make_demo_data.py: determinism (seeds, worker count), the VisDA-2020 layout and line formats parsed
-independently from the format description (reference-implementation.md §2), identity disjointness, no identity
+independently from the format description (docs/differences.md#data-layout), identity disjointness, no identity
 leaking into target training names, distractors and cross-camera matches, argument errors, and the
 viewpoint-dependent rendering."""
 

@@ -1,6 +1,7 @@
 """Tests of mmt_plus.py: domain-specific BN, margin heads, MoCo queue, EMA, sparse-graph DBSCAN and pseudo labels
-against independent references written here from their definitions (reference-implementation.md §6-§7), then a
-short MMT+ run on the tiny generated dataset, resume, and a 2-process torchrun run."""
+against independent references written here from their definitions (docs/differences.md#mmt and
+docs/differences.md#clustering-jaccard-distance), then a short MMT+ run on the tiny generated dataset, resume, and a
+2-process torchrun run."""
 
 import json
 import math
@@ -152,7 +153,7 @@ def test_dsbn_collapse_loads_into_pretrain_build_model():
 
 
 def arcface_reference(features, weight, labels, s, m):
-    """§6.7 in float64 numpy, one element at a time."""
+    """docs/differences.md#mmt (margin heads) in float64 numpy, one element at a time."""
     f = features / np.linalg.norm(features, axis=1, keepdims=True)
     w = weight / np.linalg.norm(weight, axis=1, keepdims=True)
     out = np.zeros((len(f), len(w)))
@@ -276,8 +277,9 @@ def test_ema_update_and_ramp():
 
 
 def dense_jaccard_reference(features: np.ndarray, k1: int = 20, k2: int = 6) -> np.ndarray:
-    """§7 with dense numpy matrices (float64): k1 list entries (self included), k-reciprocal sets, 2/3 expansion
-    with round(k1/2), softmax(-d) weights, k2 query expansion, Jaccard 1 - s / (2 - s), clamp at 0."""
+    """docs/differences.md#clustering-jaccard-distance with dense numpy matrices (float64): k1 list entries
+    (self included), k-reciprocal sets, 2/3 expansion with round(k1/2), softmax(-d) weights, k2 query expansion,
+    Jaccard 1 - s / (2 - s), clamp at 0."""
     n = len(features)
     d = ((features[:, None, :] - features[None, :, :]) ** 2).sum(-1)
     ranks = np.argsort(d, axis=1, kind="stable")[:, :k1]

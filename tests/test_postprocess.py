@@ -79,7 +79,7 @@ def test_camera_correction_matches_formulas(seed, weight):
     rng = np.random.default_rng(seed)
     qa, ga = unit_rows(rng, 7, 12), unit_rows(rng, 11, 12)
     qc, gc = unit_rows(rng, 7, 5), unit_rows(rng, 11, 5)
-    # release / default: squared distances for both terms (ref. §9)
+    # release / default: squared distances for both terms (docs/differences.md#camera-model)
     expected_sq = squared_euclidean(qa, ga) - weight * squared_euclidean(qc, gc)
     for formula in ("squared", "release"):
         got = postprocess.camera_corrected_distance(qa, ga, qc, gc, weight, formula)
@@ -148,7 +148,7 @@ def test_clamped_formulas_avoid_the_release_rank_inversion():
     """With lambda 1 the re-ranked distance is the original-distance term alone: the squared input divided by
     its row maximum over [q_q | q_g]. 'slides' (default) and 'squared' keep the order of the corrected distances
     (a negative entry is clamped to the best value 0); the release's double squaring puts it behind smaller
-    positive entries (ref. §13.1 item 12)."""
+    positive entries (docs/differences.md#camera-model)."""
     rng = np.random.default_rng(12)
     qg = np.array([[-0.3, 0.1, 0.5, 0.8, 1.2, 1.5], [0.4, 0.2, 0.9, 1.1, 0.05, 1.3]], dtype=np.float32)
     qq = np.array([[0.0, 0.7], [0.7, 0.0]], dtype=np.float32)

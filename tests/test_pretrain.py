@@ -1,7 +1,7 @@
 """Tests of pretrain.py: backbones, GeM, sampler, readers, weights loading, losses, resume and DDP.
 
 References are written here from the definitions (IBN-Net placement, the release's sampler rule in
-reference-implementation.md §3.3, the loss formulas of §3.5), not from pretrain.py.
+docs/differences.md#p-x-k-sampler, the loss formulas of docs/differences.md#losses), not from pretrain.py.
 """
 
 from __future__ import annotations
