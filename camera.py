@@ -26,7 +26,6 @@ feature as the camera embedding.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from collections.abc import Sequence
 
@@ -39,6 +38,8 @@ from reid import (
     JsonlLogger,
     SeededRandomSampler,
     add_dataset_arguments,
+    add_preset_argument,
+    add_run_dir_arguments,
     autocast_context,
     build_model,
     build_train_transform,
@@ -47,15 +48,19 @@ from reid import (
     is_main_process,
     lr_factor,
     make_loader,
+    parse_with_preset,
     prepare_run_dir,
+    rank_and_world_size,
     read_checkpoint,
     resolve_datasets,
     rng_state,
     run_cli,
     save_checkpoint,
+    select_device,
     set_rng_state,
     set_seed,
     setup_distributed,
+    wrap_ddp,
 )
 
 # --preset demo: the embedded synthetic benchmark on 2 CPU cores in minutes. Explicit flags still win.
@@ -131,7 +136,7 @@ def train_one_epoch(
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="defaults for a setting (explicit flags win)")
+    add_preset_argument(parser, PRESETS)
     # data
     add_dataset_arguments(parser, ("target", "val"))  # cameras of --target's training images; --val selects
     parser.add_argument(
@@ -180,18 +185,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=True,
         help="NHWC memory format for training",
     )
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the run in LOGS_DIR from its checkpoint.pth if present (refused if a setting other than "
-        "--workers, --threads or --device changed)",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="delete the previous run in LOGS_DIR first")
+    add_run_dir_arguments(parser, "LOGS_DIR")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    args = parser.parse_args(argv)
-    if args.preset:
-        parser.set_defaults(**PRESETS[args.preset])
-        args = parser.parse_args(argv)
+    args = parse_with_preset(parser, PRESETS, argv)
     for name in ("epochs", "iters", "eval_step", "batch_size", "height", "width"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -203,13 +199,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     distributed = setup_distributed()
-    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    if args.device:
-        device = torch.device(args.device)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    else:
-        device = torch.device("cpu")
+    world_size = rank_and_world_size()[1]
+    device = select_device(args.device)
     set_seed(args.seed)
     logs_dir = prepare_run_dir(args.logs_dir, args, write=is_main_process())
     checkpoint_path, best_path = logs_dir / "checkpoint.pth", logs_dir / "model_best.pth"
@@ -266,10 +257,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         log_position = state.get("log_position")
         if is_main_process():
             print(f"[camera] resumed from {checkpoint_path} at epoch {start_epoch}")
-    training_model = model
-    if distributed:
-        ids = [device.index] if device.type == "cuda" else None
-        training_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    training_model = wrap_ddp(model, device)
 
     logger = JsonlLogger(logs_dir / "log.jsonl", log_position) if is_main_process() else None
     if logger is not None:

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import os
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -55,7 +54,6 @@ import torch.nn.functional as F
 from sklearn.cluster import DBSCAN
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import reid_ops
@@ -65,6 +63,8 @@ from reid import (
     JsonlLogger,
     RandomIdentitySampler,
     add_dataset_arguments,
+    add_preset_argument,
+    add_run_dir_arguments,
     autocast_context,
     build_train_transform,
     default_workers,
@@ -73,17 +73,22 @@ from reid import (
     is_main_process,
     label_smoothed_ce,
     load_model,
+    make_loader,
+    parse_with_preset,
     prepare_run_dir,
+    rank_and_world_size,
     read_checkpoint,
     resolve_datasets,
     rng_state,
     run_cli,
     save_checkpoint,
+    select_device,
     set_rng_state,
     set_seed,
     setup_distributed,
     soft_triplet_loss,
     softmax_triplet_loss,
+    wrap_ddp,
 )
 
 # --preset demo: the embedded synthetic benchmark on 2 CPU cores in a few minutes. Explicit flags still win.
@@ -460,7 +465,7 @@ class TwoViews:
         return self.transform(image), self.transform(image)
 
 
-def make_loader(
+def make_two_view_loader(
     items, transform, batch_size: int, iters: int, workers: int, seed: int, epoch: int, skip_bad_images: bool = False
 ) -> IterLoader:
     """`iters` P x 4 batches of two-view samples. The sampler shards identities across DDP processes, and its stream
@@ -469,27 +474,13 @@ def make_loader(
         items, num_instances=4, seed=seed, num_samples=iters * batch_size, seed_samples=True
     )
     sampler.set_epoch(epoch)
-    loader = DataLoader(
-        ImageDataset(items, TwoViews(transform), skip_bad_images),
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=workers,
-        drop_last=True,
-        persistent_workers=False,
-        pin_memory=torch.cuda.is_available(),
-    )
-    return IterLoader(loader, iters)
-
-
-def world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    dataset = ImageDataset(items, TwoViews(transform), skip_bad_images)
+    return IterLoader(make_loader(dataset, sampler, batch_size, workers, persistent=False), iters)
 
 
 def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate (rank order) the rows every process holds; sizes may differ by process."""
-    rank, world_size = world()
+    rank, world_size = rank_and_world_size()
     if world_size == 1:
         return tensor
     sizes = [torch.zeros(1, dtype=torch.long) for _ in range(world_size)]
@@ -504,7 +495,7 @@ def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
 
 def distributed_features(model: nn.Module, items, args, device) -> torch.Tensor:
     """Eval-mode features of `items` (in order), each process extracting every world_size-th item."""
-    rank, world_size = world()
+    rank, world_size = rank_and_world_size()
     shard = items[rank::world_size]
     local = extract_features(
         model, shard, args.height, args.width, batch_size=args.test_batch_size, workers=args.workers, device=device
@@ -556,7 +547,7 @@ def train_one_epoch(
     students, teachers, queues, optimizer, source_loader, target_loader, epoch, global_step, args, device
 ) -> tuple[dict, int]:
     """`args.iters` iterations of MMT+ (or MMT). Returns the mean losses and the new global step."""
-    rank, world_size = world()
+    rank, world_size = rank_and_world_size()
     use_source = args.mode == "mmt+"
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     sums: dict[str, float] = {}
@@ -638,7 +629,7 @@ def train_one_epoch(
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="defaults for a setting (explicit flags win)")
+    add_preset_argument(parser, PRESETS)
     parser.add_argument(
         "--mode",
         choices=["mmt+", "mmt"],
@@ -780,18 +771,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory format for training"
     )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the run in LOGS_DIR from its checkpoint.pth if present (refused if a setting other than "
-        "--workers, --threads or --device changed)",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="delete the previous run in LOGS_DIR first")
+    add_run_dir_arguments(parser, "LOGS_DIR")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    args = parser.parse_args(argv)
-    if args.preset:
-        parser.set_defaults(**PRESETS[args.preset])
-        args = parser.parse_args(argv)
+    args = parse_with_preset(parser, PRESETS, argv)
     mmt = args.mode == "mmt"
     defaults = dict(
         metric="linear" if mmt else "arc",
@@ -826,13 +808,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     distributed = setup_distributed()
-    rank, world_size = world()
-    if args.device:
-        device = torch.device(args.device)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    else:
-        device = torch.device("cpu")
+    rank, world_size = rank_and_world_size()
+    device = select_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     set_seed(args.seed)  # the same head initialisation and MoCo queues on every process
@@ -917,10 +894,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if is_main_process():
             print(f"[mmt] resumed from {checkpoint_path} at epoch {start_epoch + 1} (global step {global_step})")
 
-    training_students = students
-    if distributed:
-        ids = [device.index] if device.type == "cuda" else None
-        training_students = [nn.parallel.DistributedDataParallel(s, device_ids=ids) for s in students]
+    training_students = [wrap_ddp(student, device) for student in students]
 
     transform = build_train_transform(args.height, args.width, autoaugment=False, random_erasing=args.random_erasing)
 
@@ -1016,13 +990,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
             for (path, _, camid), label in zip(target_items, labels_np, strict=True)
             if label >= 0
         ]
-        target_loader = make_loader(
+        target_loader = make_two_view_loader(
             pseudo_items, transform, per_process_batch, args.iters, args.workers, args.seed, epoch, args.skip_bad_images
         )
         target_loader.new_epoch()
         source_loader = None
         if args.mode == "mmt+":
-            source_loader = make_loader(
+            source_loader = make_two_view_loader(
                 source_items,
                 transform,
                 per_process_batch,

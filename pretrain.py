@@ -17,7 +17,6 @@ The model, data and checkpoint code it uses is shared with the other stages and 
 from __future__ import annotations
 
 import argparse
-import os
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +24,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from tqdm import tqdm
 
 from reid import (
@@ -35,6 +33,8 @@ from reid import (
     RandomIdentitySampler,
     SeededRandomSampler,
     add_dataset_arguments,
+    add_preset_argument,
+    add_run_dir_arguments,
     autocast_context,
     build_model,
     build_train_transform,
@@ -44,6 +44,7 @@ from reid import (
     label_smoothed_ce,
     lr_factor,
     make_loader,
+    parse_with_preset,
     prepare_run_dir,
     rank_and_world_size,
     read_checkpoint,
@@ -52,10 +53,12 @@ from reid import (
     rng_state,
     run_cli,
     save_checkpoint,
+    select_device,
     set_rng_state,
     set_seed,
     setup_distributed,
     softmax_triplet_loss,
+    wrap_ddp,
 )
 
 PRESETS = {
@@ -93,12 +96,16 @@ PRESETS = {
     ),
 }
 
+# `--resume` accepts these changes besides reid.RESUMABLE_CHANGES: they change when the run stops or saves, not what
+# it computes
+CHANGEABLE_ON_RESUME = ("max_iters", "save_every")
+
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="defaults for a setting; explicit flags override")
+    add_preset_argument(parser, PRESETS)
     add_dataset_arguments(parser, ("source", "target", "val"), source="personx_sda")
     parser.add_argument(
         "--target-labels-upper-bound",
@@ -135,13 +142,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-every", type=int, default=10, help="validate every N epochs (and at the end)")
     parser.add_argument("--ap-topk", type=int, help="VisDA truncated AP (100) for model selection")
     parser.add_argument("--save-every", type=int, default=0, help="also checkpoint every N iterations (0: per epoch)")
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the run in --logs-dir from its checkpoint.pth (refused if a setting other than --workers, "
-        "--threads, --device, --max-iters or --save-every changed)",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="delete the previous run in --logs-dir first")
+    add_run_dir_arguments(parser, "--logs-dir", CHANGEABLE_ON_RESUME)
     parser.add_argument(
         "--amp",
         action=argparse.BooleanOptionalAction,
@@ -163,10 +164,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=0,
         help="stop after this many iterations in total (testing interruptions; 0: no limit)",
     )
-    preset = parser.parse_known_args(argv)[0].preset
-    if preset:
-        parser.set_defaults(**PRESETS[preset])
-    args = parser.parse_args(argv)
+    args = parse_with_preset(parser, PRESETS, argv)
     for name in ("height", "width", "batch_size", "num_instances", "epochs", "iters", "eval_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -181,13 +179,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     distributed = setup_distributed()
     rank, world_size = rank_and_world_size()
-    device = torch.device(
-        args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
-    )
+    device = select_device(args.device)
     set_seed(args.seed)
     logs_dir = Path(args.logs_dir)
     checkpoint_path, best_path = logs_dir / "checkpoint.pth", logs_dir / "model_best.pth"
-    prepare_run_dir(logs_dir, args, changeable=("max_iters", "save_every"), write=is_main_process())
+    prepare_run_dir(logs_dir, args, CHANGEABLE_ON_RESUME, write=is_main_process())
 
     # ---- data ----
     if args.target_labels_upper_bound:
@@ -252,10 +248,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(f"[pretrain] resumed from {checkpoint_path}: epoch {start_epoch}, iteration {start_iter}")
     elif args.resume:
         print(f"[pretrain] --resume: no {checkpoint_path} yet, starting from scratch")
-    training_model = model
-    if distributed:
-        ids = [device.index] if device.type == "cuda" else None
-        training_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    training_model = wrap_ddp(model, device)
     logger = JsonlLogger(logs_dir / "log.jsonl", log_position) if is_main_process() else None
     if logger and start_epoch == 0 and start_iter == 0:
         # per-BatchNorm batch: each BN layer normalises one process's batch of one domain at a time

@@ -1649,6 +1649,18 @@ def _text_fields(record: dict) -> str:
 RESUMABLE_CHANGES = ("workers", "threads", "device", "resume", "overwrite")
 
 
+def add_run_dir_arguments(parser: argparse.ArgumentParser, folder_flag: str, changeable: Sequence[str] = ()) -> None:
+    """--resume and --overwrite, the two ways into a folder that holds a previous run (see `prepare_run_dir`)."""
+    allowed = ", ".join("--" + name.replace("_", "-") for name in (*RESUMABLE_CHANGES[:3], *changeable))
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help=f"continue the run in {folder_flag} from its checkpoint.pth if there is one; refused if a setting other "
+        f"than {allowed} changed",
+    )
+    parser.add_argument("--overwrite", action="store_true", help=f"delete the previous run in {folder_flag} first")
+
+
 def prepare_run_dir(
     logs_dir: str | Path, args: argparse.Namespace, changeable: Sequence[str] = (), write: bool = True
 ) -> Path:
@@ -1745,14 +1757,68 @@ def default_workers() -> int:
     return 0 if cpus <= 2 else 2
 
 
-def make_loader(dataset, sampler, batch_size: int, workers: int) -> torch.utils.data.DataLoader:
+def make_loader(
+    dataset, sampler, batch_size: int, workers: int, persistent: bool = True
+) -> torch.utils.data.DataLoader:
+    """The training DataLoader of every stage: `batch_size` samples per step and process from `sampler`, incomplete
+    last batches dropped. `persistent` keeps the worker processes between epochs (the sampler runs in this process,
+    so its set_epoch still applies); a loader rebuilt every epoch passes False."""
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
         num_workers=workers,
         drop_last=True,
-        # workers survive between epochs (the sampler runs in this process, so set_epoch still applies)
-        persistent_workers=workers > 0,
+        persistent_workers=persistent and workers > 0,
         pin_memory=torch.cuda.is_available(),
     )
+
+
+def select_device(requested: str | None) -> torch.device:
+    """--device if given, else this process's GPU (LOCAL_RANK under torchrun) when CUDA is available, else the CPU."""
+    if requested:
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """DistributedDataParallel around `model` when torch.distributed runs (torchrun), else the model itself.
+    Checkpoints always store the unwrapped model (`unwrap_ddp`), so their keys never carry 'module.'."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def unwrap_ddp(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def add_preset_argument(parser: argparse.ArgumentParser, presets: dict[str, dict]) -> None:
+    """--preset NAME: a named set of defaults; the help lists every preset's flags. Explicit flags still win."""
+    described = "; ".join(
+        f"{name} = " + " ".join(f"--{key.replace('_', '-')} {_flag_text(value)}" for key, value in values.items())
+        for name, values in presets.items()
+    )
+    parser.add_argument(
+        "--preset", choices=sorted(presets), help=f"defaults for a setting (explicit flags win): {described}"
+    )
+
+
+def _flag_text(value: Any) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+
+
+def parse_with_preset(
+    parser: argparse.ArgumentParser,
+    presets: dict[str, dict],
+    argv: Sequence[str] | None,
+    target: argparse.ArgumentParser | None = None,
+) -> argparse.Namespace:
+    """Parses `argv` with the chosen preset's values as the defaults of `target` (default: `parser`; a subcommand's
+    parser for sda.py): a first pass finds --preset, the second parses for real, so explicit flags override."""
+    chosen = getattr(parser.parse_known_args(argv)[0], "preset", None)
+    if chosen:
+        (target or parser).set_defaults(**presets[chosen])
+    return parser.parse_args(argv)

@@ -29,6 +29,7 @@ convention.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -49,8 +50,7 @@ from tqdm import tqdm
 
 import reid
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = reid.IMAGENET_MEAN, reid.IMAGENET_STD
 CHECKPOINT_NAME = "checkpoint.pth"
 LEGACY_CHECKPOINT_NAME = "checkpoint.pt"  # earlier versions; still resumed from
 # `train --resume` accepts these changes besides reid.RESUMABLE_CHANGES: they change outputs' timing, not training.
@@ -411,10 +411,6 @@ def set_batchnorm_eval(model: nn.Module) -> None:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 def generator_objective(
     generators: nn.Module,
     discriminators: Discriminators,
@@ -638,17 +634,12 @@ def save_sample_grid(path: Path, source: torch.Tensor, translated: torch.Tensor,
     reconstructions."""
     rows = [denormalise_imagenet(t.detach().float().cpu()) for t in (source, translated, cycled)]
     grid = make_grid(torch.cat(rows), nrow=len(source), padding=2, pad_value=1.0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_image(grid, tmp, format="png")
-    os.replace(tmp, path)
+    reid.atomic_write(path, lambda temporary: save_image(grid, temporary, format="png"))
 
 
 def write_json(path: Path, record: dict) -> None:
     """JSON file written to a temporary name, then renamed."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, path)
+    reid.atomic_write_text(path, json.dumps(record, indent=1) + "\n")
 
 
 def architecture_of(args: argparse.Namespace) -> dict:
@@ -671,11 +662,9 @@ def train(args: argparse.Namespace) -> None:
             raise FileNotFoundError(f"{flag}: no such checkpoint file: {path}")
 
     distributed = reid.setup_distributed()
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    rank = reid.rank_and_world_size()[0]
     main_process = reid.is_main_process()
-    device = torch.device(args.device) if args.device else torch.device("cpu")
-    if args.device is None and torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    device = reid.select_device(args.device)
     reid.set_seed(args.seed + rank)
     out_dir = Path(args.out)
     checkpoint_path = out_dir / CHECKPOINT_NAME
@@ -706,19 +695,11 @@ def train(args: argparse.Namespace) -> None:
     target_sampler = reid.SeededRandomSampler(
         len(target.train), args.seed + 1000, num_samples=samples_per_epoch, seed_samples=True
     )
-    loader_options = dict(
-        batch_size=args.batch_size,
-        num_workers=args.workers,
-        drop_last=True,
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,  # a new iterator per epoch picks up the sampler's new epoch
-    )
-    source_loader = DataLoader(
-        reid.ImageDataset(source.train, transform, args.skip_bad_images), sampler=source_sampler, **loader_options
-    )
-    target_loader = DataLoader(
-        reid.ImageDataset(target.train, transform, args.skip_bad_images), sampler=target_sampler, **loader_options
-    )
+    # not persistent: a new iterator per epoch picks up the sampler's new epoch
+    source_dataset = reid.ImageDataset(source.train, transform, args.skip_bad_images)
+    target_dataset = reid.ImageDataset(target.train, transform, args.skip_bad_images)
+    source_loader = reid.make_loader(source_dataset, source_sampler, args.batch_size, args.workers, persistent=False)
+    target_loader = reid.make_loader(target_dataset, target_sampler, args.batch_size, args.workers, persistent=False)
     # Identity-fidelity probe (identity_fidelity): two un-augmented crops of every source identity, translated at
     # every sample grid; the score goes into the log and beside the grid.
     probe = fidelity_items(source.train)
@@ -792,13 +773,10 @@ def train(args: argparse.Namespace) -> None:
         if main_process:
             print(f"resumed {checkpoint_path} at epoch {start_epoch} iteration {start_iteration}")
 
-    generators_ddp, discriminators_ddp, target_encoder_ddp = generators, discriminators, target_encoder
-    if distributed:
-        ids = [device.index] if device.type == "cuda" else None
-        generators_ddp = nn.parallel.DistributedDataParallel(generators, device_ids=ids)
-        discriminators_ddp = nn.parallel.DistributedDataParallel(discriminators, device_ids=ids)
-        if optimizer_reid is not None:
-            target_encoder_ddp = nn.parallel.DistributedDataParallel(target_encoder, device_ids=ids)
+    generators_ddp, discriminators_ddp = reid.wrap_ddp(generators, device), reid.wrap_ddp(discriminators, device)
+    target_encoder_ddp = target_encoder
+    if optimizer_reid is not None:
+        target_encoder_ddp = reid.wrap_ddp(target_encoder, device)
 
     def save(epoch: int, iteration: int) -> None:
         state = {
@@ -922,7 +900,8 @@ def train(args: argparse.Namespace) -> None:
                     save_sample_grid(
                         sample_path, real_source[:n], images["fake_target"][:n], images["cycled_source"][:n]
                     )
-                    translated01 = translate_images(unwrap(generators).source_to_target, probe_images, autocast)
+                    generator = reid.unwrap_ddp(generators).source_to_target
+                    translated01 = translate_images(generator, probe_images, autocast)
                     fidelity = identity_fidelity(probe01, translated01.cpu(), probe_pids)
                     fidelity["style_gap"] = style_gap(probe01, translated01.cpu(), probe_target01)
                     terms.update({f"fidelity_{k}": v for k, v in fidelity.items()})
@@ -1008,9 +987,7 @@ def translate(args: argparse.Namespace) -> None:
             f"{destination.relative_to(out_dir).as_posix()} {pid} {camid}\n"
             for (_, pid, camid), destination in zip(items, destinations, strict=True)
         ]
-        temporary = out_dir / f".list_train.txt.tmp{os.getpid()}"
-        temporary.write_text("".join(lines))
-        os.replace(temporary, out_dir / "list_train.txt")
+        reid.atomic_write_text(out_dir / "list_train.txt", "".join(lines))
         print(f"translate: {out_dir / 'list_train.txt'} lists them (--source list --source-root {out_dir})")
 
 
@@ -1037,11 +1014,9 @@ def write_translations(generator, architecture: dict, todo, destination_of: dict
                 if result.size != size:
                     result = result.resize(size, Image.BICUBIC)
                 destination = destination_of[source_path]
-                tmp = destination.with_name(f".{destination.name}.tmp{os.getpid()}")
                 image_format = Image.registered_extensions().get(destination.suffix.lower(), "PNG")
                 save_options = {"quality": args.jpeg_quality} if image_format == "JPEG" else {}
-                result.save(tmp, format=image_format, **save_options)
-                os.replace(tmp, destination)
+                reid.atomic_write(destination, functools.partial(result.save, format=image_format, **save_options))
             progress.update(len(indices))
 
 
@@ -1109,16 +1084,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="train the source<->target CycleGAN with relation consistency",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    t.add_argument("--preset", choices=sorted(PRESETS), help="defaults for a setting (explicit flags still win)")
+    reid.add_preset_argument(t, PRESETS)
     reid.add_dataset_arguments(t, ("source", "target"))
     t.add_argument("--out", default="logs/sda", help="output folder: checkpoint.pth, log.jsonl, samples/")
-    t.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from <out>/checkpoint.pth (or an earlier version's checkpoint.pt); refused if a setting "
-        "other than --workers, --threads, --device, --checkpoint-every, --sample-every or --sample-count changed",
-    )
-    t.add_argument("--overwrite", action="store_true", help="delete the previous run in --out first")
+    reid.add_run_dir_arguments(t, "--out", SETTINGS_CHANGEABLE_ON_RESUME)
     # relation consistency
     t.add_argument(
         "--arch", help="architecture of the re-ID encoders (default: the 'arch' their checkpoints name); checked"
@@ -1221,16 +1190,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--width", type=int, default=64)
     f.add_argument("--out", help="also write the result to this JSON file")
     f.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.set_defaults(train_parser=t)  # where parse_args puts a --preset's defaults
     return parser
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "train" and args.preset:
-        train_parser = parser._subparsers._group_actions[0].choices["train"]
-        train_parser.set_defaults(**PRESETS[args.preset])
-        args = parser.parse_args(argv)
+    args = reid.parse_with_preset(parser, PRESETS, argv, target=parser.get_default("train_parser"))
+    del args.train_parser
     return args
 
 

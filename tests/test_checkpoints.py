@@ -45,15 +45,16 @@ def _optimizer_state(model: torch.nn.Module) -> dict:
     return torch.optim.Adam(model.parameters(), lr=1e-3).state_dict()
 
 
+def _legacy_classifier_model(model: reid.ReIDModel) -> dict:
+    """The fields pretrain.py and camera.py files had: the whole network (5-class head) and its input size."""
+    fields = {"arch": "resnet18", "num_classes": 5, "feature_dim": 512, "height": 64, "width": 32}
+    return {"state_dict": model.state_dict(), **fields}
+
+
 def legacy_pretrain(model: reid.ReIDModel, resume: bool) -> dict:
     """pretrain.py checkpoint_state() (checkpoint.pth); model_best.pth drops optimizer, scheduler and rng."""
     state = {
-        "state_dict": model.state_dict(),
-        "arch": "resnet18",
-        "num_classes": 5,
-        "feature_dim": 512,
-        "height": 64,
-        "width": 32,
+        **_legacy_classifier_model(model),
         "epoch": 2,
         "iteration": 0,
         "best_mAP": 0.25,
@@ -67,32 +68,26 @@ def legacy_pretrain(model: reid.ReIDModel, resume: bool) -> dict:
     return state
 
 
-def legacy_mmt_best(model: reid.ReIDModel) -> dict:
+def _legacy_mmt_model(model: reid.ReIDModel) -> dict:
+    """The fields both mmt_plus.py files had: the mean teacher as a plain model without its head."""
     plain = {k: v for k, v in model.state_dict().items() if not k.startswith("classifier.")}
+    return {"state_dict": plain, "arch": "resnet18", "feature_dim": 512, "height": 64, "width": 32, "mode": "mmt+"}
+
+
+def legacy_mmt_best(model: reid.ReIDModel) -> dict:
     return {
-        "state_dict": plain,
-        "arch": "resnet18",
-        "feature_dim": 512,
-        "height": 64,
-        "width": 32,
+        **_legacy_mmt_model(model),
         "epoch": 1,
         "mAP": 0.3,
         "teacher": 2,
-        "mode": "mmt+",
         "kind": "mmt",
         "args": _legacy_args(mode="mmt+"),
     }
 
 
 def legacy_mmt_resume(model: reid.ReIDModel) -> dict:
-    plain = {k: v for k, v in model.state_dict().items() if not k.startswith("classifier.")}
     return {
-        "state_dict": plain,
-        "arch": "resnet18",
-        "feature_dim": 512,
-        "height": 64,
-        "width": 32,
-        "mode": "mmt+",
+        **_legacy_mmt_model(model),
         "kind": "mmt-resume",
         "epoch": 0,
         "global_step": 20,
@@ -109,12 +104,7 @@ def legacy_mmt_resume(model: reid.ReIDModel) -> dict:
 
 def legacy_camera(model: reid.ReIDModel) -> dict:
     return {
-        "state_dict": model.state_dict(),
-        "arch": "resnet18",
-        "num_classes": 5,
-        "feature_dim": 512,
-        "height": 64,
-        "width": 32,
+        **_legacy_classifier_model(model),
         "epoch": 3,
         "best_accuracy": 0.8,
         "best_epoch": 4,
