@@ -1667,13 +1667,15 @@ def prepare_run_dir(
     """The run-directory contract of every training stage. A folder holding a previous run is refused unless
     `--resume` (continue it) or `--overwrite` (delete it first; only a folder that looks like a run: args.json or
     log.jsonl in it). `--resume` refuses settings that differ from the run's args.json, except RESUMABLE_CHANGES and
-    `changeable`. Leftover temporary files of a killed run are removed and `args.json` is (re)written. Every
+    `changeable`. A folder holding only args.json (a run that failed before it began) counts as empty. Leftover
+    temporary files of a killed run are removed and `args.json` is (re)written. Every
     process checks; only `write` (the main process) changes the folder."""
     logs_dir = Path(logs_dir)
     settings = json.loads(json.dumps(vars(args), default=str))
     entries = sorted(p.name for p in logs_dir.iterdir()) if logs_dir.is_dir() else []
     args_path = logs_dir / "args.json"
-    if entries and not args.resume:
+    started = [name for name in entries if name != "args.json"]  # args.json alone: a run that failed to start
+    if started and not args.resume:
         if not getattr(args, "overwrite", False):
             raise FileExistsError(
                 f"{logs_dir}: holds a previous run ({', '.join(entries[:4])}{', ...' if len(entries) > 4 else ''}); "
@@ -1683,7 +1685,7 @@ def prepare_run_dir(
             raise FileExistsError(f"--overwrite {logs_dir}: not a run folder (no args.json or log.jsonl); not deleted")
         if write:
             shutil.rmtree(logs_dir)
-    if args.resume and args_path.is_file():
+    if args.resume and started and args_path.is_file():
         saved = json.loads(args_path.read_text())
         allowed = set(RESUMABLE_CHANGES) | set(changeable)
         changed = [

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 import pretrain  # noqa: E402
 import reid  # noqa: E402
@@ -115,3 +117,18 @@ def test_pretrain_log_after_a_crash_and_resume_equals_the_uninterrupted_log(
     pretrain.main(_train_args(tiny_data_root, crashed, "--save-every", "2", "--resume", "--workers", "1"))
     _assert_same_log(_records(crashed), reference)
     assert len((crashed / "log.txt").read_text().splitlines()) == len(reference)
+
+
+def test_command_line_errors_are_one_line_and_a_run_that_never_started_does_not_block(tiny_data_root, tmp_path):
+    run = tmp_path / "run"
+    command = [sys.executable, str(REPO / "pretrain.py"), "--logs-dir", str(run), "--source", "personx"]
+    failed = subprocess.run([*command, "--data-root", str(tmp_path / "absent")], capture_output=True, text=True)
+    assert failed.returncode != 0 and "Traceback" not in failed.stderr
+    assert len(failed.stderr.strip().splitlines()) == 1 and "absent" in failed.stderr
+    (run / "log.jsonl").write_text("{}\n")  # now it holds a run: refused in one line naming the folder
+    refused = subprocess.run([*command, "--data-root", str(tiny_data_root)], capture_output=True, text=True)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines() == [
+        f"error: {run}: holds a previous run (args.json, log.jsonl); pass --resume to continue it, "
+        "--overwrite to delete it and start again, or choose another folder"
+    ]
