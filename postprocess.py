@@ -28,10 +28,9 @@ import argparse
 import hashlib
 import json
 import os
-import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +42,8 @@ import reid_ops
 from reid import (
     REID_MODEL_KINDS,
     add_dataset_arguments,
+    atomic_write,
+    atomic_write_text,
     canonical_dataset_name,
     checkpoint_setting,
     default_workers,
@@ -203,24 +204,6 @@ def ranked_gallery_indices(distance: np.ndarray, topk: int) -> np.ndarray:
     """Per query row, the `topk` closest gallery columns, closest first (ties: smaller index first)."""
     topk = min(topk, distance.shape[1])
     return np.argsort(distance, axis=1, kind="stable")[:, :topk]
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Run write(temporary path) in the destination folder, then rename over `path` (never a partial file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
 
 
 def write_submission(distance: np.ndarray, out_dir: Path, topk: int = 100, index_digits: int = 5) -> Path:
