@@ -1645,13 +1645,16 @@ def _text_fields(record: dict) -> str:
 # ------------------------------------------------------------------------------------------------
 # The run directory: a stage never overwrites another run's results, and resumes only the same run
 
-# Settings that may change when a run is resumed: they change how fast it runs or where, not what it computes.
-RESUMABLE_CHANGES = ("workers", "threads", "device", "resume", "overwrite")
+# Settings that may change when a run is resumed: how fast or where it runs, and `epochs`, the length of the run (the
+# stages' schedules do not depend on it, so a run extended from 1 to 2 epochs is the 2-epoch run; sda.py's
+# schedule flags have other names and stay fixed).
+RESUMABLE_CHANGES = ("workers", "threads", "device", "epochs")
 
 
 def add_run_dir_arguments(parser: argparse.ArgumentParser, folder_flag: str, changeable: Sequence[str] = ()) -> None:
     """--resume and --overwrite, the two ways into a folder that holds a previous run (see `prepare_run_dir`)."""
-    allowed = ", ".join("--" + name.replace("_", "-") for name in (*RESUMABLE_CHANGES[:3], *changeable))
+    names = [name for name in (*RESUMABLE_CHANGES, *changeable) if name != "epochs" or parser.get_default("epochs")]
+    allowed = ", ".join("--" + name.replace("_", "-") for name in names)
     parser.add_argument(
         "--resume",
         action="store_true",
@@ -1687,17 +1690,18 @@ def prepare_run_dir(
             shutil.rmtree(logs_dir)
     if args.resume and started and args_path.is_file():
         saved = json.loads(args_path.read_text())
-        allowed = set(RESUMABLE_CHANGES) | set(changeable)
+        allowed = {*RESUMABLE_CHANGES, *changeable, "resume", "overwrite"}
         changed = [
             f"--{name.replace('_', '-')} {saved[name]!r} -> {value!r}"
             for name, value in settings.items()
             if name not in allowed and name in saved and saved[name] != value
         ]
         if changed:
+            may_change = sorted(allowed & set(settings) - {"resume", "overwrite"})
             raise ValueError(
                 f"--resume {logs_dir}: settings differ from the run being resumed ({args_path}): {'; '.join(changed)}. "
-                f"Only {', '.join('--' + n.replace('_', '-') for n in sorted(allowed - {'resume', 'overwrite'}))} "
-                "may change; use another folder for a different run"
+                f"Only {', '.join('--' + n.replace('_', '-') for n in may_change)} may change; use another folder for "
+                "a different run"
             )
     if write:
         logs_dir.mkdir(parents=True, exist_ok=True)
