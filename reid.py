@@ -1388,7 +1388,7 @@ CHECKPOINT_FORMAT = 1
 CHECKPOINT_SUFFIX = ".pth"
 CHECKPOINT_KINDS = {
     "pretrain": "a pretrain.py re-ID model",
-    "mmt_plus": "an mmt_plus.py re-ID model (mean teacher)",
+    "mmt_plus": "an mmt_plus.py re-ID model (a mean teacher)",
     "camera": "a camera.py camera classifier",
     "sda": "an sda.py CycleGAN (generators, discriminators)",
     "features": "postprocess.py cached features",

@@ -68,7 +68,7 @@ def test_few_iterations_resume_and_postprocess_loading(tmp_path, tiny_data_root)
     # the checkpoint is what postprocess.py loads as camera model (head dropped, architecture read from it)
     import postprocess
 
-    model, info = postprocess.load_model_for_inference(str(full_dir / "model_best.pth"))
+    model, info = postprocess.load_model_for_inference(str(full_dir / "model_best.pth"), kinds=("camera",))
     assert info["arch"] == "resnet18" and (info["height"], info["width"]) == (64, 32)
     assert model.classifier is None
     with torch.no_grad():
