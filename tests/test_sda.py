@@ -670,8 +670,8 @@ def test_target_encoder_is_loaded_from_its_own_checkpoint(tmp_path, tiny_data_ro
     adapted = reid.build_model("resnet18", num_classes=0)
     target_path = tmp_path / "model_best.pth"
     state = {f"module.{k}": v for k, v in adapted.state_dict().items()}
-    reid.save_checkpoint({"state_dict": state, "arch": "resnet18", "kind": "mmt"}, target_path)
-    source_state, _ = sda.read_encoder_checkpoint(encoder_checkpoint)
+    reid.save_checkpoint({"state_dict": state, "arch": "resnet18"}, target_path, "mmt_plus")
+    source_state = reid.read_checkpoint(encoder_checkpoint)["state_dict"]
 
     source, target = sda.build_relation_encoders(encoder_checkpoint, target_path, None, False, num_pids)
     for key, value in adapted.state_dict().items():
@@ -688,7 +688,7 @@ def test_target_encoder_is_loaded_from_its_own_checkpoint(tmp_path, tiny_data_ro
     assert torch.equal(online.state_dict()["backbone.conv1.weight"], adapted.state_dict()["backbone.conv1.weight"])
     assert any(p.requires_grad for p in online.parameters())
 
-    with pytest.raises(ValueError, match="holds a resnet18 model, but --arch is resnet50"):
+    with pytest.raises(ValueError, match="holds a resnet18 model, not resnet50"):
         sda.build_relation_encoders(encoder_checkpoint, target_path, "resnet50", False, num_pids)
 
 
