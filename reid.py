@@ -1706,7 +1706,10 @@ def prepare_run_dir(
     if write:
         logs_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(logs_dir)
-        atomic_write_text(args_path, json.dumps(settings, indent=2) + "\n")
+        # A run of an earlier version has no args.json: it is not written on its resume, so that an attempt the
+        # stage then refuses (another architecture than its checkpoint's) cannot leave its settings behind.
+        if not (args.resume and started and not args_path.is_file()):
+            atomic_write_text(args_path, json.dumps(settings, indent=2) + "\n")
     return logs_dir
 
 
