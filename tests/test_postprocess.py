@@ -320,19 +320,19 @@ def test_feature_cache_key_changes_with_inputs(tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def save_random_checkpoint(path: Path, arch: str, num_classes: int, seed: int) -> Path:
+def save_random_checkpoint(path: Path, arch: str, num_classes: int, seed: int, kind: str = "pretrain") -> Path:
     import reid
 
     torch.manual_seed(seed)
     model = reid.build_model(arch, num_classes=num_classes)
-    reid.save_checkpoint({"state_dict": model.state_dict(), "arch": arch, "height": 64, "width": 32}, path, "pretrain")
+    reid.save_checkpoint({"state_dict": model.state_dict(), "arch": arch, "height": 64, "width": 32}, path, kind)
     return path
 
 
 def test_end_to_end_on_tiny_data(tmp_path, tiny_data_root):
     first = save_random_checkpoint(tmp_path / "a.pth", "resnet18", 10, seed=0)
     second = save_random_checkpoint(tmp_path / "b.pth", "resnet18", 10, seed=1)
-    camera = save_random_checkpoint(tmp_path / "camera.pth", "resnet18", 5, seed=2)
+    camera = save_random_checkpoint(tmp_path / "camera.pth", "resnet18", 5, seed=2, kind="camera")
     out = tmp_path / "post"
     argv = ["--checkpoints", str(first), str(second), "--camera-checkpoint", str(camera),
             "--dataset", "target_val", "--data-root", str(tiny_data_root), "--out", str(out),
