@@ -149,6 +149,22 @@ def mean_spread(values: list[float]) -> str:
     return f"{mean:.1f} ± {(max(values) - min(values)) / 2:.1f}"
 
 
+def markdown_table(table: dict) -> str:
+    """The calibration as a Markdown table: mean ± half the range over seeds, per-seed values, ratio to the bound."""
+    rows = [key for key in ROWS if key in table]
+    bound = table.get("target_label_bound")
+    lines = [
+        "| row | mAP (mean ± half-range) | top-1 | mAP per seed | mAP / bound |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        maps, top1 = table[row]["mAP"], table[row]["top1"]
+        ratio = f"{sum(maps) / sum(bound['mAP']):.2f}" if bound else "-"
+        per_seed = " / ".join(f"{v:.1f}" for v in maps)
+        lines.append(f"| `{row}` | {mean_spread(maps)} | {mean_spread(top1)} | {per_seed} | {ratio} |")
+    return "\n".join(lines)
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -194,14 +210,9 @@ def main(argv: list[str] | None = None) -> dict:
     out_json = args.out_json or args.runs_dir / "benchmark_gap.json"
     write_json_atomic(out_json, table)
 
-    bound = table.get("target_label_bound")
-    print(f"\nsynthetic benchmark, target_val, pretrain.py --preset {args.preset}, seeds {args.seeds}")
-    print(f"{'row':32s} {'mAP (mean ± half-range)':>24s} {'top-1':>14s} {'mAP / bound':>12s}  per seed")
-    for row in args.rows:
-        maps, top1 = table[row]["mAP"], table[row]["top1"]
-        ratio = f"{sum(maps) / sum(bound['mAP']):.2f}" if bound else "-"
-        print(f"{row:32s} {mean_spread(maps):>24s} {mean_spread(top1):>14s} {ratio:>12s}  {maps}")
-    print(f"-> {out_json}")
+    print(f"\nsynthetic benchmark, target_val, pretrain.py --preset {args.preset}, seeds {args.seeds}\n")
+    print(markdown_table(table))
+    print(f"\n-> {out_json}")
     return table
 
 
