@@ -7,7 +7,7 @@ half the range (max - min) / 2 of the seeds' values. The seed's claims become pa
 both sides); each says whether both sides started from the same initialisation with the same budget (read from
 the training runs' args.json) and whether the spread exceeds the effect (then a third seed is due).
 
-    python ablation_report.py --work runs/pipeline --eval raw_pretrain 1 runs/pipeline/ablation/eval-raw-1 ...
+    python ablation_report.py --work runs/pipeline --eval raw_pretrain 1 runs/pipeline/ablation/eval-raw_pretrain-1 ...
 
 Writes WORK/ablation/ablation.md and WORK/ablation/ablation.json:
     {ROW: {"mAP": [percent per seed], "top1": [...], "seeds": [...], "mean": {...}, "spread": {...}, ...},

@@ -233,6 +233,11 @@ best_checkpoint() {
 DATA="$WORK/data"
 if [[ -z "$DATA_ROOT" ]]; then
     DATA_ARGS=(--out "$DATA" --seed 0 --overwrite) # only re-run when unfinished: replace a partial tree
+    # data_translator/: the perfect-translator control (the source images rendered by the target cameras; read
+    # by the ablation's diagnostics only), where this make_demo_data.py writes one
+    if grep -q -e "--translator-out" "$REPO/make_demo_data.py"; then
+        DATA_ARGS+=(--translator-out "$WORK/data_translator")
+    fi
     if [[ $TINY -eq 1 ]]; then DATA_ARGS+=(--preset tiny); fi
     run_stage data "$WORK/data_done" "$PYTHON" "$REPO/make_demo_data.py" "${DATA_ARGS[@]}"
 else
@@ -288,26 +293,27 @@ BASELINE_CHECKPOINT="$(best_checkpoint "$BASELINE_DIR")"
 # 3. SDA: train the translator, then write personX_sda/image_train into the work data root
 SDA_DIR="$WORK/sda"
 SDA_RESUME=()
-if [[ -f "$SDA_DIR/checkpoint.pth" || -f "$SDA_DIR/checkpoint.pth" ]]; then SDA_RESUME=(--resume); fi
+if [[ -f "$SDA_DIR/checkpoint.pth" || -f "$SDA_DIR/checkpoint.pt" ]]; then SDA_RESUME=(--resume); fi
 run_stage sda "$SDA_DIR" "$PYTHON" "$REPO/sda.py" train "${PRESET_ARGS[@]}" --data-root "$DATA" --out "$SDA_DIR" \
     --arch "$SDA_ARCH" --source-encoder "$ENCODER_CHECKPOINT" --target-encoder "$BASELINE_CHECKPOINT" \
     --seed "${SEED_LIST[0]}" "${WORKER_ARGS[@]}" "${SDA_RESUME[@]}" "${TINY_SDA[@]}" "${EXTRA_SDA[@]}"
 SDA_CHECKPOINT="$SDA_DIR/checkpoint.pth"
-if [[ ! -f "$SDA_CHECKPOINT" ]]; then SDA_CHECKPOINT="$SDA_DIR/checkpoint.pth"; fi
+if [[ ! -f "$SDA_CHECKPOINT" ]]; then SDA_CHECKPOINT="$SDA_DIR/checkpoint.pt"; fi
 run_stage translate "$WORK/translate_done" "$PYTHON" "$REPO/sda.py" translate --checkpoint "$SDA_CHECKPOINT" \
     --data-root "$DATA" --out "$DATA" "${WORKER_ARGS[@]}" "${EXTRA_TRANSLATE[@]}"
 
 # ---------------------------------------------------------------------------------------------------------------
 # 4. pre-training on the translated images, two seeds per backbone; 5. MMT+ per backbone
 # pretrain_run NAME DIR SOURCE ARCH SEED [FLAGS...]: one pre-training from the backbone's demo initialisation
+# (PRETRAIN_ROOT=DIR pretrain_run ...: the source read from DIR instead of the work data root)
 pretrain_run() {
     local name="$1" dir="$2" source="$3" arch="$4" seed="$5"
     shift 5
     demo_init "$arch"
     RERUN_IF_CHANGED=0
-    run_stage "$name" "$dir" "$PYTHON" "$REPO/pretrain.py" "${PRESET_ARGS[@]}" --data-root "$DATA" \
-        --source "$source" --arch "$arch" --seed "$seed" "${WORKER_ARGS[@]}" --logs-dir "$dir" \
-        "${DEMO_INIT[@]}" "${TINY_PRETRAIN[@]}" "$@" "${EXTRA_PRETRAIN[@]}"
+    run_stage "$name" "$dir" "$PYTHON" "$REPO/pretrain.py" "${PRESET_ARGS[@]}" \
+        --data-root "${PRETRAIN_ROOT:-$DATA}" --source "$source" --arch "$arch" --seed "$seed" "${WORKER_ARGS[@]}" \
+        --logs-dir "$dir" "${DEMO_INIT[@]}" "${TINY_PRETRAIN[@]}" "$@" "${EXTRA_PRETRAIN[@]}"
 }
 sda_pretrain_dir() { echo "$WORK/pretrain-personx_sda-$1-$2"; }
 sda_pretraining() { pretrain_run "pretrain-$1-$2" "$(sda_pretrain_dir "$1" "$2")" personx_sda "$1" "$2"; }
@@ -432,6 +438,17 @@ if [[ $ABLATION -eq 1 ]]; then
             pretrain_run "pretrain-target-labels-$arch-$seed" "$dir" personx "$arch" "$seed" \
                 --target-labels-upper-bound
             evaluate target_label_bound "$seed" "$(best_checkpoint "$dir")"
+            # the same pre-training on what a perfect translator would produce (same identities, poses and file
+            # names, rendered by the target cameras): the ceiling of the SDA row
+            if [[ -d "$WORK/data_translator/personX" ]]; then
+                dir="$WORK/pretrain-perfect-translator-$arch-$seed"
+                PRETRAIN_ROOT="$WORK/data_translator" pretrain_run "pretrain-perfect-translator-$arch-$seed" "$dir" \
+                    personx "$arch" "$seed" --target-root "$DATA"
+                evaluate perfect_translator "$seed" "$(best_checkpoint "$dir")"
+            else
+                echo "[pipeline] no $WORK/data_translator (data generated without --translator-out):" \
+                    "the perfect-translator control is left out"
+            fi
         fi
     }
     BENCHMARK="synthetic benchmark"

@@ -162,6 +162,13 @@ def test_pipeline_end_to_end_with_interruption(tmp_path):
     for single in ("mmt_plus_camera_rerank", "mmt_plus_resnet18_ibn_camera_rerank"):
         assert claims[(single, "ensemble_camera_rerank")]["setting"] == "a member of the ensemble, same seed"
     assert report["target_label_bound"]["kind"] == report["mmt_plus_oracle"]["kind"] == "diagnostic"
+    # the perfect-translator control (where make_demo_data.py writes one): the same pre-training on the source
+    # images rendered by the target cameras
+    if "--translator-out" in (REPO / "make_demo_data.py").read_text():
+        assert report["perfect_translator"]["kind"] == "diagnostic"
+        assert report["perfect_translator"]["initialised_from"] == report["sda_pretrain"]["initialised_from"]
+        args = json.loads((work / "pretrain-perfect-translator-resnet18-1" / "args.json").read_text())
+        assert Path(args["data_root"]) == work / "data_translator" and Path(args["target_root"]) == work / "data"
     assert report["stage_seconds"]["eval-ensemble-2"] >= 0 and "baseline" in report["stage_seconds"]
     third = {name for name, row in report.items() if name not in ablation_report.NON_ROW_KEYS and 3 in row["seeds"]}
     groups = ablation_report.inconclusive_groups(json.loads(json.dumps(report)))  # after the third seed
