@@ -2,7 +2,7 @@
 
 Slides ("Post-processing for Inference"): train a camera classification network (ResNeSt-50 backbone) on the
 target domain; at test time the distance between camera embeddings, weighted by 0.1, is subtracted from the
-re-ID distance (postprocess.py). Following the release (reference-implementation.md §9):
+re-ID distance (postprocess.py). Following the release (docs/differences.md#camera-model):
 
   * task: 5-way classification of the target training images' camera (ids {1,2,4,5,6} -> 0..4); the identity
     labels are not used (there are none);
@@ -26,10 +26,8 @@ feature as the camera embedding.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -40,22 +38,29 @@ from reid import (
     JsonlLogger,
     SeededRandomSampler,
     add_dataset_arguments,
+    add_preset_argument,
+    add_run_dir_arguments,
     autocast_context,
     build_model,
     build_train_transform,
     default_workers,
     extract_features,
     is_main_process,
-    load_checkpoint,
     lr_factor,
     make_loader,
+    parse_with_preset,
+    prepare_run_dir,
+    rank_and_world_size,
+    read_checkpoint,
     resolve_datasets,
     rng_state,
     run_cli,
     save_checkpoint,
+    select_device,
     set_rng_state,
     set_seed,
     setup_distributed,
+    wrap_ddp,
 )
 
 # --preset demo: the embedded synthetic benchmark on 2 CPU cores in minutes. Explicit flags still win.
@@ -131,7 +136,7 @@ def train_one_epoch(
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="defaults for a setting (explicit flags win)")
+    add_preset_argument(parser, PRESETS)
     # data
     add_dataset_arguments(parser, ("target", "val"))  # cameras of --target's training images; --val selects
     parser.add_argument(
@@ -180,12 +185,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=True,
         help="NHWC memory format for training",
     )
-    parser.add_argument("--resume", action="store_true", help="continue from LOGS_DIR/checkpoint.pth if present")
+    add_run_dir_arguments(parser, "LOGS_DIR")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    args = parser.parse_args(argv)
-    if args.preset:
-        parser.set_defaults(**PRESETS[args.preset])
-        args = parser.parse_args(argv)
+    args = parse_with_preset(parser, PRESETS, argv)
     for name in ("epochs", "iters", "eval_step", "batch_size", "height", "width"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -197,16 +199,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     distributed = setup_distributed()
-    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    if args.device:
-        device = torch.device(args.device)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    else:
-        device = torch.device("cpu")
+    world_size = rank_and_world_size()[1]
+    device = select_device(args.device)
     set_seed(args.seed)
-    logs_dir = Path(args.logs_dir)
-    logs_dir.mkdir(parents=True, exist_ok=True)
+    logs_dir = prepare_run_dir(args.logs_dir, args, write=is_main_process())
     checkpoint_path, best_path = logs_dir / "checkpoint.pth", logs_dir / "model_best.pth"
 
     datasets = resolve_datasets(args, ("target", "val"))
@@ -241,9 +237,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         optimizer,
         lambda epoch: lr_factor(epoch, args.warmup_epochs, args.milestones),
     )
-    start_epoch, best_accuracy, best_epoch = 0, -1.0, -1
+    start_epoch, best_accuracy, best_epoch, log_position = 0, -1.0, -1, None
     if args.resume and checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path)
+        state = read_checkpoint(checkpoint_path, kinds=("camera",), what="--resume")
         if state.get("arch") != args.arch or state.get("num_classes") != num_cameras:
             raise SystemExit(
                 f"--resume: {checkpoint_path} holds a {state.get('arch')} model with {state.get('num_classes')} "
@@ -258,14 +254,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
             state["best_epoch"],
         )
         set_rng_state(state["rng"])
+        log_position = state.get("log_position")
         if is_main_process():
             print(f"[camera] resumed from {checkpoint_path} at epoch {start_epoch}")
-    training_model = model
-    if distributed:
-        ids = [device.index] if device.type == "cuda" else None
-        training_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    training_model = wrap_ddp(model, device)
 
-    logger = JsonlLogger(logs_dir / "log.jsonl") if is_main_process() else None
+    logger = JsonlLogger(logs_dir / "log.jsonl", log_position) if is_main_process() else None
     if logger is not None:
         logger.log(
             {
@@ -291,7 +285,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "epoch": epoch,
             "best_accuracy": best_accuracy,
             "best_epoch": best_epoch,
-            "kind": "camera",
             "args": vars(args),
         }
 
@@ -310,13 +303,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 record["val_camera_accuracy"] = accuracy
                 if accuracy > best_accuracy:
                     best_accuracy, best_epoch = accuracy, epoch + 1
-                    save_checkpoint(model_state(epoch), best_path)
+                    save_checkpoint(model_state(epoch), best_path, "camera")
                 record["best_val_camera_accuracy"] = best_accuracy
                 print(f"[camera] epoch {epoch + 1}: val camera accuracy {accuracy:.3f} (best {best_accuracy:.3f})")
+            logger.log(record)  # before the checkpoint: a run killed in between redoes the epoch
             state = model_state(epoch)
-            state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=rng_state())
-            save_checkpoint(state, checkpoint_path)
-            logger.log(record)
+            state.update(
+                optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(),
+                rng=rng_state(),
+                log_position=logger.position(),
+            )
+            save_checkpoint(state, checkpoint_path, "camera")
         if distributed:
             torch.distributed.barrier()
 

@@ -1,7 +1,7 @@
 """The embedded benchmark: a synthetic two-domain person re-ID dataset in the exact VisDA-2020 folder layout.
 
 No re-ID dataset can be downloaded without credentials, so the toolkit ships this generator. It draws
-pedestrians procedurally (PIL ImageDraw + numpy) and writes (reference-implementation.md §2):
+pedestrians procedurally (PIL ImageDraw + numpy) and writes (docs/differences.md#data-layout):
 
     <out>/personX/image_train/0001_c3s1_000024_00.jpg      labelled source domain, cameras 1..6
     <out>/target_training/image_train/00000.jpg             unlabelled target domain, cameras {1,2,4,5,6}
@@ -14,16 +14,29 @@ pedestrians procedurally (PIL ImageDraw + numpy) and writes (reference-implement
                                                             NO TRAINING CODE MAY READ THIS FOLDER.
 
 An identity is a set of attributes (clothing colours and patterns, hair, skin, build, bag and its side, shoes)
-drawn from shared palettes, so identities are distinguishable but confusable. Each image varies viewpoint
-(front / back / side: a backpack is seen from behind, a shoulder bag only from its side), stride, scale and
-position. The source domain is flat-shaded on clean backgrounds; every target camera has its own fixed style
-(colour cast, exposure, contrast, resolution, blur, noise, JPEG quality, cluttered scene, occluders, shading,
-texture), scaled by --target-style-strength (0 = target looks like source). docs/demo_data.md explains each knob.
+drawn from palettes, so identities are distinguishable but confusable. Each image varies viewpoint (front /
+back / side: a backpack is seen from behind, a shoulder bag only from its side), stride, scale and position.
+The two domains differ the way real ones do, not by a global colour gain that BN adaptation or AutoAugment
+would absorb:
+
+* population: target people dress differently (--target-dress-shift): mostly dark, plain, long garments and
+  hues or patterns the source never shows, so coarse clothing colour stops separating them;
+* colour: each target camera rotates hues, mixes channels and bends a tone curve of its own, so colours do
+  not match across target cameras even after normalisation;
+* geometry: loose, jittered detection boxes, truncated people, elevated cameras (foreshortening);
+* image quality: 0.3-0.6 of the source resolution, motion blur, sensor noise, JPEG;
+* clutter: busy scenes, partial passers-by and occluders inside the box.
+
+The source domain is flat-shaded on clean backgrounds with tight boxes. --target-style-strength scales every
+camera effect (0 = target cameras look like the source's). --translator-out writes the perfect-translator
+control (the source jobs re-rendered by the target cameras). docs/demo_data.md explains each knob and the
+calibration (calibrate_benchmark.py).
 
 Determinism: every random draw comes from a numpy Generator keyed by (seed, split, identity, image index), so
 the bytes written do not depend on the number of worker processes.
 
     python make_demo_data.py --out data/demo                    # default benchmark, 128x64, ~8,000 images
+    python make_demo_data.py --out data/demo --translator-out data/demo_translator   # + the control
     python make_demo_data.py --preset tiny --out /tmp/tiny      # a few identities in seconds (tests)
 """
 
@@ -60,6 +73,7 @@ SPLIT_CODES = {
 }
 DOMAIN_CODES = {"source": 11, "target": 12}
 STREAM_IDENTITY, STREAM_PLAN, STREAM_IMAGE, STREAM_CAMERA, STREAM_SCENE = 101, 102, 103, 104, 105
+STREAM_CAMERA_SIDE, STREAM_PASSERBY, STREAM_TRANSLATOR = 106, 107, 108
 
 # Every entry this script writes at the top level of --out (removed by --overwrite). personX_sda/personX_spgan
 # are derived from personX and therefore stale once personX is regenerated.
@@ -77,8 +91,8 @@ GENERATED_ENTRIES = (
     "diagnostics",
 )
 
-# Presets: (min, max) pairs are inclusive ranges drawn per identity. Style knobs are the values at
-# --target-style-strength 1; each target camera draws its own fraction of them (see camera_style).
+# Presets: (min, max) pairs are inclusive ranges drawn per identity. Target-camera knobs are the values at
+# --target-style-strength 1 (the default); each target camera draws its own fraction of them (see camera_style).
 PRESETS: dict[str, dict] = {
     "default": dict(
         size=(128, 64),
@@ -97,20 +111,30 @@ PRESETS: dict[str, dict] = {
         test_queries_per_id=(2, 4),
         test_gallery_per_id=(12, 20),
         test_distractors=400,
-        # 0.5: a from-scratch CNN trained on source labels reaches ~10 % target-val mAP vs ~55 % with no gap
-        # (strength 0) and chance level (~1 %) at strength 1; see docs/demo_data.md
-        target_style_strength=0.5,
-        colour_cast=0.25,
-        exposure=0.35,
-        contrast=0.35,
-        shading=0.35,
-        texture=0.15,
-        downscale=0.5,
-        blur=1.0,
-        noise=0.04,
-        jpeg_quality_min=35,
-        clutter=1.0,
-        occlusion_prob=0.3,
+        # who lives in the target domain (not a camera effect, so not scaled by the strength)
+        target_dress_shift=1.0,
+        # the target cameras (docs/demo_data.md: calibration of these defaults with pretrain.py)
+        target_style_strength=1.0,
+        hue_rotation=15.0,
+        channel_mix=0.125,
+        tone_curve=0.125,
+        colour_cast=0.075,
+        exposure=0.125,
+        contrast=0.125,
+        shading=0.15,
+        texture=0.05,
+        downscale=0.7,
+        motion_blur=1.5,
+        blur=0.15,
+        noise=0.015,
+        jpeg_quality_min=68,
+        loose_box=0.2,
+        box_jitter=0.08,
+        truncation=0.15,
+        elevation=0.2,
+        passerby=0.35,
+        clutter=0.5,
+        occlusion_prob=0.125,
     ),
     "tiny": dict(
         size=(64, 32),
@@ -138,69 +162,113 @@ for _name in PRESETS:
 RANGE_KEYS = {k for k, v in PRESETS["default"].items() if isinstance(v, tuple) and k != "size"}
 COUNT_KEYS = {"source_ids", "target_train_ids", "target_train_singletons", "val_ids", "val_distractors"}
 COUNT_KEYS |= {"test_ids", "test_distractors"}
-FRACTION_KEYS = {"colour_cast", "exposure", "contrast", "shading", "texture", "downscale", "occlusion_prob"}
+FRACTION_KEYS = {"target_dress_shift", "channel_mix", "colour_cast", "exposure", "contrast", "shading", "texture"}
+FRACTION_KEYS |= {"occlusion_prob"}
+CAMERA_KNOBS = ("hue_rotation", "channel_mix", "tone_curve", "colour_cast", "exposure", "contrast", "shading")
+CAMERA_KNOBS += ("texture", "downscale", "motion_blur", "blur", "noise", "loose_box", "box_jitter", "truncation")
+CAMERA_KNOBS += ("elevation", "passerby", "clutter", "occlusion_prob")  # and jpeg_quality_min (95 = off)
+NON_NEGATIVE_KEYS = {"target_style_strength", "hue_rotation", "tone_curve", "motion_blur", "blur", "noise", "clutter"}
+NON_NEGATIVE_KEYS |= {"downscale", "loose_box", "box_jitter", "truncation", "elevation", "passerby"}  # clipped
 
-# Shared palettes (RGB) with frequencies: dark, plain clothing is common, so many identities share colours.
+# Palettes (RGB) with a frequency per domain: (colour, source weight, target weight). The source population
+# (personX) wears every colour, dark and plain most often. The target population dresses differently: mostly
+# dark, plain, long garments, with hues the source never shows (charcoal, olive, burgundy, teal, mustard), so
+# coarse clothing colour hardly separates target people; shoes, bags, hair, accents and build must.
 UPPER_COLOURS = [
-    ((30, 30, 32), 18),
-    ((225, 225, 220), 13),
-    ((128, 128, 128), 12),
-    ((35, 45, 90), 10),
-    ((50, 90, 170), 8),
-    ((170, 35, 40), 7),
-    ((45, 110, 60), 5),
-    ((220, 190, 60), 4),
-    ((220, 140, 170), 4),
-    ((110, 75, 45), 5),
-    ((200, 180, 140), 5),
-    ((100, 60, 130), 3),
-    ((220, 120, 40), 3),
-    ((140, 180, 220), 3),
+    ((30, 30, 32), 18, 26),
+    ((225, 225, 220), 13, 2),
+    ((128, 128, 128), 12, 5),
+    ((35, 45, 90), 10, 14),
+    ((50, 90, 170), 8, 1),
+    ((170, 35, 40), 7, 1),
+    ((45, 110, 60), 5, 0),
+    ((220, 190, 60), 4, 0),
+    ((220, 140, 170), 4, 0),
+    ((110, 75, 45), 5, 8),
+    ((200, 180, 140), 5, 2),
+    ((100, 60, 130), 3, 0),
+    ((220, 120, 40), 3, 0),
+    ((140, 180, 220), 3, 0),
+    ((55, 55, 60), 0, 16),  # charcoal: target only
+    ((70, 75, 40), 0, 7),  # olive
+    ((90, 25, 40), 0, 7),  # burgundy
+    ((25, 70, 75), 0, 5),  # dark teal
+    ((150, 120, 40), 0, 3),  # mustard
 ]
 LOWER_COLOURS = [
-    ((28, 28, 30), 25),
-    ((45, 60, 95), 20),
-    ((70, 95, 140), 15),
-    ((110, 110, 112), 12),
-    ((185, 165, 120), 10),
-    ((220, 220, 215), 5),
-    ((95, 65, 40), 7),
-    ((90, 95, 55), 6),
+    ((28, 28, 30), 25, 40),
+    ((45, 60, 95), 20, 20),
+    ((70, 95, 140), 15, 4),
+    ((110, 110, 112), 12, 5),
+    ((185, 165, 120), 10, 2),
+    ((220, 220, 215), 5, 0),
+    ((95, 65, 40), 7, 8),
+    ((90, 95, 55), 6, 5),
+    ((55, 55, 60), 0, 16),  # charcoal: target only
+]
+# the second colour of a pattern (stripes, logo, print, jacket lining, scarf): bright accents in the target
+ACCENT_COLOURS = [(c, s, 0) for c, s, _ in UPPER_COLOURS] + [
+    ((230, 230, 225), 0, 14),
+    ((200, 40, 45), 0, 12),
+    ((240, 200, 50), 0, 12),
+    ((60, 110, 200), 0, 12),
+    ((60, 160, 90), 0, 10),
+    ((240, 130, 40), 0, 10),
+    ((230, 140, 180), 0, 10),
+    ((140, 200, 230), 0, 10),
 ]
 SHOE_COLOURS = [
-    ((235, 235, 235), 30),
-    ((25, 25, 25), 35),
-    ((100, 70, 40), 15),
-    ((120, 120, 120), 10),
-    ((180, 40, 40), 5),
-    ((40, 70, 150), 5),
+    ((235, 235, 235), 30, 28),
+    ((25, 25, 25), 35, 24),
+    ((100, 70, 40), 15, 12),
+    ((120, 120, 120), 10, 8),
+    ((180, 40, 40), 5, 10),
+    ((40, 70, 150), 5, 10),
+    ((230, 210, 40), 0, 8),  # yellow trainers: target only
 ]
 HAIR_COLOURS = [
-    ((20, 18, 18), 40),
-    ((55, 35, 25), 25),
-    ((100, 65, 40), 15),
-    ((200, 170, 100), 10),
-    ((160, 160, 160), 5),
-    ((130, 50, 30), 5),
+    ((20, 18, 18), 40, 40),
+    ((55, 35, 25), 25, 25),
+    ((100, 65, 40), 15, 15),
+    ((200, 170, 100), 10, 10),
+    ((160, 160, 160), 5, 5),
+    ((130, 50, 30), 5, 5),
 ]
-SKIN_TONES = [
-    ((245, 215, 190), 1),
-    ((230, 190, 160), 1),
-    ((205, 160, 125), 1),
-    ((170, 120, 85), 1),
-    ((130, 90, 60), 1),
-    ((95, 65, 45), 1),
-]
+SKIN_TONES = [((245, 215, 190), 1, 1), ((230, 190, 160), 1, 1), ((205, 160, 125), 1, 1)]
+SKIN_TONES += [((170, 120, 85), 1, 1), ((130, 90, 60), 1, 1), ((95, 65, 45), 1, 1)]
 BAG_COLOURS = [
-    ((25, 25, 25), 35),
-    ((110, 110, 110), 15),
-    ((35, 45, 90), 15),
-    ((100, 70, 40), 12),
-    ((170, 35, 40), 8),
-    ((45, 110, 60), 5),
-    ((200, 180, 140), 5),
-    ((220, 140, 170), 5),
+    ((25, 25, 25), 35, 20),
+    ((110, 110, 110), 15, 8),
+    ((35, 45, 90), 15, 8),
+    ((100, 70, 40), 12, 8),
+    ((170, 35, 40), 8, 12),
+    ((45, 110, 60), 5, 10),
+    ((200, 180, 140), 5, 8),
+    ((220, 140, 170), 5, 8),
+    ((240, 200, 50), 0, 10),  # target only
+    ((60, 110, 200), 0, 10),
+    ((230, 230, 225), 0, 8),
 ]
+# categorical attributes: (value, source probability, target probability)
+PATTERNS = [
+    ("plain", 0.40, 0.42),
+    ("hstripes", 0.12, 0.02),
+    ("vstripes", 0.05, 0.0),
+    ("two_tone", 0.10, 0.04),
+    ("front_logo", 0.13, 0.06),
+    ("back_print", 0.10, 0.08),
+    ("open_jacket", 0.10, 0.14),
+    ("checks", 0.0, 0.10),  # target only
+    ("scarf", 0.0, 0.14),  # target only
+]
+LOWER_TYPES = [("trousers", 0.72, 0.94), ("shorts", 0.16, 0.02), ("skirt", 0.12, 0.04)]
+HAIR_STYLES = [("short", 0.42, 0.36), ("long", 0.22, 0.22), ("ponytail", 0.12, 0.12), ("bald", 0.08, 0.06)]
+HAIR_STYLES += [("cap", 0.16, 0.24)]
+BAGS = [("none", 0.40, 0.22), ("backpack", 0.28, 0.36), ("shoulder_bag", 0.20, 0.26), ("handbag", 0.12, 0.16)]
+# numeric attributes: (source, target) probability or (low, high) range
+LONG_SLEEVES = (0.55, 0.95)
+HEIGHT_RANGE = ((0.90, 1.04), (0.86, 1.06))
+BUILD_RANGE = ((0.85, 1.2), (0.8, 1.3))
 VIEWS = ("front", "back", "side_right", "side_left")  # side_right: facing image-right, the right side visible
 
 
@@ -259,7 +327,7 @@ def build_config(preset: str, size: tuple[int, int] | None, overrides: dict) -> 
     for key in FRACTION_KEYS:
         if not 0.0 <= float(config[key]) <= 1.0:
             raise ValueError(f"--{key.replace('_', '-')} must be in [0, 1], got {config[key]}")
-    for key in ("target_style_strength", "blur", "noise", "clutter"):
+    for key in NON_NEGATIVE_KEYS:
         if float(config[key]) < 0:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 0, got {config[key]}")
     if not 5 <= int(config["jpeg_quality_min"]) <= 95:
@@ -272,8 +340,12 @@ def rng_for(seed: int, *keys: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), *[int(k) for k in keys]])
 
 
-def weighted_choice(rng: np.random.Generator, palette: list) -> tuple[int, int, int]:
-    weights = np.array([w for _, w in palette], dtype=np.float64)
+def weighted_choice(rng: np.random.Generator, palette: list, target_share: float = 0.0):
+    """One entry of a (value, source weight, target weight) palette; target_share in [0, 1] mixes the two
+    domains' frequencies (0: the source population, 1: the target population)."""
+    source = np.array([entry[1] for entry in palette], dtype=np.float64)
+    target = np.array([entry[2] for entry in palette], dtype=np.float64)
+    weights = (1.0 - target_share) * source / source.sum() + target_share * target / target.sum()
     return palette[int(rng.choice(len(palette), p=weights / weights.sum()))][0]
 
 
@@ -285,39 +357,58 @@ def jitter_colour(rng: np.random.Generator, colour, amount: float = 10.0) -> tup
 # Identities, cameras and scenes
 
 
-def identity_attributes(seed: int, split: str, pid: int) -> dict:
-    """The appearance of one person: palette choices plus a small personal colour jitter (JSON-serialisable)."""
-    rng = rng_for(seed, SPLIT_CODES[split], pid, STREAM_IDENTITY)
-    upper, lower = weighted_choice(rng, UPPER_COLOURS), weighted_choice(rng, LOWER_COLOURS)
-    secondary = weighted_choice(rng, UPPER_COLOURS)
+def draw_attributes(rng: np.random.Generator, target_share: float) -> dict:
+    """A person's appearance drawn from the population priors (target_share 0: source, 1: target)."""
+
+    def lerp(pair: tuple) -> float:
+        return (1.0 - target_share) * pair[0] + target_share * pair[1]
+
+    upper = weighted_choice(rng, UPPER_COLOURS, target_share)
+    lower = weighted_choice(rng, LOWER_COLOURS, target_share)
+    secondary = weighted_choice(rng, ACCENT_COLOURS, target_share)
     while secondary == upper:
-        secondary = weighted_choice(rng, UPPER_COLOURS)
-    patterns = ["plain", "hstripes", "vstripes", "two_tone", "front_logo", "back_print", "open_jacket"]
-    bags = ["none", "backpack", "shoulder_bag", "handbag"]
-    hair_styles = ["short", "long", "ponytail", "bald", "cap"]
+        secondary = weighted_choice(rng, ACCENT_COLOURS, target_share)
+    height = [lerp((s, t)) for s, t in zip(*HEIGHT_RANGE, strict=True)]
+    build = [lerp((s, t)) for s, t in zip(*BUILD_RANGE, strict=True)]
     return dict(
         upper=jitter_colour(rng, upper),
         upper_secondary=jitter_colour(rng, secondary),
-        upper_pattern=patterns[int(rng.choice(7, p=[0.40, 0.12, 0.05, 0.10, 0.13, 0.10, 0.10]))],
-        long_sleeves=bool(rng.random() < 0.55),
+        upper_pattern=weighted_choice(rng, PATTERNS, target_share),
+        long_sleeves=bool(rng.random() < lerp(LONG_SLEEVES)),
         lower=jitter_colour(rng, lower),
-        lower_type=["trousers", "shorts", "skirt"][int(rng.choice(3, p=[0.72, 0.16, 0.12]))],
-        shoes=jitter_colour(rng, weighted_choice(rng, SHOE_COLOURS), 6.0),
-        hair=jitter_colour(rng, weighted_choice(rng, HAIR_COLOURS), 6.0),
-        hair_style=hair_styles[int(rng.choice(5, p=[0.42, 0.22, 0.12, 0.08, 0.16]))],
-        cap=jitter_colour(rng, weighted_choice(rng, BAG_COLOURS)),
-        skin=jitter_colour(rng, weighted_choice(rng, SKIN_TONES), 6.0),
-        height=float(rng.uniform(0.90, 1.04)),
-        build=float(rng.uniform(0.85, 1.2)),
-        bag=bags[int(rng.choice(4, p=[0.40, 0.28, 0.20, 0.12]))],
-        bag_colour=jitter_colour(rng, weighted_choice(rng, BAG_COLOURS)),
+        lower_type=weighted_choice(rng, LOWER_TYPES, target_share),
+        shoes=jitter_colour(rng, weighted_choice(rng, SHOE_COLOURS, target_share), 6.0),
+        hair=jitter_colour(rng, weighted_choice(rng, HAIR_COLOURS, target_share), 6.0),
+        hair_style=weighted_choice(rng, HAIR_STYLES, target_share),
+        cap=jitter_colour(rng, weighted_choice(rng, BAG_COLOURS, target_share)),
+        skin=jitter_colour(rng, weighted_choice(rng, SKIN_TONES, target_share), 6.0),
+        height=float(rng.uniform(*height)),
+        build=float(rng.uniform(*build)),
+        bag=weighted_choice(rng, BAGS, target_share),
+        bag_colour=jitter_colour(rng, weighted_choice(rng, BAG_COLOURS, target_share)),
         bag_side=["left", "right"][int(rng.integers(2))],
     )
 
 
+def identity_attributes(seed: int, split: str, pid: int, target_dress_shift: float = 1.0) -> dict:
+    """The appearance of one person (JSON-serialisable): palette choices plus a small personal colour jitter.
+    Source identities follow the source population; every target split follows the target population, mixed
+    with the source one by target_dress_shift (0: the target dresses like the source)."""
+    rng = rng_for(seed, SPLIT_CODES[split], pid, STREAM_IDENTITY)
+    return draw_attributes(rng, 0.0 if split == "source" else float(target_dress_shift))
+
+
+def hue_rotation_matrix(degrees: float) -> np.ndarray:
+    """Rotation of RGB space about the grey axis (1, 1, 1): greys stay, every hue turns by `degrees`."""
+    theta = np.deg2rad(degrees)
+    k = np.full(3, 1.0 / np.sqrt(3.0))
+    cross = np.array([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]])
+    return np.cos(theta) * np.eye(3) + np.sin(theta) * cross + (1.0 - np.cos(theta)) * np.outer(k, k)
+
+
 def camera_style(seed: int, domain: str, camera: int, config: dict) -> dict:
-    """Fixed look of one camera. Source: clean, flat, uniform light. Target: each effect is the knob value x
-    --target-style-strength x a per-camera fraction in [0.4, 1] (signs random), so cameras differ."""
+    """Fixed look of one camera. Source: clean, flat, uniform light, tight boxes. Target: each effect is the knob
+    value x --target-style-strength x a per-camera fraction u in [0.4, 1] (signs random), so cameras differ."""
     rng = rng_for(seed, DOMAIN_CODES[domain], camera, STREAM_CAMERA)
     views = rng.dirichlet(np.full(4, 0.8))  # which way people usually walk past this camera
     style = dict(domain=domain, camera=camera, view_probs=[float(v) for v in views])
@@ -328,19 +419,38 @@ def camera_style(seed: int, domain: str, camera: int, config: dict) -> dict:
     if domain == "source":
         return {**style, "clean": True, "jpeg_quality": 95}
     s = float(config["target_style_strength"])
+    more = rng.uniform(0.4, 1.0, size=12)  # fractions of the knobs added for the wider gap (same order always)
+    more_signs = rng.choice([-1.0, 1.0], size=4)
+    # channel mixing: each output channel takes a share of the others (rows sum to 1: greys stay grey)
+    shares = rng.dirichlet(np.ones(3), size=3)
+    mix = config["channel_mix"] * s * more[1]
+    mixing = (1.0 - mix) * np.eye(3) + mix * shares
+    colour_matrix = mixing @ hue_rotation_matrix(config["hue_rotation"] * s * more[0] * more_signs[0])
+    gammas = np.exp(config["tone_curve"] * s * more[2] * rng.normal(0.0, 1.0, size=3))
     return {
         **style,
         "clean": s == 0.0,
+        "hue_rotation_deg": float(config["hue_rotation"] * s * more[0] * more_signs[0]),
+        "colour_matrix": colour_matrix.tolist(),
+        "tone_gammas": [float(np.clip(g, 0.4, 2.5)) for g in gammas],
         "channel_gains": [float(1.0 + config["colour_cast"] * s * fractions[0] * c) for c in cast_direction],
         "exposure_gain": float(1.0 + config["exposure"] * s * fractions[1] * signs[0]),
+        "exposure_jitter": float(min(0.07, 0.2 * config["exposure"] * s)),
         "contrast": float(max(0.2, 1.0 + config["contrast"] * s * fractions[2] * signs[1])),
         "shading": float(min(0.9, config["shading"] * s * fractions[3])),
         "shading_direction": float(rng.uniform(-1.0, 1.0)),
         "texture": float(config["texture"] * s * fractions[4]),
-        "resolution": float(max(0.2, 1.0 - config["downscale"] * s * fractions[5])),
+        # resolution: u in [0.57, 1] for this knob, so the default 0.7 gives cameras at 0.3-0.6 of the size
+        "resolution": float(max(0.15, 1.0 - config["downscale"] * s * (0.57 + 0.43 * (more[3] - 0.4) / 0.6))),
+        "motion_blur": float(config["motion_blur"] * s * more[4]),
         "blur_sigma": float(config["blur"] * s * fractions[6]),
         "noise_sigma": float(255.0 * config["noise"] * s * fractions[7]),
         "jpeg_quality": int(round(95 - (95 - config["jpeg_quality_min"]) * min(1.0, s) * fractions[8])),
+        "person_scale": float(max(0.3, 1.0 - config["loose_box"] * s * more[5])),
+        "box_jitter": float(min(0.5, config["box_jitter"] * s)),
+        "truncation_prob": float(min(1.0, config["truncation"] * s * (0.5 + more[6]))),
+        "elevation": float(min(0.4, config["elevation"] * s * more[7])),
+        "passerby_prob": float(min(1.0, config["passerby"] * s * (0.5 + more[8]))),
         "clutter": float(config["clutter"] * s),
         "occlusion_prob": float(min(1.0, config["occlusion_prob"] * s * (0.5 + fractions[9]))),
     }
@@ -556,6 +666,13 @@ def draw_person(
         draw.rectangle([cx - 0.08 * h, y(0.21), cx + 0.08 * h, y(0.38)], fill=second)
     elif pattern == "open_jacket" and view == "front":
         draw.rectangle([cx - 0.035 * h * bw, y(0.16), cx + 0.035 * h * bw, y(0.53)], fill=second)
+    elif pattern == "checks":  # a checked shirt: thin bands both ways (target population only by default)
+        for k in range(5):
+            torso_band(0.19 + k * 0.07, 0.205 + k * 0.07, second)
+        if not side:
+            for k in (-3, -1, 1, 3):
+                x0 = cx + k * 0.03 * h * bw
+                draw.rectangle([x0 - 0.006 * h, y(0.17), x0 + 0.006 * h, y(0.52)], fill=second)
     elif pattern == "open_jacket" and side:
         x_front = cx + facing * half_waist * 0.8
         draw.rectangle(
@@ -624,6 +741,13 @@ def draw_person(
         x_tail = cx - facing * 0.06 * h if side else cx
         draw.ellipse([x_tail - 0.02 * h, y(0.05), x_tail + 0.02 * h, y(0.17)], fill=hair)
     draw.ellipse(head, fill=skin)
+    if pattern == "scarf":  # a scarf around the neck, its ends hanging in front
+        draw.rectangle([cx - 0.06 * h, y(0.125), cx + 0.06 * h, y(0.185)], fill=second)
+        if view == "front":
+            draw.rectangle([cx + 0.01 * h, y(0.18), cx + 0.045 * h, y(0.34)], fill=second)
+        elif side:
+            x_end = cx + facing * 0.04 * h
+            draw.rectangle([min(x_end, cx), y(0.18), max(x_end, cx), y(0.3)], fill=second)
     if style == "cap":
         draw.chord([head[0], head[1] - 0.01 * h, head[2], head[3] - 0.03 * h], 180, 360, fill=person["cap"])
         brim = facing if side else 0.0
@@ -670,9 +794,58 @@ def draw_occluder(draw: ImageDraw.ImageDraw, rng: np.random.Generator, width: in
 # Rendering one image (runs in worker processes)
 
 
-def render_image(job: dict, person: dict, style: dict, scene: np.ndarray, size: tuple[int, int]) -> Image.Image:
-    """One crop: background window, pedestrian, occluder, then the camera's imaging pipeline."""
+def perspective_coefficients(width: float, height: float, elevation: float) -> tuple[float, ...]:
+    """PIL PERSPECTIVE data for an elevated camera looking down: the output's top edge shows a narrower strip
+    of the canvas than its bottom edge (the head comes out larger than the feet and the legs foreshortened)."""
+    inset = elevation * width / 2
+    output = [(0.0, 0.0), (width, 0.0), (width, height), (0.0, height)]
+    source = [(inset, 0.0), (width - inset, 0.0), (width, height), (0.0, height)]
+    rows, values = [], []
+    for (x, y), (u, v) in zip(output, source, strict=True):  # u = (a x + b y + c) / (g x + h y + 1), same for v
+        rows.append([x, y, 1, 0, 0, 0, -u * x, -u * y])
+        rows.append([0, 0, 0, x, y, 1, -v * x, -v * y])
+        values += [u, v]
+    return tuple(float(c) for c in np.linalg.solve(np.array(rows), np.array(values)))
+
+
+def camera_colour(pixels: np.ndarray, style: dict, rng: np.random.Generator) -> np.ndarray:
+    """A camera's colour rendering, float HxWx3 in 0..255: colour matrix (hue rotation about the grey axis and
+    channel mixing), per-channel tone curve, white-balance gains, exposure and contrast."""
+    if "colour_matrix" in style:
+        pixels = pixels @ np.asarray(style["colour_matrix"], dtype=np.float32).T
+    if "tone_gammas" in style:
+        pixels = 255.0 * (np.clip(pixels, 0, 255) / 255.0) ** np.asarray(style["tone_gammas"], dtype=np.float32)
+    gains = np.asarray(style.get("channel_gains", (1.0, 1.0, 1.0)), dtype=np.float32) * style.get("exposure_gain", 1.0)
+    jitter = style.get("exposure_jitter", 0.0)  # the light changes a little from image to image
+    gains = gains * rng.uniform(1.0 - jitter, 1.0 + jitter)
+    pixels = pixels * gains
+    if style.get("contrast", 1.0) != 1.0:
+        mean = pixels.mean()
+        pixels = (pixels - mean) * style["contrast"] + mean
+    return pixels
+
+
+def motion_blur(pixels: np.ndarray, length: float) -> np.ndarray:
+    """Horizontal motion blur: the average over a `length`-pixel horizontal segment (fractional ends)."""
+    if length <= 1.0:
+        return pixels
+    half = (length - 1.0) / 2.0
+    reach = int(np.ceil(half))
+    weights = np.array([min(1.0, half + 1.0 - abs(k)) for k in range(-reach, reach + 1)], dtype=np.float32)
+    weights /= weights.sum()
+    padded = np.pad(pixels, ((0, 0), (reach, reach), (0, 0)), mode="edge")
+    width = pixels.shape[1]
+    return sum(w * padded[:, k : k + width] for k, w in enumerate(weights))
+
+
+def render_image(
+    job: dict, person: dict, style: dict, scene: np.ndarray, size: tuple[int, int], passerby_share: float = 1.0
+) -> Image.Image:
+    """One crop: background window, pedestrian, passer-by, occluder, then the camera's geometry and imaging.
+    The pose (view, stride, framing of the source) comes from the job's own stream and is the same whichever
+    camera renders the job (the perfect-translator control); everything the camera adds has a second stream."""
     rng = rng_for(*job["rng_key"])
+    camera_rng = rng_for(*job["rng_key"], STREAM_CAMERA_SIDE)
     height, width = size
     ch, cw = height * SUPERSAMPLING, width * SUPERSAMPLING
     x0 = int(rng.integers(0, scene.shape[1] - cw + 1))
@@ -682,34 +855,82 @@ def render_image(job: dict, person: dict, style: dict, scene: np.ndarray, size: 
     h = ch * rng.uniform(0.80, 0.94) * person["height"]
     feet = ch * rng.uniform(0.95, 1.03)
     cx = cw / 2 + rng.uniform(-0.1, 0.1) * cw
-    draw_person(draw, person, view, cx, feet, h, stride=float(rng.uniform(-1, 1)), swing=float(rng.uniform(-0.5, 0.5)))
-    if not style["clean"] and rng.random() < style["occlusion_prob"]:
-        draw_occluder(draw, rng, cw, ch)
+    stride, swing = float(rng.uniform(-1, 1)), float(rng.uniform(-0.5, 0.5))
+    clean = style.get("clean", False)
+    if not clean:
+        # detector boxes: looser (the person smaller, not standing on the lower edge), jittered, sometimes cut
+        scale = style.get("person_scale", 1.0)
+        jitter = style.get("box_jitter", 0.0)
+        h *= scale * camera_rng.uniform(1.0 - jitter, 1.0 + jitter)
+        feet -= (1.0 - scale) * ch * camera_rng.uniform(0.2, 0.8)
+        cx += camera_rng.uniform(-1.0, 1.0) * jitter * cw
+        feet += camera_rng.uniform(-1.0, 1.0) * jitter * 0.5 * h
+        if camera_rng.random() < style.get("truncation_prob", 0.0):
+            cut = int(camera_rng.integers(3))
+            if cut == 0:  # feet cut off
+                feet = ch + camera_rng.uniform(0.12, 0.3) * h
+            elif cut == 1:  # head cut off
+                feet = h * (1.0 - camera_rng.uniform(0.08, 0.2))
+            else:  # part of the body outside the box
+                cx = cw / 2 + (1 if camera_rng.random() < 0.5 else -1) * camera_rng.uniform(0.3, 0.42) * cw
+    passerby = None
+    if not clean and camera_rng.random() < style.get("passerby_prob", 0.0):
+        # another pedestrian of the target population, partly inside the box, behind or in front
+        other = draw_attributes(rng_for(*job["rng_key"], STREAM_PASSERBY), passerby_share)
+        side = 1.0 if camera_rng.random() < 0.5 else -1.0
+        passerby = dict(
+            person=other,
+            view=VIEWS[int(camera_rng.integers(4))],
+            cx=cw / 2 + side * camera_rng.uniform(0.45, 0.7) * cw,
+            feet=feet + camera_rng.uniform(-0.05, 0.08) * ch,
+            h=h * camera_rng.uniform(0.85, 1.15) * other["height"] / person["height"],
+            stride=float(camera_rng.uniform(-1, 1)),
+            swing=float(camera_rng.uniform(-0.5, 0.5)),
+            in_front=bool(camera_rng.random() < 0.4),
+        )
+
+    def draw_passerby() -> None:
+        p = passerby
+        draw_person(draw, p["person"], p["view"], p["cx"], p["feet"], p["h"], p["stride"], p["swing"])
+
+    if passerby is not None and not passerby["in_front"]:
+        draw_passerby()
+    draw_person(draw, person, view, cx, feet, h, stride=stride, swing=swing)
+    if passerby is not None and passerby["in_front"]:
+        draw_passerby()
+    if not clean and camera_rng.random() < style.get("occlusion_prob", 0.0):
+        draw_occluder(draw, camera_rng, cw, ch)
+    if style.get("elevation", 0.0) > 0:
+        coefficients = perspective_coefficients(cw, ch, style["elevation"])
+        canvas = canvas.transform((cw, ch), Image.Transform.PERSPECTIVE, coefficients, Image.Resampling.BILINEAR)
     image = canvas.resize((width, height), Image.Resampling.BOX)
-    if style["clean"]:
+    if clean:
         return image
     pixels = np.asarray(image, dtype=np.float32)
-    if style["texture"] > 0:  # low-frequency surface texture (the source is flat)
-        noise = rng.normal(0.0, 1.0, size=(max(2, height // 8), max(2, width // 8))).astype(np.float32)
+    if style.get("texture", 0.0) > 0:  # low-frequency surface texture (the source is flat)
+        noise = camera_rng.normal(0.0, 1.0, size=(max(2, height // 8), max(2, width // 8))).astype(np.float32)
         noise_image = Image.fromarray(noise).resize((width, height), Image.Resampling.BILINEAR)
         pixels *= 1.0 + style["texture"] * np.asarray(noise_image)[..., None]
-    if style["shading"] > 0:  # light from one side and from above
+    if style.get("shading", 0.0) > 0:  # light from one side and from above
         xs = np.linspace(-1.0, 1.0, width, dtype=np.float32)[None, :]
         ys = np.linspace(-1.0, 1.0, height, dtype=np.float32)[:, None]
-        light = 1.0 + style["shading"] * (0.5 * style["shading_direction"] * xs - 0.35 * ys)
+        light = 1.0 + style["shading"] * (0.5 * style.get("shading_direction", 0.0) * xs - 0.35 * ys)
         pixels *= light[..., None]
-    gains = np.array(style["channel_gains"], dtype=np.float32) * style["exposure_gain"] * rng.uniform(0.93, 1.07)
-    pixels *= gains
-    mean = pixels.mean()
-    pixels = (pixels - mean) * style["contrast"] + mean
+    pixels = camera_colour(pixels, style, camera_rng)
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-    if style["resolution"] < 1.0:  # the camera's sensor sees the person at lower resolution
-        small = (max(4, round(width * style["resolution"])), max(8, round(height * style["resolution"])))
+    resolution = 1.0 - (1.0 - style.get("resolution", 1.0)) * camera_rng.uniform(0.8, 1.2)  # varies per image
+    if resolution < 0.97:  # the person covers few sensor pixels: shrink, then enlarge to the crop size
+        small = (max(4, round(width * resolution)), max(8, round(height * resolution)))
         image = image.resize(small, Image.Resampling.BILINEAR).resize((width, height), Image.Resampling.BILINEAR)
-    if style["blur_sigma"] > 0.05:
+    pixels = np.asarray(image, dtype=np.float32)
+    if style.get("motion_blur", 0.0) > 0:  # the person walks during the exposure
+        pixels = motion_blur(pixels, 1.0 + style["motion_blur"] * camera_rng.uniform(0.3, 1.0) * width / 64)
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    if style.get("blur_sigma", 0.0) > 0.05:
         image = image.filter(ImageFilter.GaussianBlur(style["blur_sigma"] * width / 64))
-    if style["noise_sigma"] > 0:
-        pixels = np.asarray(image, dtype=np.float32) + rng.normal(0.0, style["noise_sigma"], size=(height, width, 3))
+    if style.get("noise_sigma", 0.0) > 0:
+        pixels = np.asarray(image, dtype=np.float32)
+        pixels = pixels + camera_rng.normal(0.0, style["noise_sigma"], size=(height, width, 3))
         image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
     return image
 
@@ -746,8 +967,10 @@ def render_jobs(jobs: list[dict]) -> int:
             style,
             _WORKER["scenes"][job["camera_key"]],
             _WORKER["size"],
+            _WORKER["passerby_share"],
         )
-        write_atomic(_WORKER["root"] / job["path"], encode_jpeg(image, style["jpeg_quality"]))
+        root = Path(job["root"]) if "root" in job else _WORKER["root"]
+        write_atomic(root / job["path"], encode_jpeg(image, style["jpeg_quality"]))
     return len(jobs)
 
 
@@ -932,16 +1155,19 @@ def make_contact_sheet(root: Path, jobs: dict[str, list[dict]], columns: int = 8
     return sheet
 
 
-def prepare_output(out: Path, overwrite: bool) -> None:
+TRANSLATOR_ENTRIES = ("personX", "diagnostics")  # what --translator-out holds (removed there by --overwrite)
+
+
+def prepare_output(out: Path, overwrite: bool, entries: tuple[str, ...] = GENERATED_ENTRIES) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} exists and is not a folder")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(
-                f"--out {out} is not empty; refusing to write into it. Pass --overwrite to replace the generated "
-                f"dataset there (removes {', '.join(GENERATED_ENTRIES)})"
+                f"{out} is not empty; refusing to write into it. Pass --overwrite to replace the generated "
+                f"dataset there (removes {', '.join(entries)})"
             )
-        for name in GENERATED_ENTRIES:
+        for name in entries:
             entry = out / name
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
@@ -949,16 +1175,26 @@ def prepare_output(out: Path, overwrite: bool) -> None:
                 entry.unlink()
         for entry in out.iterdir():
             print(f"make_demo_data: note: leaving {entry} (not written by this script)", file=sys.stderr)
-    for folder in (
-        "personX/image_train",
-        "target_training/image_train",
-        "target_validation/image_query",
-        "target_validation/image_gallery",
-        "target_test/image_query",
-        "target_test/image_gallery",
-        "diagnostics",
-    ):
+    folders = ["personX/image_train", "diagnostics"]
+    if entries == GENERATED_ENTRIES:
+        folders += ["target_training/image_train", "target_validation/image_query", "target_validation/image_gallery"]
+        folders += ["target_test/image_query", "target_test/image_gallery"]
+    for folder in folders:
         (out / folder).mkdir(parents=True, exist_ok=True)
+
+
+def translator_camera_map(seed: int) -> dict[int, int]:
+    """Which target camera re-renders each source camera in the perfect-translator control: the same number
+    where the target has it, a seeded choice for source camera 3 (the target has no camera 3)."""
+    spare = int(rng_for(seed, STREAM_TRANSLATOR).choice(TARGET_CAMERAS))
+    return {c: (c if c in TARGET_CAMERAS else spare) for c in SOURCE_CAMERAS}
+
+
+def translator_jobs(seed: int, source_jobs: list[dict], root: Path) -> list[dict]:
+    """The perfect-translator control: every source job (same identity, view, pose, file name) rendered by a
+    target camera (its colour, geometry, resolution, clutter and scene) - the camera side of the gap only."""
+    camera_map = translator_camera_map(seed)
+    return [{**job, "camera_key": ("target", camera_map[job["camera"]]), "root": str(root)} for job in source_jobs]
 
 
 def generate(
@@ -969,15 +1205,23 @@ def generate(
     workers: int | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    translator_out: Path | None = None,
     **overrides,
 ) -> dict:
-    """Write the benchmark under `out`; returns the summary (counts per split, config, seconds)."""
+    """Write the benchmark under `out`; returns the summary (counts per split, config, seconds). With
+    `translator_out`, also write the perfect-translator control there (personX/ re-rendered by the target
+    cameras; train on it with pretrain.py --data-root translator_out --target-root out)."""
     start = time.time()
     config = build_config(preset, size, overrides)
     workers = min(2, os.cpu_count() or 1) if workers is None else int(workers)
     if workers < 0:
         raise ValueError(f"--workers must be >= 0, got {workers}")
     out = Path(out)
+    if translator_out is not None:
+        translator_out = Path(translator_out)
+        if translator_out.resolve() == out.resolve():
+            raise ValueError("--translator-out must be a different folder from --out")
+        prepare_output(translator_out, overwrite, TRANSLATOR_ENTRIES)
     prepare_output(out, overwrite)
 
     styles = {
@@ -988,8 +1232,12 @@ def generate(
     scenes = {key: make_scene(seed, key[0], key[1], style, config["size"]) for key, style in styles.items()}
     jobs = assign_names(seed, plan(seed, config, styles))
     all_jobs = [job for part in jobs.values() for job in part]
-    identities = {job["identity_key"]: identity_attributes(seed, *job["identity_key"]) for job in all_jobs}
+    shift = float(config["target_dress_shift"])
+    identities = {job["identity_key"]: identity_attributes(seed, *job["identity_key"], shift) for job in all_jobs}
+    if translator_out is not None:
+        all_jobs += translator_jobs(seed, jobs["source"], translator_out)
     state = dict(styles=styles, scenes=scenes, identities=identities, size=config["size"], root=out)
+    state["passerby_share"] = shift
 
     chunk = 64
     chunks = [all_jobs[i : i + chunk] for i in range(0, len(all_jobs), chunk)]
@@ -1013,7 +1261,7 @@ def generate(
     if bar is not None:
         bar.close()
 
-    # index and label files (reference-implementation.md §2.3-2.5)
+    # index and label files (docs/differences.md#data-layout)
     write_text(
         out / "target_training/label_target_training.txt", [f"{j['name']} {j['camera']}" for j in jobs["target_train"]]
     )
@@ -1067,6 +1315,16 @@ def generate(
         },
         seconds=round(time.time() - start, 2),
     )
+    if translator_out is not None:
+        translator_summary = dict(
+            control="perfect translator: the source jobs rendered by the target cameras",
+            benchmark=str(out),
+            seed=seed,
+            camera_map={f"source_c{s}": f"target_c{t}" for s, t in translator_camera_map(seed).items()},
+            images=len(jobs["source"]),
+        )
+        summary["translator_out"] = str(translator_out)
+        write_atomic(translator_out / "diagnostics/summary.json", json.dumps(translator_summary, indent=1).encode())
     write_atomic(diag / "summary.json", json.dumps(summary, indent=1).encode())  # written last = complete
     return summary
 
@@ -1104,29 +1362,49 @@ def build_parser() -> argparse.ArgumentParser:
         sizes.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help="number")
     for key in sorted(RANGE_KEYS):
         sizes.add_argument(f"--{key.replace('_', '-')}", type=parse_range, default=None, help="MIN-MAX per identity")
-    style = parser.add_argument_group("target domain style (values at strength 1; see docs/demo_data.md)")
-    style.add_argument(
-        "--target-style-strength",
+    parser.add_argument(
+        "--translator-out",
+        type=Path,
+        default=None,
+        help="also write the perfect-translator control here: personX/ with the source images re-rendered by the "
+        "target cameras (pretrain.py --data-root THIS --target-root OUT)",
+    )
+    population = parser.add_argument_group("target population (see docs/demo_data.md)")
+    population.add_argument(
+        "--target-dress-shift",
         type=float,
         default=None,
-        help="multiplies every effect below; 0 = target looks like the source, 1 = full values (0.5)",
+        help="how far the target's clothing priors move from the source's: 0 = same population, 1 = mostly dark, "
+        f"plain, long garments with target-only hues and patterns ({PRESETS['default']['target_dress_shift']})",
     )
+    style = parser.add_argument_group("target cameras (values at strength 1; see docs/demo_data.md)")
     helps = dict(
-        colour_cast="max per-channel gain deviation of a camera's colour cast / white balance (0.25)",
-        exposure="max exposure change, as a gain 1 +- value (0.35)",
-        contrast="max contrast change, 1 +- value (0.35)",
-        shading="amplitude of the illumination gradient over the crop (0.35)",
-        texture="amplitude of low-frequency surface texture (0.15)",
-        downscale="max fraction of resolution a camera loses before upsampling (0.5)",
-        blur="max Gaussian blur sigma in pixels at width 64 (1.0)",
-        noise="max sensor noise sigma as a fraction of 255 (0.04)",
-        jpeg_quality_min="lowest JPEG quality of a target camera (35; source images use 95)",
-        clutter="density of background clutter: windows, signs, poles, paving (1.0)",
-        occlusion_prob="typical probability of an occluder: pole, passer-by or object (0.3)",
+        target_style_strength="multiplies every camera effect below; 0 = target cameras look like the source's",
+        hue_rotation="max hue rotation of a camera, degrees about the grey axis",
+        channel_mix="max share of the other channels mixed into each channel (greys stay grey)",
+        tone_curve="spread of a camera's per-channel gamma (log scale)",
+        colour_cast="max per-channel gain deviation (white balance)",
+        exposure="max exposure change, as a gain 1 +- value",
+        contrast="max contrast change, 1 +- value",
+        shading="amplitude of the illumination gradient over the crop",
+        texture="amplitude of low-frequency surface texture",
+        downscale="max fraction of resolution a camera loses (cameras draw 0.57-1 of it)",
+        motion_blur="max horizontal motion-blur length in pixels at width 64",
+        blur="max Gaussian blur sigma in pixels at width 64",
+        noise="max sensor noise sigma as a fraction of 255",
+        jpeg_quality_min="lowest JPEG quality of a target camera (source images use 95)",
+        loose_box="max fraction of the box height a camera's boxes leave around the person",
+        box_jitter="per-image box shift (fraction of the width) and person-size change",
+        truncation="typical probability that the box cuts off the feet, the head or one side",
+        elevation="max keystone of an elevated camera looking down (head larger, legs foreshortened)",
+        passerby="typical probability of another pedestrian partly inside the box",
+        clutter="density of background clutter: windows, signs, poles, paving",
+        occlusion_prob="typical probability of an occluder: pole, person-sized blob or object",
     )
     for key, text in helps.items():
         kind = int if key == "jpeg_quality_min" else float
-        style.add_argument(f"--{key.replace('_', '-')}", type=kind, default=None, help=text)
+        default = PRESETS["default"][key]
+        style.add_argument(f"--{key.replace('_', '-')}", type=kind, default=None, help=f"{text} ({default})")
     return parser
 
 
@@ -1134,7 +1412,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     options = vars(args).copy()
-    for key in ("out", "preset", "seed", "size", "workers", "overwrite", "no_progress"):
+    for key in ("out", "preset", "seed", "size", "workers", "overwrite", "no_progress", "translator_out"):
         options.pop(key)
     try:
         size = parse_size(args.size) if args.size is not None else None
@@ -1146,6 +1424,7 @@ def main(argv: list[str] | None = None) -> dict:
             workers=args.workers,
             overwrite=args.overwrite,
             progress=not args.no_progress,
+            translator_out=args.translator_out,
             **options,
         )
     except (ValueError, FileExistsError) as error:

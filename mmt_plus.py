@@ -1,6 +1,6 @@
 """Stage III: Improved Mutual Mean-Teaching (MMT+), and the original MMT for the ablation.
 
-Slides ("Improved Mutual Mean-Teaching (MMT+) framework") and reference-implementation.md §6-§7:
+Slides ("Improved Mutual Mean-Teaching (MMT+) framework") and docs/differences.md#mmt:
 
   * two students initialised from two pre-trained checkpoints (--init-1, --init-2: pretrain.py runs with different
     seeds) and their two mean teachers (exponential moving average of the students' parameters, alpha 0.999 with the
@@ -19,10 +19,11 @@ Slides ("Improved Mutual Mean-Teaching (MMT+) framework") and reference-implemen
 no MoCo, linear head, the MMT paper's DBSCAN-script weights (soft CE 0.5, hard triplet 0.2, soft triplet 0.8).
 
 Where the slides and the release differ we follow the slides; the release's behaviour stays available as a flag:
-  * Adam is reset at every re-clustering (slides); --keep-optimizer-state = the release's fp16 run (§13.1.4);
+  * Adam is reset at every re-clustering (slides); --keep-optimizer-state = the release's fp16 run;
   * the teachers' soft labels are their plain s*cos logits (slides' E[C](E[F](x))); --teacher-margin = release;
-  * the pre-trained source classifier seeds the source rows of the head; --no-init-source-rows = release (§13.1.5);
-  * the BNNeck bias stays frozen after the DSBN conversion (the release's conversion unfreezes it, §13.1.9).
+  * the pre-trained source classifier seeds the source rows of the head; --no-init-source-rows = release;
+  * the BNNeck bias stays frozen after the DSBN conversion (the release's conversion unfreezes it).
+  Details: docs/differences.md#mmt
 Kept as in the release: teachers run in train mode (per-domain batch statistics, see train loop), the MoCo key is
 the own teacher's output on the same view, outliers are dropped for the epoch, triplet weights 0 in MMT+.
 
@@ -41,7 +42,6 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import os
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -54,7 +54,6 @@ import torch.nn.functional as F
 from sklearn.cluster import DBSCAN
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import reid_ops
@@ -64,25 +63,32 @@ from reid import (
     JsonlLogger,
     RandomIdentitySampler,
     add_dataset_arguments,
+    add_preset_argument,
+    add_run_dir_arguments,
     autocast_context,
-    build_model,
     build_train_transform,
     default_workers,
     evaluate,
     extract_features,
     is_main_process,
     label_smoothed_ce,
-    load_checkpoint,
-    load_model_weights,
+    load_model,
+    make_loader,
+    parse_with_preset,
+    prepare_run_dir,
+    rank_and_world_size,
+    read_checkpoint,
     resolve_datasets,
     rng_state,
     run_cli,
     save_checkpoint,
+    select_device,
     set_rng_state,
     set_seed,
     setup_distributed,
     soft_triplet_loss,
     softmax_triplet_loss,
+    wrap_ddp,
 )
 
 # --preset demo: the embedded synthetic benchmark on 2 CPU cores in a few minutes. Explicit flags still win.
@@ -140,7 +146,7 @@ def convert_dsbn(model: nn.Module) -> nn.Module:
 
     InstanceNorm (the IN half of IBN layers) is left alone. The BN modules are deep-copied with their
     `requires_grad` flags, so the BNNeck bias frozen by reid.build_model stays frozen (the release's conversion
-    makes it trainable as a side effect, reference §13.1.9; we keep the pre-training design)."""
+    makes it trainable as a side effect, docs/differences.md#mmt; we keep the pre-training design)."""
     for name, child in list(model.named_children()):
         if isinstance(child, nn.modules.batchnorm._BatchNorm):
             setattr(model, name, DomainSpecificBatchNorm(child))
@@ -180,7 +186,7 @@ def collapse_dsbn(model: nn.Module, branch: str = "target") -> nn.Module:
 
 
 class MarginHead(nn.Module):
-    """ArcFace ("arc") or CosFace ("cos") head on the BNNeck feature (reference §6.7).
+    """ArcFace ("arc") or CosFace ("cos") head on the BNNeck feature (docs/differences.md#mmt).
 
     cos_theta = <f/|f|, W_c/|W_c|>. ArcFace: the labelled class gets s * cos(theta + m), with the usual fallback
     cos_theta - m * sin(pi - m) where theta + m would pass pi (cos_theta <= cos(pi - m)). CosFace: s * (cos_theta - m).
@@ -311,7 +317,8 @@ def ema_update(teacher: nn.Module, student: nn.Module, alpha: float, global_step
 def cluster_features(
     features: torch.Tensor | np.ndarray, k1: int = 20, k2: int = 6, eps: float = 0.6, min_samples: int = 4
 ) -> np.ndarray:
-    """DBSCAN labels (-1 = outlier) of L2-normalised features on the sparse k-reciprocal Jaccard graph (§7).
+    """DBSCAN labels (-1 = outlier) of L2-normalised features on the sparse k-reciprocal Jaccard graph
+    (docs/differences.md#clustering-jaccard-distance).
 
     The graph stores every pair closer than slightly more than eps (DBSCAN itself applies <= eps), the diagonal as
     explicit zeros; pairs not stored are "not neighbours" for sklearn's sparse precomputed metric. No dense N x N."""
@@ -458,7 +465,7 @@ class TwoViews:
         return self.transform(image), self.transform(image)
 
 
-def make_loader(
+def make_two_view_loader(
     items, transform, batch_size: int, iters: int, workers: int, seed: int, epoch: int, skip_bad_images: bool = False
 ) -> IterLoader:
     """`iters` P x 4 batches of two-view samples. The sampler shards identities across DDP processes, and its stream
@@ -467,27 +474,13 @@ def make_loader(
         items, num_instances=4, seed=seed, num_samples=iters * batch_size, seed_samples=True
     )
     sampler.set_epoch(epoch)
-    loader = DataLoader(
-        ImageDataset(items, TwoViews(transform), skip_bad_images),
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=workers,
-        drop_last=True,
-        persistent_workers=False,
-        pin_memory=torch.cuda.is_available(),
-    )
-    return IterLoader(loader, iters)
-
-
-def world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    dataset = ImageDataset(items, TwoViews(transform), skip_bad_images)
+    return IterLoader(make_loader(dataset, sampler, batch_size, workers, persistent=False), iters)
 
 
 def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate (rank order) the rows every process holds; sizes may differ by process."""
-    rank, world_size = world()
+    rank, world_size = rank_and_world_size()
     if world_size == 1:
         return tensor
     sizes = [torch.zeros(1, dtype=torch.long) for _ in range(world_size)]
@@ -502,7 +495,7 @@ def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
 
 def distributed_features(model: nn.Module, items, args, device) -> torch.Tensor:
     """Eval-mode features of `items` (in order), each process extracting every world_size-th item."""
-    rank, world_size = world()
+    rank, world_size = rank_and_world_size()
     shard = items[rank::world_size]
     local = extract_features(
         model, shard, args.height, args.width, batch_size=args.test_batch_size, workers=args.workers, device=device
@@ -528,13 +521,9 @@ def load_init(path: str, arch: str, head_args: dict, num_source_classes: int, us
     """A plain pretrain.py network from checkpoint `path` whose classifier is a new head
     `build_head(in_features=D, **head_args)`. The pre-trained source classifier rows are copied into the head's first
     rows when `use_source_rows` (the release cannot load them into its bigger head and restarts the source
-    prototypes from Xavier noise, reference §13.1.5)."""
-    checkpoint = load_checkpoint(path)
-    state_dict = checkpoint.get("state_dict", checkpoint)
-    state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
-    classifier = state_dict.pop("classifier.weight", None)
-    model = build_model(arch, num_classes=0)
-    load_model_weights(model, {k: v for k, v in state_dict.items() if not k.startswith("classifier.")})
+    prototypes from Xavier noise, docs/differences.md#mmt)."""
+    model, checkpoint = load_model(path, arch=arch, what="--init")
+    classifier = checkpoint["state_dict"].get("classifier.weight")
     head = build_head(in_features=model.feature_dim, **head_args)
     if use_source_rows and classifier is not None and num_source_classes > 0:
         if tuple(classifier.shape) != (num_source_classes, model.feature_dim):
@@ -558,7 +547,7 @@ def train_one_epoch(
     students, teachers, queues, optimizer, source_loader, target_loader, epoch, global_step, args, device
 ) -> tuple[dict, int]:
     """`args.iters` iterations of MMT+ (or MMT). Returns the mean losses and the new global step."""
-    rank, world_size = world()
+    rank, world_size = rank_and_world_size()
     use_source = args.mode == "mmt+"
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     sums: dict[str, float] = {}
@@ -640,7 +629,7 @@ def train_one_epoch(
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="defaults for a setting (explicit flags win)")
+    add_preset_argument(parser, PRESETS)
     parser.add_argument(
         "--mode",
         choices=["mmt+", "mmt"],
@@ -733,7 +722,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--teacher-margin",
         action="store_true",
         help="give the teachers the labels so their soft targets include the margin (release "
-        "behaviour, §13.1.6); default: plain s*cos logits, the slides' mean classifier output",
+        "behaviour, docs/differences.md#mmt); default: plain s*cos logits, the slides' mean classifier output",
     )
     # optimisation
     parser.add_argument(
@@ -782,12 +771,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory format for training"
     )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--resume", action="store_true", help="continue from LOGS_DIR/checkpoint.pth if present")
+    add_run_dir_arguments(parser, "LOGS_DIR")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    args = parser.parse_args(argv)
-    if args.preset:
-        parser.set_defaults(**PRESETS[args.preset])
-        args = parser.parse_args(argv)
+    args = parse_with_preset(parser, PRESETS, argv)
     mmt = args.mode == "mmt"
     defaults = dict(
         metric="linear" if mmt else "arc",
@@ -822,18 +808,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     distributed = setup_distributed()
-    rank, world_size = world()
-    if args.device:
-        device = torch.device(args.device)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    else:
-        device = torch.device("cpu")
+    rank, world_size = rank_and_world_size()
+    device = select_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     set_seed(args.seed)  # the same head initialisation and MoCo queues on every process
-    logs_dir = Path(args.logs_dir)
-    logs_dir.mkdir(parents=True, exist_ok=True)
+    logs_dir = prepare_run_dir(args.logs_dir, args, write=is_main_process())
     checkpoint_path, best_path = logs_dir / "checkpoint.pth", logs_dir / "model_best.pth"
     if args.batch_size % (4 * world_size):
         raise SystemExit(f"--batch-size {args.batch_size} is not divisible by 4 instances x {world_size} processes")
@@ -894,9 +874,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         return [p for s in students for p in s.parameters() if p.requires_grad]
 
     optimizer = torch.optim.Adam(trainable_parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    start_epoch, global_step, best_map, best_epoch, history = 0, 0, -1.0, -1, []
+    start_epoch, global_step, best_map, best_epoch, history, log_position = 0, 0, -1.0, -1, [], None
     if args.resume and checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path)
+        state = read_checkpoint(checkpoint_path, kinds=("mmt_plus",), what="--resume")
         if state.get("mode") != args.mode or state.get("arch") != args.arch:
             raise SystemExit(
                 f"{checkpoint_path}: a {state.get('mode')}/{state.get('arch')} run, not {args.mode}/{args.arch}"
@@ -910,17 +890,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
         best_map, best_epoch = state["best_mAP"], state["best_epoch"]
         if world_size == 1 and "rng" in state:
             set_rng_state(state["rng"])
+        log_position = state.get("log_position")
         if is_main_process():
             print(f"[mmt] resumed from {checkpoint_path} at epoch {start_epoch + 1} (global step {global_step})")
 
-    training_students = students
-    if distributed:
-        ids = [device.index] if device.type == "cuda" else None
-        training_students = [nn.parallel.DistributedDataParallel(s, device_ids=ids) for s in students]
+    training_students = [wrap_ddp(student, device) for student in students]
 
     transform = build_train_transform(args.height, args.width, autoaugment=False, random_erasing=args.random_erasing)
 
-    logger = JsonlLogger(logs_dir / "log.jsonl") if is_main_process() else None
+    logger = JsonlLogger(logs_dir / "log.jsonl", log_position) if is_main_process() else None
     if logger is not None:
         per_bn = (
             {"source": per_process_batch, "target": per_process_batch}
@@ -1012,13 +990,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
             for (path, _, camid), label in zip(target_items, labels_np, strict=True)
             if label >= 0
         ]
-        target_loader = make_loader(
+        target_loader = make_two_view_loader(
             pseudo_items, transform, per_process_batch, args.iters, args.workers, args.seed, epoch, args.skip_bad_images
         )
         target_loader.new_epoch()
         source_loader = None
         if args.mode == "mmt+":
-            source_loader = make_loader(
+            source_loader = make_two_view_loader(
                 source_items,
                 transform,
                 per_process_batch,
@@ -1034,9 +1012,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         for student in students:
             student.train()
         for teacher in teachers:
-            # Teachers run in TRAIN mode, as in the release (§13.1.7): their soft labels and MoCo keys are computed
-            # with the same per-domain batch statistics as the student's forward on that batch, so teacher and
-            # student outputs differ only by the weights (EMA), not by BN statistics. Side effect: each teacher's
+            # Teachers run in TRAIN mode, as in the release (docs/differences.md#mmt): their soft labels and MoCo keys
+            # are computed with the same per-domain batch statistics as the student's forward on that batch, so teacher
+            # and student outputs differ only by the weights (EMA), not by BN statistics. Side effect: each teacher's
             # BN running statistics (used for clustering and testing) are its own estimates of the domain
             # statistics of the EMA weights, rather than an average of the students' stale ones.
             teacher.train()
@@ -1074,12 +1052,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         "mAP": best_map,
                         "teacher": better + 1,
                         "mode": args.mode,
-                        "kind": "mmt",
                         "args": vars(args),
                     },
                     best_path,
+                    "mmt_plus",
                 )
             record.update(best_mAP=best_map, best_epoch=best_epoch, seconds=round(time.time() - start, 1))
+            logger.log(record)  # before the checkpoint: a run killed in between redoes the epoch
             save_checkpoint(
                 {
                     "state_dict": plain_state(teachers[0]),
@@ -1088,7 +1067,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     "height": args.height,
                     "width": args.width,
                     "mode": args.mode,
-                    "kind": "mmt-resume",
                     "epoch": epoch,
                     "global_step": global_step,
                     "best_mAP": best_map,
@@ -1098,11 +1076,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     "moco_queues": [q.state_dict() for q in queues],
                     "optimizer": optimizer.state_dict(),
                     "rng": rng_state(),
+                    "log_position": logger.position(),
                     "args": vars(args),
                 },
                 checkpoint_path,
+                "mmt_plus",
             )
-            logger.log(record)
             history.append(record)
             print(
                 f"[mmt] epoch {epoch + 1}: {num_clusters} clusters, outliers {record['outlier_fraction']:.2f}, "

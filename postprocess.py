@@ -1,6 +1,7 @@
 """Post-processing for inference: ensemble, camera-distance correction, k-reciprocal re-ranking, submission.
 
-The last step of MMT+ (slides, "Post-processing for Inference"; reference-implementation.md §9, §10):
+The last step of MMT+ (slides, "Post-processing for Inference"; docs/differences.md#camera-model and
+docs/differences.md#testing-and-submission):
 
   1. Model ensemble: every re-ID checkpoint extracts eval-mode BNNeck features (optionally averaged with the
      horizontally flipped image), each model's features are L2-normalised, the vectors of all models are
@@ -27,10 +28,9 @@ import argparse
 import hashlib
 import json
 import os
-import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -40,13 +40,16 @@ from PIL import Image, ImageDraw, ImageOps
 
 import reid_ops
 from reid import (
+    REID_MODEL_KINDS,
     add_dataset_arguments,
-    build_model,
+    atomic_write,
+    atomic_write_text,
     canonical_dataset_name,
+    checkpoint_setting,
     default_workers,
     extract_features,
-    load_checkpoint,
-    load_model_weights,
+    load_model,
+    read_checkpoint,
     resolve_datasets,
     run_cli,
     save_checkpoint,
@@ -62,12 +65,12 @@ how d = d_reid - w * d_cam is formed (features of both terms are L2-normalised):
       Euclidean-type distance reid_ops.re_ranking_from_distances expects (it squares its inputs like the
       classic function). d < 0 needs |f_q-f_k| < w |c_q-c_k| <= 2w, which only near-duplicates reach.
   squared: both terms are SQUARED Euclidean distances, d = |f_q-f_k|^2 - w |c_q-c_k|^2: the release's
-      correction (ref. §9, §13.1 item 13). For re-ranking d is clamped at 0 and its square root is passed,
+      correction (docs/differences.md#camera-model). For re-ranking d is clamped at 0 and its square root is passed,
       so the re-ranking works on max(d, 0) as the classic one works on squared Euclidean distances. Here
       d < 0 already when |f_q-f_k| < 0.32 |c_q-c_k| (w 0.1): many close pairs tie at 0 after clamping.
-  release: the release's exact behaviour (ref. §13.1 item 12): squared distances as in 'squared' are passed
-      to the re-ranking unclamped, which squares them AGAIN; a negative entry (a very close cross-camera
-      pair) becomes a positive distance larger than that of less similar pairs (rank inversion). Offered
+  release: the release's exact behaviour (docs/differences.md#camera-model): squared distances as in
+      'squared' are passed to the re-ranking unclamped, which squares them AGAIN; a negative entry (a very close
+      cross-camera pair) becomes a positive distance larger than that of less similar pairs (rank inversion). Offered
       only to reproduce the release's numbers. Without re-ranking 'release' and 'squared' rank identically."""
 
 
@@ -175,7 +178,7 @@ def evaluate_distances(
     ap_topk: int | None = None,
 ) -> dict:
     """mAP / CMC / mINP through reid_ops.evaluate_rank (Market protocol: same pid and same camera removed).
-    ap_topk=100 gives the VisDA-2020 top-100 truncated AP (ref. §10.4)."""
+    ap_topk=100 gives the VisDA-2020 top-100 truncated AP (docs/differences.md#validation-metric)."""
     query_pids = np.array([pid for _, pid, _ in query], dtype=np.int64)
     gallery_pids = np.array([pid for _, pid, _ in gallery], dtype=np.int64)
     query_camids = np.array([cam for _, _, cam in query], dtype=np.int64)
@@ -203,29 +206,12 @@ def ranked_gallery_indices(distance: np.ndarray, topk: int) -> np.ndarray:
     return np.argsort(distance, axis=1, kind="stable")[:, :topk]
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Run write(temporary path) in the destination folder, then rename over `path` (never a partial file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
-
-
 def write_submission(distance: np.ndarray, out_dir: Path, topk: int = 100, index_digits: int = 5) -> Path:
-    """VisDA-2020 submission (ref. §10.3): `result.txt` with one line per query (query index-file order), the
-    `topk` closest gallery indices (0-based positions in the gallery index file), zero-padded to
-    `index_digits`, separated by single spaces; plus `result.zip` holding result.txt (what the server takes).
-    The release pads to 5 digits for validation and test alike; the organisers' validation example uses 4."""
+    """VisDA-2020 submission (docs/differences.md#testing-and-submission): `result.txt` with one line per query
+    (query index-file order), the `topk` closest gallery indices (0-based positions in the gallery index file),
+    zero-padded to `index_digits`, separated by single spaces; plus `result.zip` holding result.txt (what the
+    server takes). The release pads to 5 digits for validation and test alike; the organisers' validation example
+    uses 4."""
     if distance.ndim != 2 or distance.shape[0] == 0 or distance.shape[1] == 0:
         raise ValueError(f"write_submission: expected a non-empty (queries, gallery) matrix, got {distance.shape}")
     if distance.shape[1] < topk:
@@ -334,48 +320,17 @@ def markdown_table(rows: Sequence[dict]) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _checkpoint_field(checkpoint: dict, name: str):
-    """A field stored at the top level of a checkpoint or inside its saved args (dict or Namespace)."""
-    if name in checkpoint and checkpoint[name] is not None:
-        return checkpoint[name]
-    args = checkpoint.get("args")
-    if isinstance(args, argparse.Namespace):
-        args = vars(args)
-    if isinstance(args, dict):
-        return args.get(name)
-    return None
-
-
-def load_model_for_inference(path: str, arch: str | None = None) -> tuple[torch.nn.Module, dict]:
-    """Build `reid.build_model(arch, num_classes=0)` and load the checkpoint's weights (classifier
-    dropped). Works for pretrain.py, camera.py and mmt_plus.py checkpoints (the latter store a plain model
-    holding the target BN branch under "state_dict"). The architecture is read from the checkpoint unless
-    `arch` overrides it."""
-    checkpoint = load_checkpoint(path)
-    state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state_dict, dict):
-        raise ValueError(f"{path}: not a checkpoint dict with a 'state_dict' entry")
-    arch = arch or _checkpoint_field(checkpoint, "arch")
-    if arch is None:
-        raise ValueError(f"{path}: the checkpoint names no architecture ('arch'); pass it with --archs")
-    state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
-    state_dict = {key: value for key, value in state_dict.items() if not key.startswith("classifier.")}
-    model = build_model(arch, num_classes=0)
-    missing = sorted(
-        key for key in set(model.state_dict()) - set(state_dict) if not key.endswith("num_batches_tracked")
-    )
-    if missing:
-        raise ValueError(
-            f"{path}: {len(missing)} weights of a {arch} model are missing from the checkpoint "
-            f"(e.g. {missing[:3]}); "
-            "wrong --archs entry, or a checkpoint with domain-specific BN that was not collapsed?"
-        )
-    load_model_weights(model, state_dict)
+def load_model_for_inference(
+    path: str, arch: str | None = None, kinds: Sequence[str] = REID_MODEL_KINDS, what: str = "--checkpoints"
+) -> tuple[torch.nn.Module, dict]:
+    """The checkpoint's network without its classifier, in eval mode (reid.load_model; `kinds` are the checkpoint
+    kinds accepted: re-ID models for --checkpoints, camera.py's for --camera-checkpoint), and its settings."""
+    model, checkpoint = load_model(path, kinds=kinds, arch=arch, what=what)
     info = {
         "path": str(path),
-        "arch": arch,
-        "height": _checkpoint_field(checkpoint, "height"),
-        "width": _checkpoint_field(checkpoint, "width"),
+        "arch": model.arch,
+        "height": checkpoint_setting(checkpoint, "height"),
+        "width": checkpoint_setting(checkpoint, "width"),
     }
     return model.eval(), info
 
@@ -425,7 +380,7 @@ def read_feature_cache(cache_path: Path, paths: list[str]) -> torch.Tensor | Non
     """The cached (N, D) features if `cache_path` holds them for exactly these images, else None. An unreadable or
     malformed cache file is reported and ignored (the features are extracted again and the file replaced)."""
     try:
-        cached = torch.load(cache_path, map_location="cpu", weights_only=True)
+        cached = read_checkpoint(cache_path, kinds=("features",), what="feature cache")
     except Exception as error:  # noqa: BLE001 - any unreadable cache is rebuilt, never trusted
         print(
             f"[postprocess] warning: feature cache {cache_path} is unreadable ({type(error).__name__}); rebuilding it"
@@ -449,6 +404,8 @@ def cached_features(
     args: argparse.Namespace,
     cache_dir: Path,
     data_root: str,
+    kinds: Sequence[str] = REID_MODEL_KINDS,
+    what: str = "--checkpoints",
 ) -> tuple[torch.Tensor, dict]:
     """Eval-mode features (N, D), not normalised, of `items` for one checkpoint, loaded by load_model_for_inference
     as (model, info) (cached when possible)."""
@@ -457,7 +414,7 @@ def cached_features(
     width = args.width or info["width"] or 128
     paths = [path for path, _, _ in items]
     key = feature_cache_key(checkpoint, args.val, data_root, args.flip, height, width, info["arch"], paths)
-    cache_path = Path(cache_dir) / f"{Path(checkpoint).stem}-{key}.pt"
+    cache_path = Path(cache_dir) / f"{Path(checkpoint).stem}-{key}.pth"
     info.update(height=height, width=width, cache=str(cache_path))
     if cache_path.exists() and not args.no_cache:
         features = read_feature_cache(cache_path, paths)
@@ -474,7 +431,7 @@ def cached_features(
     info["cached"] = False
     print(f"[postprocess] extracted {tuple(features.shape)} features of {checkpoint} in {info['extract_seconds']} s")
     if not args.no_cache:
-        save_checkpoint({"features": features, "paths": paths, "info": dict(info)}, cache_path)
+        save_checkpoint({"features": features, "paths": paths, "info": dict(info)}, cache_path, "features")
     return features, info
 
 
@@ -650,7 +607,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ]
     camera_model = None
     if args.camera_checkpoint:
-        camera_model = load_model_for_inference(args.camera_checkpoint, args.camera_arch)
+        camera_model = load_model_for_inference(
+            args.camera_checkpoint, args.camera_arch, ("camera",), "--camera-checkpoint"
+        )
     model_features, model_infos = [], []
     for checkpoint, (model, info) in zip(args.checkpoints, models, strict=True):
         features, info = cached_features(checkpoint, model, info, items, args, cache_dir, data.root)
@@ -661,7 +620,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         camera_raw, camera_info = cached_features(
             args.camera_checkpoint, *camera_model, items, args, cache_dir, data.root
         )
-        camera_features = l2_normalize(camera_raw)  # camera embeddings are L2-normalised (ref. §9)
+        # camera embeddings are L2-normalised (docs/differences.md#camera-model)
+        camera_features = l2_normalize(camera_raw)
 
     # Variants: the configured one last (it writes the submission); with --ablation (labelled splits) first
     # each model alone with the configured post-processing, then the ensemble with every step off/on, all from

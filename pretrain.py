@@ -17,8 +17,6 @@ The model, data and checkpoint code it uses is shared with the other stages and 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +24,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from tqdm import tqdm
 
 from reid import (
@@ -36,6 +33,8 @@ from reid import (
     RandomIdentitySampler,
     SeededRandomSampler,
     add_dataset_arguments,
+    add_preset_argument,
+    add_run_dir_arguments,
     autocast_context,
     build_model,
     build_train_transform,
@@ -43,19 +42,23 @@ from reid import (
     evaluate,
     is_main_process,
     label_smoothed_ce,
-    load_checkpoint,
     lr_factor,
     make_loader,
+    parse_with_preset,
+    prepare_run_dir,
     rank_and_world_size,
+    read_checkpoint,
     relabel_pids,
     resolve_datasets,
     rng_state,
     run_cli,
     save_checkpoint,
+    select_device,
     set_rng_state,
     set_seed,
     setup_distributed,
     softmax_triplet_loss,
+    wrap_ddp,
 )
 
 PRESETS = {
@@ -78,7 +81,7 @@ PRESETS = {
         milestones=[7, 9],
         eval_every=5,
     ),
-    # the release's settings (reference §5)
+    # the release's settings (docs/differences.md#pre-training)
     "visda": dict(
         arch="resnet50_ibn",
         height=384,
@@ -93,12 +96,16 @@ PRESETS = {
     ),
 }
 
+# `--resume` accepts these changes besides reid.RESUMABLE_CHANGES: they change when the run stops or saves, not what
+# it computes
+CHANGEABLE_ON_RESUME = ("max_iters", "save_every")
+
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="defaults for a setting; explicit flags override")
+    add_preset_argument(parser, PRESETS)
     add_dataset_arguments(parser, ("source", "target", "val"), source="personx_sda")
     parser.add_argument(
         "--target-labels-upper-bound",
@@ -135,7 +142,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-every", type=int, default=10, help="validate every N epochs (and at the end)")
     parser.add_argument("--ap-topk", type=int, help="VisDA truncated AP (100) for model selection")
     parser.add_argument("--save-every", type=int, default=0, help="also checkpoint every N iterations (0: per epoch)")
-    parser.add_argument("--resume", action="store_true", help="continue from logs-dir/checkpoint.pth")
+    add_run_dir_arguments(parser, "--logs-dir", CHANGEABLE_ON_RESUME)
     parser.add_argument(
         "--amp",
         action=argparse.BooleanOptionalAction,
@@ -157,10 +164,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=0,
         help="stop after this many iterations in total (testing interruptions; 0: no limit)",
     )
-    preset = parser.parse_known_args(argv)[0].preset
-    if preset:
-        parser.set_defaults(**PRESETS[preset])
-    args = parser.parse_args(argv)
+    args = parse_with_preset(parser, PRESETS, argv)
     for name in ("height", "width", "batch_size", "num_instances", "epochs", "iters", "eval_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -175,15 +179,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     distributed = setup_distributed()
     rank, world_size = rank_and_world_size()
-    device = torch.device(
-        args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
-    )
+    device = select_device(args.device)
     set_seed(args.seed)
     logs_dir = Path(args.logs_dir)
     checkpoint_path, best_path = logs_dir / "checkpoint.pth", logs_dir / "model_best.pth"
-    if is_main_process():
-        logs_dir.mkdir(parents=True, exist_ok=True)
-        (logs_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
+    prepare_run_dir(logs_dir, args, CHANGEABLE_ON_RESUME, write=is_main_process())
 
     # ---- data ----
     if args.target_labels_upper_bound:
@@ -230,8 +230,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp and device.type == "cuda")
     start_epoch, start_iter, best_map, best_epoch = 0, 0, -1.0, -1
+    log_position, resumed_sums = None, None
     if args.resume and checkpoint_path.is_file():
-        state = load_checkpoint(checkpoint_path)
+        state = read_checkpoint(checkpoint_path, kinds=("pretrain",), what="--resume")
         if state.get("arch") != args.arch or state.get("num_classes") != num_classes:
             raise ValueError(
                 f"{checkpoint_path}: saved for {state.get('arch')} with {state.get('num_classes')} "
@@ -243,14 +244,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         start_epoch, start_iter = state["epoch"], state["iteration"]
         best_map, best_epoch = state["best_mAP"], state["best_epoch"]
         set_rng_state(state["rng"])
+        log_position, resumed_sums = state.get("log_position"), state.get("epoch_sums")
         print(f"[pretrain] resumed from {checkpoint_path}: epoch {start_epoch}, iteration {start_iter}")
     elif args.resume:
         print(f"[pretrain] --resume: no {checkpoint_path} yet, starting from scratch")
-    training_model = model
-    if distributed:
-        ids = [device.index] if device.type == "cuda" else None
-        training_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    logger = JsonlLogger(logs_dir / "log.jsonl") if is_main_process() else None
+    training_model = wrap_ddp(model, device)
+    logger = JsonlLogger(logs_dir / "log.jsonl", log_position) if is_main_process() else None
     if logger and start_epoch == 0 and start_iter == 0:
         # per-BatchNorm batch: each BN layer normalises one process's batch of one domain at a time
         logger.log(
@@ -270,8 +269,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
             f"{len(target_items)} target images; {world_size} process(es), {args.batch_size} images per BN per domain"
         )
 
-    def checkpoint_state(epoch: int, iteration: int) -> dict:
+    def checkpoint_state(epoch: int, iteration: int, epoch_sums: dict | None = None) -> dict:
+        """Everything a resumed run needs: the log's length (records after it are cut on resume) and the loss
+        sums of the unfinished epoch (its epoch_end record averages over the whole epoch)."""
         return {
+            "log_position": logger.position() if logger else None,
+            "epoch_sums": epoch_sums,
             "state_dict": model.state_dict(),
             "arch": args.arch,
             "num_classes": num_classes,
@@ -306,6 +309,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
             dynamic_ncols=True,
         )
         sums = defaultdict(float)
+        counted = 0  # iterations of this epoch in `sums`
+        if resumed_sums and epoch == start_epoch:
+            sums.update(resumed_sums["sums"])
+            counted = resumed_sums["iterations"]
         for iteration in progress:
             images, labels, _, _ = next(source_iter)
             images = images.to(device, non_blocking=True)
@@ -335,10 +342,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 accuracy = (logits.argmax(1) == labels).float().mean()
             for name, value in (("loss", loss), ("ce", loss_ce), ("triplet", loss_tri), ("accuracy", accuracy)):
                 sums[name] += float(value.detach())
-            count = iteration - first_iter + 1
+            counted += 1
             progress.set_postfix(
-                loss=f"{sums['loss'] / count:.3f}",
-                acc=f"{sums['accuracy'] / count:.2f}",
+                loss=f"{sums['loss'] / counted:.3f}",
+                acc=f"{sums['accuracy'] / counted:.2f}",
                 lr=f"{optimizer.param_groups[0]['lr']:.1e}",
             )
             if logger:
@@ -353,12 +360,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     }
                 )
             total_done += 1
+            partial = {"iterations": counted, "sums": dict(sums)}
             if args.save_every and (iteration + 1) % args.save_every == 0 and iteration + 1 < args.iters:
                 if is_main_process():
-                    save_checkpoint(checkpoint_state(epoch, iteration + 1), checkpoint_path)
+                    save_checkpoint(checkpoint_state(epoch, iteration + 1, partial), checkpoint_path, "pretrain")
             if args.max_iters and total_done >= args.max_iters:
                 if is_main_process():
-                    save_checkpoint(checkpoint_state(epoch, iteration + 1), checkpoint_path)
+                    save_checkpoint(checkpoint_state(epoch, iteration + 1, partial), checkpoint_path, "pretrain")
                 print(f"[pretrain] stopping after {total_done} iterations (--max-iters)")
                 return {"stopped": True, "epoch": epoch, "iteration": iteration + 1}
         start_iter = 0
@@ -366,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         record = {
             "epoch": epoch,
             "event": "epoch_end",
-            **{k: v / max(1, args.iters - first_iter) for k, v in sums.items()},
+            **{k: v / max(1, counted) for k, v in sums.items()},
         }
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             if is_main_process():
@@ -385,13 +393,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 if result["mAP"] > best_map:
                     best_map, best_epoch = result["mAP"], epoch + 1
                     best = checkpoint_state(epoch + 1, 0)
-                    for key in ("optimizer", "scheduler", "rng"):
+                    for key in ("optimizer", "scheduler", "rng", "log_position", "epoch_sums"):
                         best.pop(key)
-                    save_checkpoint(best, best_path)
+                    save_checkpoint(best, best_path, "pretrain")
         if is_main_process():
-            save_checkpoint(checkpoint_state(epoch + 1, 0), checkpoint_path)
             if logger:
-                logger.log(record)
+                logger.log(record)  # before the checkpoint: a run killed in between redoes the epoch's end
+            save_checkpoint(checkpoint_state(epoch + 1, 0), checkpoint_path, "pretrain")
         if distributed:
             dist.barrier()
     summary = {

@@ -13,8 +13,10 @@ import glob
 import itertools
 import json
 import os
+import pickle
 import random
 import re
+import shutil
 import sys
 import time
 from collections import defaultdict
@@ -685,9 +687,10 @@ def resolve_datasets(args: argparse.Namespace, used: Sequence[str]) -> Datasets:
 class ImageDataset(torch.utils.data.Dataset):
     """Items -> (transformed image, pid, camid, index).
 
-    A key may be an int or (index, seed): with a seed, the random augmentations of that sample are
-    a pure function of the seed (used for exact resumption). An unreadable or corrupt image raises an
-    error naming the file, unless `skip_bad_images`, which warns and substitutes the next image.
+    A key may be an int or (index, seed): with a seed, the random augmentations of that sample are a pure function
+    of the seed (used for exact resumption), and the global random states are left as they were. An unreadable or
+    corrupt image raises an error naming the file, unless `skip_bad_images`, which warns and substitutes the next
+    image.
     """
 
     def __init__(self, items: Sequence[Item], transform, skip_bad_images: bool = False):
@@ -722,15 +725,23 @@ class ImageDataset(torch.utils.data.Dataset):
                 break
         else:
             raise RuntimeError("no readable image in the dataset")
-        if seed is not None:
+        _, pid, camid = self.items[candidate]
+        if seed is None:
+            return self.transform(image), pid, camid, candidate
+        # The transforms draw from Python's and torch's global generators: seed them for this sample only and put
+        # the caller's states back, so that loading in the training process (0 workers) leaves its RNG alone.
+        python_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
             random.seed(seed)
             torch.manual_seed(seed)
-        _, pid, camid = self.items[candidate]
-        return self.transform(image), pid, camid, candidate
+            try:
+                return self.transform(image), pid, camid, candidate
+            finally:
+                random.setstate(python_state)
 
 
 # ------------------------------------------------------------------------------------------------
-# Transforms (torchvision's AutoAugment and RandomErasing; reference §3.1)
+# Transforms (torchvision's AutoAugment and RandomErasing; docs/differences.md#image-pipelines)
 
 
 def release_padding(width: int) -> int:
@@ -742,7 +753,8 @@ def release_padding(width: int) -> int:
 def build_train_transform(height: int, width: int, autoaugment: bool, random_erasing: bool) -> T.Compose:
     steps: list[Any] = []
     if autoaugment:
-        # The release applies its ImageNet policy to ~all images (its fade-out schedule is inert, §3.2).
+        # The release applies its ImageNet policy to ~all images (its fade-out schedule is inert,
+        # docs/differences.md#image-pipelines).
         steps.append(T.AutoAugment(T.AutoAugmentPolicy.IMAGENET))
     steps += [
         T.Resize((height, width), interpolation=T.InterpolationMode.BICUBIC),
@@ -828,8 +840,8 @@ class _EpochStream(torch.utils.data.Sampler):
 
 
 class RandomIdentitySampler(_EpochStream):
-    """P x K identity sampler with the release's camera rule (reference §3.3): per identity, an anchor,
-    then K - 1 images from *other* cameras (without replacement if at least K exist, else with
+    """P x K identity sampler with the release's camera rule (docs/differences.md#p-x-k-sampler): per identity,
+    an anchor, then K - 1 images from *other* cameras (without replacement if at least K exist, else with
     replacement), falling back to the identity's other images. Unlike the release, an identity with a
     single image contributes K copies of it, so batches stay aligned to whole identities."""
 
@@ -917,7 +929,7 @@ class IterLoader:
 class IBN(nn.Module):
     """Instance-Batch Normalisation (IBN-Net, Pan et al. ECCV 2018): InstanceNorm (affine) on part of the
     channels, BatchNorm on the rest. ResNet-IBN-a: IN on the first half; DenseNet-IBN-a: BN on the first
-    60 % and IN on the remaining 40 % (reference §11)."""
+    60 % and IN on the remaining 40 % (docs/differences.md#backbones)."""
 
     def __init__(self, channels: int, in_channels: int, in_first: bool = True):
         super().__init__()
@@ -1034,7 +1046,7 @@ class ResNeStBottleneck(nn.Module):
 
 class ResNeStTrunk(nn.Module):
     """ResNeSt-50/101: deep stem, radix-2 split attention, average-pool downsampling ("avg down") and
-    avd; stride 32 kept as in the release (reference §11)."""
+    avd; stride 32 kept as in the release (docs/differences.md#backbones)."""
 
     def __init__(self, layers: Sequence[int], stem_width: int):
         super().__init__()
@@ -1209,24 +1221,17 @@ def load_imagenet_weights(trunk: nn.Module, arch: str, source: str) -> None:
             )
         source = candidates[0]
     path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"--pretrained {source}: no such file")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("arch"), str) and checkpoint["arch"] != arch:
-        raise ValueError(f"--pretrained {path}: a {checkpoint['arch']} checkpoint, not {arch}")
-    if isinstance(checkpoint, dict):
-        for key in ("state_dict", "model"):
-            if key in checkpoint and isinstance(checkpoint[key], dict):
-                checkpoint = checkpoint[key]
-    if not isinstance(checkpoint, dict) or not all(torch.is_tensor(v) for v in checkpoint.values()):
-        raise ValueError(f"--pretrained {path}: not a state dict of tensors")
-    checkpoint = {key.removeprefix("module."): value for key, value in checkpoint.items()}  # DDP-saved
+    checkpoint = read_checkpoint(path, kinds=("weights", *REID_MODEL_KINDS), what="--pretrained")
+    saved_arch = checkpoint_setting(checkpoint, "arch")
+    if isinstance(saved_arch, str) and saved_arch != arch:
+        raise ValueError(f"--pretrained {path}: a {saved_arch} checkpoint, not {arch}")
+    weights = checkpoint["state_dict"]
     trunk_prefix = "backbone."  # a ReIDModel state dict (pretrain.py checkpoint): keep only its trunk
-    if any(key.startswith(trunk_prefix) for key in checkpoint):
-        checkpoint = {
-            key.removeprefix(trunk_prefix): value for key, value in checkpoint.items() if key.startswith(trunk_prefix)
+    if any(key.startswith(trunk_prefix) for key in weights):
+        weights = {
+            key.removeprefix(trunk_prefix): value for key, value in weights.items() if key.startswith(trunk_prefix)
         }
-    state = _convert_release_keys(checkpoint)
+    state = _convert_release_keys(weights)
     own = trunk.state_dict()
     mismatched = [
         f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
@@ -1250,7 +1255,7 @@ def load_imagenet_weights(trunk: nn.Module, arch: str, source: str) -> None:
 
 
 # ================================================================================================
-# Losses (reference §3.5)
+# Losses (docs/differences.md#losses)
 # ================================================================================================
 
 
@@ -1352,7 +1357,7 @@ def evaluate(
     device: torch.device | str | None = None,
     ap_topk: int | None = None,
 ) -> dict[str, Any]:
-    """mAP / CMC of L2-normalised features under squared Euclidean distance (reference §3.8)."""
+    """mAP / CMC of L2-normalised features under squared Euclidean distance (docs/differences.md#validation-metric)."""
     features = extract_features(model, list(query) + list(gallery), height, width, batch_size, flip, workers, device)
     features = F.normalize(features, dim=1)
     q, g = features[: len(query)], features[len(query) :]
@@ -1370,40 +1375,179 @@ def evaluate(
     return result
 
 
-def save_checkpoint(state: dict, path: str | Path) -> None:
-    """Atomic save: a temporary file in the same folder, then rename; a crash never leaves a torn file."""
+# ------------------------------------------------------------------------------------------------
+# Checkpoints: the one file format of every stage
+#
+# Every file a stage writes with `save_checkpoint` is a dict of tensors and plain data (numbers, strings, lists,
+# dicts) carrying `format_version` and `kind`, written atomically under a `.pth` name. `read_checkpoint` loads
+# with torch's weights_only unpickler (a file cannot run code), strips DDP's 'module.' prefixes once, recognises
+# the files of earlier versions of this toolkit (no `format_version`) and refuses a file of the wrong kind with a
+# message naming the file and what it holds. `load_model` builds the re-ID network a checkpoint describes.
+
+CHECKPOINT_FORMAT = 1
+CHECKPOINT_SUFFIX = ".pth"
+CHECKPOINT_KINDS = {
+    "pretrain": "a pretrain.py re-ID model",
+    "mmt_plus": "an mmt_plus.py re-ID model (a mean teacher)",
+    "camera": "a camera.py camera classifier",
+    "sda": "an sda.py CycleGAN (generators, discriminators)",
+    "features": "postprocess.py cached features",
+    "weights": "a bare state dict (e.g. ImageNet weights)",
+}
+REID_MODEL_KINDS = ("pretrain", "mmt_plus")  # files that hold a re-ID network (model_best.pth, checkpoint.pth)
+# Earlier versions saved numpy's RNG state as an array: these globals only rebuild plain numeric arrays.
+_LEGACY_NUMPY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """write(temporary path) in the destination folder, then rename over `path`: never a torn file. The temporary
+    name is `.NAME.tmpPID`; `remove_stale_temporaries` deletes those an interrupted run left behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path}: no such file")
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Deletes the `.NAME.tmpPID` files of `atomic_write` calls that never finished (a killed run)."""
+    stale = [p for p in Path(folder).glob(".*.tmp*") if re.fullmatch(r"\..+\.tmp\d+", p.name) and p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def save_checkpoint(state: dict, path: str | Path, kind: str) -> None:
+    """Atomically writes `state` (tensors and plain data only) as a checkpoint of `kind` (CHECKPOINT_KINDS)."""
+    if kind not in CHECKPOINT_KINDS:
+        raise ValueError(f"unknown checkpoint kind {kind!r}; expected one of {', '.join(CHECKPOINT_KINDS)}")
+    path = Path(path)
+    if path.suffix != CHECKPOINT_SUFFIX:
+        raise ValueError(f"{path}: checkpoints are written as {CHECKPOINT_SUFFIX} files")
+    atomic_write(
+        path, lambda temporary: torch.save({**state, "format_version": CHECKPOINT_FORMAT, "kind": kind}, temporary)
+    )
+
+
+def _legacy_kind(checkpoint: dict) -> str:
+    """The kind of a file written before checkpoints carried one (this toolkit's earlier layouts)."""
+    kind = checkpoint.get("kind")
+    if kind in ("mmt", "mmt-resume"):  # mmt_plus.py's model_best.pth / checkpoint.pth
+        return "mmt_plus"
+    if kind in ("camera", "sda"):
+        return kind
+    if "features" in checkpoint and "paths" in checkpoint:
+        return "features"
+    if isinstance(checkpoint.get("state_dict"), dict):  # pretrain.py (no kind) or another tool's {"state_dict"}
+        return "pretrain"
+    return "weights"
+
+
+def _torch_load(path: Path, what: str) -> Any:
+    """torch.load with the weights_only unpickler: tensors and plain data only, so a file cannot run code."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path}: no such file")
+    try:
+        with torch.serialization.safe_globals(_LEGACY_NUMPY_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        message = str(error)
+        globals_named = [line.strip() for line in message.splitlines() if "GLOBAL" in line]
+        if not globals_named:  # not a pickle the safe unpickler can parse
+            raise ValueError(f"{what} {path}: cannot be read ({message.strip().splitlines()[-1]})") from None
+        reason = globals_named[0].split("WeightsUnpickler error:")[-1].strip()
+        raise ValueError(
+            f"{what} {path}: refused, it holds Python objects that are not tensors or plain data ({reason}); "
+            "only files of tensors, numbers, strings, lists and dicts are read"
+        ) from None
     except Exception as error:  # noqa: BLE001 - the message names the file and the cause
-        raise RuntimeError(f"checkpoint {path}: cannot be read ({type(error).__name__}: {error})") from None
+        raise ValueError(f"{what} {path}: cannot be read ({type(error).__name__}: {error})") from None
 
 
-def load_model_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], skip_mismatched: bool = False) -> None:
-    """Loads a state dict ('module.' stripped), reporting missing/unexpected keys; refuses shape mismatches
-    unless `skip_mismatched`."""
-    state = {key.removeprefix("module."): value for key, value in state_dict.items()}
+def read_checkpoint(path: str | Path, kinds: Sequence[str] | None = None, what: str = "checkpoint") -> dict:
+    """The checkpoint at `path` as a dict with `kind`, `format_version` (0: an earlier version's file) and, when it
+    holds a network, `state_dict` without DDP 'module.' prefixes. `kinds` lists the kinds the caller accepts;
+    `what` (e.g. the command-line flag) starts every error message."""
+    path = Path(path)
+    checkpoint = _torch_load(path, what)
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{what} {path}: holds a {type(checkpoint).__name__}, not a checkpoint dict")
+    if "format_version" not in checkpoint:
+        kind = _legacy_kind(checkpoint)
+        if kind == "weights":
+            nested = checkpoint.get("model")  # {"model": state dict}, as some releases save
+            checkpoint = {"state_dict": nested if isinstance(nested, dict) else checkpoint}
+        checkpoint = {**checkpoint, "format_version": 0, "kind": kind}
+    elif not isinstance(checkpoint["format_version"], int) or checkpoint["format_version"] > CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"{what} {path}: checkpoint format {checkpoint['format_version']!r} is newer than this code's "
+            f"({CHECKPOINT_FORMAT}); update the toolkit"
+        )
+    kind = checkpoint.get("kind")
+    if kind not in CHECKPOINT_KINDS:
+        raise ValueError(f"{what} {path}: unknown checkpoint kind {kind!r}")
+    if kinds is not None and kind not in kinds:
+        wanted = " or ".join(f"{CHECKPOINT_KINDS[k]} ({k})" for k in kinds)
+        raise ValueError(f"{what} {path}: holds {CHECKPOINT_KINDS[kind]} ({kind}), but {wanted} is needed here")
+    state = checkpoint.get("state_dict")
+    if state is not None:
+        if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+            raise ValueError(f"{what} {path}: its state_dict is not a dict of named tensors")
+        checkpoint["state_dict"] = {key.removeprefix("module."): value for key, value in state.items()}
+    return checkpoint
+
+
+def checkpoint_setting(checkpoint: dict, name: str) -> Any:
+    """A setting stored at the top level of a checkpoint or in its saved arguments (`args`)."""
+    if checkpoint.get(name) is not None:
+        return checkpoint[name]
+    args = checkpoint.get("args")
+    return args.get(name) if isinstance(args, dict) else None
+
+
+def load_model(
+    path: str | Path,
+    kinds: Sequence[str] = REID_MODEL_KINDS,
+    arch: str | None = None,
+    num_classes: int = 0,
+    what: str = "checkpoint",
+) -> tuple[ReIDModel, dict]:
+    """(network, checkpoint): `build_model(arch, num_classes)` with the checkpoint's weights. The architecture is
+    the checkpoint's own; `arch` must agree with it, or name it when the file does not. The saved classifier is
+    loaded when `num_classes` matches its rows, else left at its fresh initialisation (num_classes 0: no head).
+    A checkpoint missing any weight of the network is refused."""
+    checkpoint = read_checkpoint(path, kinds, what)
+    saved_arch = checkpoint_setting(checkpoint, "arch")
+    if arch and saved_arch and arch != saved_arch:
+        raise ValueError(f"{what} {path}: holds a {saved_arch} model, not {arch}")
+    arch = arch or saved_arch
+    if not arch:
+        raise ValueError(f"{what} {path}: the checkpoint names no architecture; pass it explicitly")
+    model = build_model(arch, num_classes)
     own = model.state_dict()
-    mismatched = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
-    if mismatched and not skip_mismatched:
-        details = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched[:5]]
-        raise ValueError(f"{len(mismatched)} weights have the wrong shape: {details}")
-    state = {k: v for k, v in state.items() if k in own and k not in mismatched}
-    missing = sorted(k for k in set(own) - set(state) if not k.endswith("num_batches_tracked"))
-    unexpected = sorted(set(state_dict) - set(own) - {f"module.{k}" for k in own})
-    if missing or unexpected:
-        print(f"[weights] missing {len(missing)} {missing[:5]}; unexpected {len(unexpected)} {unexpected[:5]}")
+    state = {k: v for k, v in checkpoint["state_dict"].items() if k in own and v.shape == own[k].shape}
+    wrong_shape = [k for k, v in checkpoint["state_dict"].items() if k in own and v.shape != own[k].shape]
+    wrong_shape = [k for k in wrong_shape if not k.startswith("classifier.")]
+    if wrong_shape:
+        details = [f"{k}: {tuple(checkpoint['state_dict'][k].shape)} vs {tuple(own[k].shape)}" for k in wrong_shape]
+        raise ValueError(f"{what} {path}: {len(wrong_shape)} weights do not fit a {arch} model: {details[:5]}")
+    missing = sorted(
+        k for k in set(own) - set(state) if not k.endswith("num_batches_tracked") and not k.startswith("classifier.")
+    )
+    if missing:
+        raise ValueError(
+            f"{what} {path}: {len(missing)} weights of a {arch} model are missing (e.g. {missing[:3]}); "
+            "a checkpoint of another architecture, or one with domain-specific BN that was not collapsed?"
+        )
     model.load_state_dict(state, strict=False)
+    return model, checkpoint
 
 
 def autocast_context(device: torch.device, enabled: bool):
@@ -1421,25 +1565,152 @@ def set_seed(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, numpy and torch global RNG states as tensors and plain data (checkpoint-safe)."""
+    algorithm, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    numpy_state = {
+        "algorithm": algorithm,
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "position": int(position),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached_gaussian),
+    }
+    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
 
 
 def set_rng_state(state: dict) -> None:
+    """Restores `rng_state()`; also reads the numpy array of earlier checkpoints."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        keys = numpy_state["keys"].numpy().astype(np.uint32)
+        numpy_state = (
+            numpy_state["algorithm"],
+            keys,
+            numpy_state["position"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
 
 
 class JsonlLogger:
-    """Appends one JSON object per line (flushed), so a resumed run continues the same log."""
+    """The run's log, twice: `log.jsonl` (one JSON object per record, for programs) and `log.txt` beside it (the
+    same records as one line of text each, for people), appended and flushed per record.
 
-    def __init__(self, path: str | Path):
+    `position()` (the two file sizes) goes into every checkpoint; a resumed run passes it back as
+    `resume_position`, which cuts both files back to what they held at that checkpoint, so records written after it
+    by the interrupted run (and written again by the resumed one) appear once."""
+
+    def __init__(self, path: str | Path, resume_position: dict | None = None):
         self.path = Path(path)
+        self.text_path = self.path.with_suffix(".txt")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_position:
+            for file, size in ((self.path, resume_position.get("jsonl")), (self.text_path, resume_position.get("txt"))):
+                if size is not None and file.is_file() and file.stat().st_size > size:
+                    with file.open("r+b") as handle:
+                        handle.truncate(size)
+
+    def position(self) -> dict:
+        return {
+            "jsonl": self.path.stat().st_size if self.path.is_file() else 0,
+            "txt": self.text_path.stat().st_size if self.text_path.is_file() else 0,
+        }
 
     def log(self, record: dict) -> None:
+        now = time.time()
         with self.path.open("a") as handle:
-            handle.write(json.dumps({"time": round(time.time(), 3), **record}, default=float) + "\n")
+            handle.write(json.dumps({"time": round(now, 3), **record}, default=float) + "\n")
+        with self.text_path.open("a") as handle:
+            handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now))}  {_text_fields(record)}\n")
+
+
+def _text_fields(record: dict) -> str:
+    """`key=value` pairs: floats with 4 significant digits, nested records compact, the arguments left out (they
+    are in args.json)."""
+
+    def show(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        if isinstance(value, dict):
+            return "{" + ", ".join(f"{k}: {show(v)}" for k, v in value.items()) + "}"
+        if isinstance(value, list | tuple):
+            return "[" + ", ".join(show(v) for v in value) + "]"
+        return str(value)
+
+    return "  ".join(f"{key}={show(value)}" for key, value in record.items() if key != "args")
+
+
+# ------------------------------------------------------------------------------------------------
+# The run directory: a stage never overwrites another run's results, and resumes only the same run
+
+# Settings that may change when a run is resumed: how fast or where it runs, and `epochs`, the length of the run (the
+# stages' schedules do not depend on it, so a run extended from 1 to 2 epochs is the 2-epoch run; sda.py's
+# schedule flags have other names and stay fixed).
+RESUMABLE_CHANGES = ("workers", "threads", "device", "epochs")
+
+
+def add_run_dir_arguments(parser: argparse.ArgumentParser, folder_flag: str, changeable: Sequence[str] = ()) -> None:
+    """--resume and --overwrite, the two ways into a folder that holds a previous run (see `prepare_run_dir`)."""
+    names = [name for name in (*RESUMABLE_CHANGES, *changeable) if name != "epochs" or parser.get_default("epochs")]
+    allowed = ", ".join("--" + name.replace("_", "-") for name in names)
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help=f"continue the run in {folder_flag} from its checkpoint.pth if there is one; refused if a setting other "
+        f"than {allowed} changed",
+    )
+    parser.add_argument("--overwrite", action="store_true", help=f"delete the previous run in {folder_flag} first")
+
+
+def prepare_run_dir(
+    logs_dir: str | Path, args: argparse.Namespace, changeable: Sequence[str] = (), write: bool = True
+) -> Path:
+    """The run-directory contract of every training stage. A folder holding a previous run is refused unless
+    `--resume` (continue it) or `--overwrite` (delete it first; only a folder that looks like a run: args.json or
+    log.jsonl in it). `--resume` refuses settings that differ from the run's args.json, except RESUMABLE_CHANGES and
+    `changeable`. A folder holding only args.json (a run that failed before it began) counts as empty. Leftover
+    temporary files of a killed run are removed and `args.json` is (re)written. Every
+    process checks; only `write` (the main process) changes the folder."""
+    logs_dir = Path(logs_dir)
+    settings = json.loads(json.dumps(vars(args), default=str))
+    entries = sorted(p.name for p in logs_dir.iterdir()) if logs_dir.is_dir() else []
+    args_path = logs_dir / "args.json"
+    started = [name for name in entries if name != "args.json"]  # args.json alone: a run that failed to start
+    if started and not args.resume:
+        if not getattr(args, "overwrite", False):
+            raise FileExistsError(
+                f"{logs_dir}: holds a previous run ({', '.join(entries[:4])}{', ...' if len(entries) > 4 else ''}); "
+                "pass --resume to continue it, --overwrite to delete it and start again, or choose another folder"
+            )
+        if not ({"args.json", "log.jsonl"} & set(entries)):
+            raise FileExistsError(f"--overwrite {logs_dir}: not a run folder (no args.json or log.jsonl); not deleted")
+        if write:
+            shutil.rmtree(logs_dir)
+    if args.resume and started and args_path.is_file():
+        saved = json.loads(args_path.read_text())
+        allowed = {*RESUMABLE_CHANGES, *changeable, "resume", "overwrite"}
+        changed = [
+            f"--{name.replace('_', '-')} {saved[name]!r} -> {value!r}"
+            for name, value in settings.items()
+            if name not in allowed and name in saved and saved[name] != value
+        ]
+        if changed:
+            may_change = sorted(allowed & set(settings) - {"resume", "overwrite"})
+            raise ValueError(
+                f"--resume {logs_dir}: settings differ from the run being resumed ({args_path}): {'; '.join(changed)}. "
+                f"Only {', '.join('--' + n.replace('_', '-') for n in may_change)} may change; use another folder for "
+                "a different run"
+            )
+    if write:
+        logs_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(logs_dir)
+        # A run of an earlier version has no args.json: it is not written on its resume, so that an attempt the
+        # stage then refuses (another architecture than its checkpoint's) cannot leave its settings behind.
+        if not (args.resume and started and not args_path.is_file()):
+            atomic_write_text(args_path, json.dumps(settings, indent=2) + "\n")
+    return logs_dir
 
 
 def setup_distributed() -> bool:
@@ -1478,7 +1749,8 @@ def run_cli(main: Callable[[], Any]) -> None:
 
 
 def lr_factor(epoch: int, warmup_epochs: int, milestones: Sequence[int]) -> float:
-    """Warm-up from 0.01 to 1 over `warmup_epochs`, then x0.1 at each milestone (reference §3.6)."""
+    """Warm-up from 0.01 to 1 over `warmup_epochs`, then x0.1 at each milestone
+    (docs/differences.md#optimiser-and-schedule)."""
     warm = 0.01 * (1 - epoch / warmup_epochs) + epoch / warmup_epochs if epoch < warmup_epochs else 1.0
     return warm * 0.1 ** sum(epoch >= m for m in milestones)
 
@@ -1494,14 +1766,68 @@ def default_workers() -> int:
     return 0 if cpus <= 2 else 2
 
 
-def make_loader(dataset, sampler, batch_size: int, workers: int) -> torch.utils.data.DataLoader:
+def make_loader(
+    dataset, sampler, batch_size: int, workers: int, persistent: bool = True
+) -> torch.utils.data.DataLoader:
+    """The training DataLoader of every stage: `batch_size` samples per step and process from `sampler`, incomplete
+    last batches dropped. `persistent` keeps the worker processes between epochs (the sampler runs in this process,
+    so its set_epoch still applies); a loader rebuilt every epoch passes False."""
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
         num_workers=workers,
         drop_last=True,
-        # workers survive between epochs (the sampler runs in this process, so set_epoch still applies)
-        persistent_workers=workers > 0,
+        persistent_workers=persistent and workers > 0,
         pin_memory=torch.cuda.is_available(),
     )
+
+
+def select_device(requested: str | None) -> torch.device:
+    """--device if given, else this process's GPU (LOCAL_RANK under torchrun) when CUDA is available, else the CPU."""
+    if requested:
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """DistributedDataParallel around `model` when torch.distributed runs (torchrun), else the model itself.
+    Checkpoints always store the unwrapped model (`unwrap_ddp`), so their keys never carry 'module.'."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def unwrap_ddp(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def add_preset_argument(parser: argparse.ArgumentParser, presets: dict[str, dict]) -> None:
+    """--preset NAME: a named set of defaults; the help lists every preset's flags. Explicit flags still win."""
+    described = "; ".join(
+        f"{name} = " + " ".join(f"--{key.replace('_', '-')} {_flag_text(value)}" for key, value in values.items())
+        for name, values in presets.items()
+    )
+    parser.add_argument(
+        "--preset", choices=sorted(presets), help=f"defaults for a setting (explicit flags win): {described}"
+    )
+
+
+def _flag_text(value: Any) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+
+
+def parse_with_preset(
+    parser: argparse.ArgumentParser,
+    presets: dict[str, dict],
+    argv: Sequence[str] | None,
+    target: argparse.ArgumentParser | None = None,
+) -> argparse.Namespace:
+    """Parses `argv` with the chosen preset's values as the defaults of `target` (default: `parser`; a subcommand's
+    parser for sda.py): a first pass finds --preset, the second parses for real, so explicit flags override."""
+    chosen = getattr(parser.parse_known_args(argv)[0], "preset", None)
+    if chosen:
+        (target or parser).set_defaults(**presets[chosen])
+    return parser.parse_args(argv)

@@ -293,12 +293,12 @@ BASELINE_CHECKPOINT="$(best_checkpoint "$BASELINE_DIR")"
 # 3. SDA: train the translator, then write personX_sda/image_train into the work data root
 SDA_DIR="$WORK/sda"
 SDA_RESUME=()
-if [[ -f "$SDA_DIR/checkpoint.pth" || -f "$SDA_DIR/checkpoint.pt" ]]; then SDA_RESUME=(--resume); fi
+if [[ -f "$SDA_DIR/checkpoint.pth" || -f "$SDA_DIR/checkpoint.pth" ]]; then SDA_RESUME=(--resume); fi
 run_stage sda "$SDA_DIR" "$PYTHON" "$REPO/sda.py" train "${PRESET_ARGS[@]}" --data-root "$DATA" --out "$SDA_DIR" \
     --arch "$SDA_ARCH" --source-encoder "$ENCODER_CHECKPOINT" --target-encoder "$BASELINE_CHECKPOINT" \
     --seed "${SEED_LIST[0]}" "${WORKER_ARGS[@]}" "${SDA_RESUME[@]}" "${TINY_SDA[@]}" "${EXTRA_SDA[@]}"
 SDA_CHECKPOINT="$SDA_DIR/checkpoint.pth"
-if [[ ! -f "$SDA_CHECKPOINT" ]]; then SDA_CHECKPOINT="$SDA_DIR/checkpoint.pt"; fi
+if [[ ! -f "$SDA_CHECKPOINT" ]]; then SDA_CHECKPOINT="$SDA_DIR/checkpoint.pth"; fi
 run_stage translate "$WORK/translate_done" "$PYTHON" "$REPO/sda.py" translate --checkpoint "$SDA_CHECKPOINT" \
     --data-root "$DATA" --out "$DATA" "${WORKER_ARGS[@]}" "${EXTRA_TRANSLATE[@]}"
 

@@ -10,7 +10,7 @@ what stage II (``pretrain.py -ds personx_sda``) trains on.
     python pretrain.py --data-root DATA --source personx --arch resnet50_ibn --logs-dir logs/pretrain-personx
     python sda.py train --data-root DATA --out logs/sda \
         --source-encoder logs/pretrain-personx/model_best.pth [--target-encoder logs/mmt/model_best.pth]
-    python sda.py translate --checkpoint logs/sda/checkpoint.pt --data-root DATA --out DATA
+    python sda.py translate --checkpoint logs/sda/checkpoint.pth --data-root DATA --out DATA
     python sda.py train --preset demo ...       # small generator and images: minutes on 2 CPU cores
 
 Read top to bottom: networks, losses, image pool, encoders, one training iteration, the training loop, the
@@ -29,6 +29,7 @@ convention.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -49,9 +50,11 @@ from tqdm import tqdm
 
 import reid
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CHECKPOINT_NAME = "checkpoint.pt"
+IMAGENET_MEAN, IMAGENET_STD = reid.IMAGENET_MEAN, reid.IMAGENET_STD
+CHECKPOINT_NAME = "checkpoint.pth"
+LEGACY_CHECKPOINT_NAME = "checkpoint.pt"  # earlier versions; still resumed from
+# `train --resume` accepts these changes besides reid.RESUMABLE_CHANGES: they change outputs' timing, not training.
+SETTINGS_CHANGEABLE_ON_RESUME = ("checkpoint_every", "sample_every", "sample_count")
 # Architecture fields a checkpoint must agree on when resuming or translating.
 ARCHITECTURE_KEYS = ("ngf", "ndf", "n_blocks", "input_skip", "d_layers", "height", "width")
 
@@ -288,7 +291,7 @@ def discriminator_loss(discriminator: nn.Module, real: torch.Tensor, fake: torch
 def relation_consistency_loss(
     translated_features: torch.Tensor, source_features: torch.Tensor, source_pids: torch.Tensor
 ) -> torch.Tensor:
-    """SDA relation consistency (release form, reference §4.3): for each anchor, mine the hardest positive and
+    """SDA relation consistency (release form, docs/differences.md#sda): for each anchor, mine the hardest positive and
     hardest negative by source identity on the *translated* features, then soft cross-entropy between the
     2-way softmax over (d_ap, d_an) of the source features (target, detached) and of the translated features
     (prediction), at the same index pairs, Euclidean distances on un-normalised features. This is exactly
@@ -348,31 +351,8 @@ def linear_decay_multiplier(epoch: int, epochs_constant: int, epochs_decay: int)
 # ------------------------------------------------------------------------------------------------------------
 
 
-def read_encoder_checkpoint(path: str | Path, arch: str | None = None) -> tuple[dict, str]:
-    """(state dict without 'module.' prefixes, architecture) of a pretrain.py / mmt_plus.py checkpoint (or of a
-    bare state dict). The architecture is the checkpoint's "arch" entry; `arch` (--arch) must agree with it, or
-    name it when the checkpoint does not."""
-    checkpoint = reid.load_checkpoint(path)
-    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
-        raise ValueError(f"checkpoint {path}: no model state_dict in it")
-    saved_arch = checkpoint.get("arch") if isinstance(checkpoint.get("arch"), str) else None
-    if arch and saved_arch and arch != saved_arch:
-        raise ValueError(f"checkpoint {path} holds a {saved_arch} model, but --arch is {arch}")
-    if not (arch or saved_arch):
-        raise ValueError(f"checkpoint {path} does not name its architecture: pass --arch")
-    return {k.removeprefix("module."): v for k, v in state.items()}, arch or saved_arch
-
-
-def build_encoder(state: dict, arch: str, num_classes: int = 0) -> nn.Module:
-    """A reid.ReIDModel with these weights. num_classes 0 drops the classifier (frozen relation encoder);
-    otherwise a classifier of that size is kept, loaded when the state has one of the same shape."""
-    model = reid.build_model(arch, num_classes=num_classes)
-    shape = model.classifier.weight.shape if num_classes else None
-    reid.load_model_weights(
-        model, {k: v for k, v in state.items() if not k.startswith("classifier.") or v.shape == shape}
-    )
-    return model
+# Encoder files: re-ID models of pretrain.py / mmt_plus.py, or a bare state dict of one (with --arch).
+ENCODER_KINDS = ("weights", *reid.REID_MODEL_KINDS)
 
 
 def classifier_weight(state: dict, shape: torch.Size) -> torch.Tensor | None:
@@ -394,15 +374,17 @@ def build_relation_encoders(
     BatchNorm on its running statistics and a source-identity classifier for its own re-ID loss: the target
     checkpoint's if its shape fits, else the source encoder's (trained on the same identities), else
     reid.build_model's fresh initialisation."""
-    source_state, source_arch = read_encoder_checkpoint(source_path, arch)
-    source_encoder = freeze(build_encoder(source_state, source_arch))
-    target_state, target_arch = source_state, source_arch
-    if target_path:
-        target_state, target_arch = read_encoder_checkpoint(target_path, arch)
+    source_encoder, source_checkpoint = reid.load_model(source_path, ENCODER_KINDS, arch, what="--source-encoder")
+    source_encoder = freeze(source_encoder)
+    target_flag = "--target-encoder" if target_path else "--source-encoder"
+    target_path = target_path or source_path
     if not online:
-        return source_encoder, freeze(build_encoder(target_state, target_arch))
-    target_encoder = build_encoder(target_state, target_arch, num_classes=num_source_pids)
+        return source_encoder, freeze(reid.load_model(target_path, ENCODER_KINDS, arch, what=target_flag)[0])
+    target_encoder, target_checkpoint = reid.load_model(
+        target_path, ENCODER_KINDS, arch, num_source_pids, what=target_flag
+    )
     shape = target_encoder.classifier.weight.shape
+    target_state, source_state = target_checkpoint["state_dict"], source_checkpoint["state_dict"]
     if classifier_weight(target_state, shape) is None and classifier_weight(source_state, shape) is not None:
         target_encoder.classifier.weight.data.copy_(classifier_weight(source_state, shape))
     set_batchnorm_eval(target_encoder)
@@ -427,10 +409,6 @@ def set_batchnorm_eval(model: nn.Module) -> None:
 # ------------------------------------------------------------------------------------------------------------
 # One training iteration
 # ------------------------------------------------------------------------------------------------------------
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def generator_objective(
@@ -656,17 +634,12 @@ def save_sample_grid(path: Path, source: torch.Tensor, translated: torch.Tensor,
     reconstructions."""
     rows = [denormalise_imagenet(t.detach().float().cpu()) for t in (source, translated, cycled)]
     grid = make_grid(torch.cat(rows), nrow=len(source), padding=2, pad_value=1.0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_image(grid, tmp, format="png")
-    os.replace(tmp, path)
+    reid.atomic_write(path, lambda temporary: save_image(grid, temporary, format="png"))
 
 
 def write_json(path: Path, record: dict) -> None:
     """JSON file written to a temporary name, then renamed."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, path)
+    reid.atomic_write_text(path, json.dumps(record, indent=1) + "\n")
 
 
 def architecture_of(args: argparse.Namespace) -> dict:
@@ -689,19 +662,17 @@ def train(args: argparse.Namespace) -> None:
             raise FileNotFoundError(f"{flag}: no such checkpoint file: {path}")
 
     distributed = reid.setup_distributed()
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    rank = reid.rank_and_world_size()[0]
     main_process = reid.is_main_process()
-    device = torch.device(args.device) if args.device else torch.device("cpu")
-    if args.device is None and torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    device = reid.select_device(args.device)
     reid.set_seed(args.seed + rank)
     out_dir = Path(args.out)
     checkpoint_path = out_dir / CHECKPOINT_NAME
-    if checkpoint_path.exists() and not args.resume:
-        raise FileExistsError(f"{checkpoint_path} exists: pass --resume to continue it, or choose another --out")
+    if args.resume and not checkpoint_path.exists() and (out_dir / LEGACY_CHECKPOINT_NAME).exists():
+        checkpoint_path = out_dir / LEGACY_CHECKPOINT_NAME  # resumed from; saved as checkpoint.pth
     if args.resume and not checkpoint_path.exists():
         raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path}")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    reid.prepare_run_dir(out_dir, args, changeable=SETTINGS_CHANGEABLE_ON_RESUME, write=main_process)
 
     # ---- data: P x K source batches (identity structure needed for relation mining), random target batches
     datasets = reid.resolve_datasets(args, ("source", "target"))
@@ -710,7 +681,8 @@ def train(args: argparse.Namespace) -> None:
     source, target = datasets.source, reid.ReIDData(args.target, train=datasets.target)
     if len(target.train) < args.batch_size:
         raise ValueError(f"--batch-size {args.batch_size} exceeds the {len(target.train)} target training images")
-    # SDA pipeline (reference §3.1): resize, flip, pad (10 px at width 128), crop, normalise; no AutoAugment or erasing.
+    # SDA pipeline (docs/differences.md#image-pipelines): resize, flip, pad (10 px at width 128), crop, normalise;
+    # no AutoAugment or erasing.
     transform = reid.build_train_transform(args.height, args.width, autoaugment=False, random_erasing=False)
     # Samplers from reid.py: deterministic per (seed, epoch), sharded across DDP ranks, exactly
     # iters x batch samples per rank and epoch, with per-sample augmentation seeds, so that a resumed run sees
@@ -723,19 +695,11 @@ def train(args: argparse.Namespace) -> None:
     target_sampler = reid.SeededRandomSampler(
         len(target.train), args.seed + 1000, num_samples=samples_per_epoch, seed_samples=True
     )
-    loader_options = dict(
-        batch_size=args.batch_size,
-        num_workers=args.workers,
-        drop_last=True,
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,  # a new iterator per epoch picks up the sampler's new epoch
-    )
-    source_loader = DataLoader(
-        reid.ImageDataset(source.train, transform, args.skip_bad_images), sampler=source_sampler, **loader_options
-    )
-    target_loader = DataLoader(
-        reid.ImageDataset(target.train, transform, args.skip_bad_images), sampler=target_sampler, **loader_options
-    )
+    # not persistent: a new iterator per epoch picks up the sampler's new epoch
+    source_dataset = reid.ImageDataset(source.train, transform, args.skip_bad_images)
+    target_dataset = reid.ImageDataset(target.train, transform, args.skip_bad_images)
+    source_loader = reid.make_loader(source_dataset, source_sampler, args.batch_size, args.workers, persistent=False)
+    target_loader = reid.make_loader(target_dataset, target_sampler, args.batch_size, args.workers, persistent=False)
     # Identity-fidelity probe (identity_fidelity): two un-augmented crops of every source identity, translated at
     # every sample grid; the score goes into the log and beside the grid.
     probe = fidelity_items(source.train)
@@ -782,9 +746,9 @@ def train(args: argparse.Namespace) -> None:
     pool_target = ImagePool(args.pool_size, seed=args.seed + rank)  # translated source images for D_target
     pool_source = ImagePool(args.pool_size, seed=args.seed + 500 + rank)  # translated target images for D_source
 
-    start_epoch, start_iteration, global_step = 0, 0, 0
+    start_epoch, start_iteration, global_step, log_position = 0, 0, 0, None
     if args.resume:
-        state = reid.load_checkpoint(checkpoint_path)
+        state = reid.read_checkpoint(checkpoint_path, kinds=("sda",), what="--resume")
         saved = state["architecture"]
         if saved != architecture_of(args):
             raise ValueError(
@@ -802,23 +766,20 @@ def train(args: argparse.Namespace) -> None:
             target_encoder.load_state_dict(state["target_encoder"])
             optimizer_reid.load_state_dict(state["optimizer_reid"])
         reid.set_rng_state(state["rng"])
+        log_position = state.get("log_position")
         start_epoch, start_iteration, global_step = state["epoch"], state["iteration"], state["global_step"]
         if start_iteration >= args.iters:
             start_epoch, start_iteration = start_epoch + 1, 0
         if main_process:
             print(f"resumed {checkpoint_path} at epoch {start_epoch} iteration {start_iteration}")
 
-    generators_ddp, discriminators_ddp, target_encoder_ddp = generators, discriminators, target_encoder
-    if distributed:
-        ids = [device.index] if device.type == "cuda" else None
-        generators_ddp = nn.parallel.DistributedDataParallel(generators, device_ids=ids)
-        discriminators_ddp = nn.parallel.DistributedDataParallel(discriminators, device_ids=ids)
-        if optimizer_reid is not None:
-            target_encoder_ddp = nn.parallel.DistributedDataParallel(target_encoder, device_ids=ids)
+    generators_ddp, discriminators_ddp = reid.wrap_ddp(generators, device), reid.wrap_ddp(discriminators, device)
+    target_encoder_ddp = target_encoder
+    if optimizer_reid is not None:
+        target_encoder_ddp = reid.wrap_ddp(target_encoder, device)
 
     def save(epoch: int, iteration: int) -> None:
         state = {
-            "kind": "sda",
             "architecture": architecture_of(args),
             "args": vars(args),
             "epoch": epoch,
@@ -831,16 +792,14 @@ def train(args: argparse.Namespace) -> None:
             "pool_target": pool_target.state_dict(),
             "pool_source": pool_source.state_dict(),
             "rng": reid.rng_state(),
+            "log_position": logger.position() if logger else None,
         }
         if optimizer_reid is not None:
             state["target_encoder"] = target_encoder.state_dict()
             state["optimizer_reid"] = optimizer_reid.state_dict()
-        reid.save_checkpoint(state, checkpoint_path)
+        reid.save_checkpoint(state, out_dir / CHECKPOINT_NAME, "sda")
 
-    logger = reid.JsonlLogger(out_dir / "log.jsonl") if main_process else None
-    if main_process:
-        with open(out_dir / "args.json", "w") as f:
-            json.dump(vars(args), f, indent=2)
+    logger = reid.JsonlLogger(out_dir / "log.jsonl", log_position) if main_process else None
     autocast = lambda: reid.autocast_context(device, args.amp)  # noqa: E731
     epochs = args.epochs_constant + args.epochs_decay
     for epoch in range(start_epoch, epochs):
@@ -941,7 +900,8 @@ def train(args: argparse.Namespace) -> None:
                     save_sample_grid(
                         sample_path, real_source[:n], images["fake_target"][:n], images["cycled_source"][:n]
                     )
-                    translated01 = translate_images(unwrap(generators).source_to_target, probe_images, autocast)
+                    generator = reid.unwrap_ddp(generators).source_to_target
+                    translated01 = translate_images(generator, probe_images, autocast)
                     fidelity = identity_fidelity(probe01, translated01.cpu(), probe_pids)
                     fidelity["style_gap"] = style_gap(probe01, translated01.cpu(), probe_target01)
                     terms.update({f"fidelity_{k}": v for k, v in fidelity.items()})
@@ -976,8 +936,8 @@ def load_generator(path: str | Path) -> tuple[ResnetGenerator, dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--checkpoint: no such file: {path} (run `sda.py train` first)")
-    state = reid.load_checkpoint(path)
-    if not isinstance(state, dict) or state.get("kind") != "sda" or "generators" not in state:
+    state = reid.read_checkpoint(path, kinds=("sda",), what="--checkpoint")
+    if "generators" not in state:
         raise ValueError(f"--checkpoint {path}: not an sda.py training checkpoint (no trained generator in it)")
     if state.get("global_step", 0) <= 0:
         raise ValueError(f"--checkpoint {path}: the generator was saved before any training step")
@@ -1027,9 +987,7 @@ def translate(args: argparse.Namespace) -> None:
             f"{destination.relative_to(out_dir).as_posix()} {pid} {camid}\n"
             for (_, pid, camid), destination in zip(items, destinations, strict=True)
         ]
-        temporary = out_dir / f".list_train.txt.tmp{os.getpid()}"
-        temporary.write_text("".join(lines))
-        os.replace(temporary, out_dir / "list_train.txt")
+        reid.atomic_write_text(out_dir / "list_train.txt", "".join(lines))
         print(f"translate: {out_dir / 'list_train.txt'} lists them (--source list --source-root {out_dir})")
 
 
@@ -1056,11 +1014,9 @@ def write_translations(generator, architecture: dict, todo, destination_of: dict
                 if result.size != size:
                     result = result.resize(size, Image.BICUBIC)
                 destination = destination_of[source_path]
-                tmp = destination.with_name(f".{destination.name}.tmp{os.getpid()}")
                 image_format = Image.registered_extensions().get(destination.suffix.lower(), "PNG")
                 save_options = {"quality": args.jpeg_quality} if image_format == "JPEG" else {}
-                result.save(tmp, format=image_format, **save_options)
-                os.replace(tmp, destination)
+                reid.atomic_write(destination, functools.partial(result.save, format=image_format, **save_options))
             progress.update(len(indices))
 
 
@@ -1128,10 +1084,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="train the source<->target CycleGAN with relation consistency",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    t.add_argument("--preset", choices=sorted(PRESETS), help="defaults for a setting (explicit flags still win)")
+    reid.add_preset_argument(t, PRESETS)
     reid.add_dataset_arguments(t, ("source", "target"))
-    t.add_argument("--out", default="logs/sda", help="output folder: checkpoint.pt, log.jsonl, samples/")
-    t.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    t.add_argument("--out", default="logs/sda", help="output folder: checkpoint.pth, log.jsonl, samples/")
+    reid.add_run_dir_arguments(t, "--out", SETTINGS_CHANGEABLE_ON_RESUME)
     # relation consistency
     t.add_argument(
         "--arch", help="architecture of the re-ID encoders (default: the 'arch' their checkpoints name); checked"
@@ -1206,7 +1162,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="write <out>/personX_sda/image_train/ with the trained source-to-target generator",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    s.add_argument("--checkpoint", required=True, help="checkpoint.pt written by `sda.py train`")
+    s.add_argument(
+        "--checkpoint", required=True, help="checkpoint.pth (or an earlier version's .pt) written by `sda.py train`"
+    )
     reid.add_dataset_arguments(s, ("source",))
     s.add_argument(
         "--out",
@@ -1232,16 +1190,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--width", type=int, default=64)
     f.add_argument("--out", help="also write the result to this JSON file")
     f.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.set_defaults(train_parser=t)  # where parse_args puts a --preset's defaults
     return parser
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "train" and args.preset:
-        train_parser = parser._subparsers._group_actions[0].choices["train"]
-        train_parser.set_defaults(**PRESETS[args.preset])
-        args = parser.parse_args(argv)
+    args = reid.parse_with_preset(parser, PRESETS, argv, target=parser.get_default("train_parser"))
+    del args.train_parser
     return args
 
 

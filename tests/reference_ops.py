@@ -2,7 +2,8 @@
 
 Each function is written from the published definition (Zhong et al., CVPR 2017, "Re-ranking Person
 Re-identification with k-reciprocal Encoding"; the SpCL/MMT+ clustering variant described in
-/work/shared/docs/reference-implementation.md §7; the Market-1501 evaluation protocol of §10.4), never from the
+docs/differences.md#clustering-jaccard-distance; the Market-1501 evaluation protocol of
+docs/differences.md#validation-metric), never from the
 kernels, so that the tests in tests/test_ops.py can fail. They are deliberately simple (loops, float64 where the
 definition allows it) and only meant for test-sized inputs, except the ``*_classic`` / ``*_dense`` versions, which
 mirror the vectorised dense numpy code shipped in fast-reid/torchreid/SpCL and serve as the baselines of
@@ -43,7 +44,7 @@ def knn_ref(x: np.ndarray, y: np.ndarray, k: int, metric: str = "sqeuclidean") -
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Test-time k-reciprocal re-ranking (reference-implementation.md §8)
+# Test-time k-reciprocal re-ranking (docs/differences.md#re-ranking)
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -83,7 +84,8 @@ def _jaccard_from_v(v_rows: np.ndarray, v_all: np.ndarray) -> np.ndarray:
 def re_ranking_ref(
     q_g: np.ndarray, q_q: np.ndarray, g_g: np.ndarray, k1: int = 20, k2: int = 6, lambda_value: float = 0.3
 ) -> np.ndarray:
-    """Loop-based k-reciprocal re-ranking, straight from the definition (Zhong et al. 2017, Eq. 7-14; §8)."""
+    """Loop-based k-reciprocal re-ranking, straight from the definition (Zhong et al. 2017, Eq. 7-14;
+    docs/differences.md#re-ranking)."""
     num_query = np.asarray(q_g).shape[0]
     o = _normalised_original_distance(q_g, q_q, g_g)
     n = o.shape[0]
@@ -105,8 +107,9 @@ def re_ranking_classic(
     q_g: np.ndarray, q_q: np.ndarray, g_g: np.ndarray, k1: int = 20, k2: int = 6, lambda_value: float = 0.3
 ) -> np.ndarray:
     """The vectorised-per-row dense numpy re-ranking as shipped in fast-reid/torchreid (dense (Q+G)^2 V, full
-    argsort, inverted index for the Jaccard step), written from §8. Only change: a stable argsort, so that ties are
-    broken by index like the other implementations (the shipped code uses numpy's default quicksort)."""
+    argsort, inverted index for the Jaccard step), written from docs/differences.md#re-ranking. Only change: a
+    stable argsort, so that ties are broken by index like the other implementations (the shipped code uses numpy's
+    default quicksort)."""
     num_query = q_g.shape[0]
     original_dist = _normalised_original_distance(q_g, q_q, g_g)
     num_all = original_dist.shape[0]
@@ -149,7 +152,7 @@ def re_ranking_classic(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Clustering Jaccard distance (SpCL / MMT+ release, reference-implementation.md §7)
+# Clustering Jaccard distance (SpCL / MMT+ release, docs/differences.md#clustering-jaccard-distance)
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -206,8 +209,9 @@ def knn_blocked_torch(features: torch.Tensor, k: int, block: int = 4096) -> tupl
 
 
 def jaccard_dense(features: np.ndarray, k1: int = 20, k2: int = 6) -> np.ndarray:
-    """The dense numpy clustering Jaccard as in the SpCL / MMT+ release (§7): kNN lists from an exact search (here a
-    blocked fp32 GEMM + topk instead of faiss), dense N x N float32 V and V', inverted index, dense N x N output."""
+    """The dense numpy clustering Jaccard as in the SpCL / MMT+ release
+    (docs/differences.md#clustering-jaccard-distance): kNN lists from an exact search (here a blocked fp32 GEMM + topk
+    instead of faiss), dense N x N float32 V and V', inverted index, dense N x N output."""
     features = np.ascontiguousarray(features, dtype=np.float32)
     n = features.shape[0]
     _, idx = knn_blocked_torch(torch.from_numpy(features), k1)
@@ -259,7 +263,7 @@ def gem_ref(x: torch.Tensor, p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Rank metrics (Market-1501 protocol; VisDA top-k AP variant of §10.4)
+# Rank metrics (Market-1501 protocol; VisDA top-k AP variant of docs/differences.md#validation-metric)
 # --------------------------------------------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import camera  # noqa: E402
+import reid  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -39,6 +40,8 @@ def test_few_iterations_resume_and_postprocess_loading(tmp_path, tiny_data_root)
     summary = camera.main(tiny_args(tiny_data_root, full_dir, epochs=2))
     assert 0.0 <= summary["best_val_camera_accuracy"] <= 1.0
     assert (full_dir / "model_best.pth").exists() and (full_dir / "checkpoint.pth").exists()
+    assert json.loads((full_dir / "args.json").read_text())["epochs"] == 2  # the run-directory contract
+    assert len((full_dir / "log.txt").read_text().splitlines()) == len(read_log(full_dir / "log.jsonl"))
     full_epochs = [r for r in read_log(full_dir / "log.jsonl") if "epoch" in r]
     assert [r["epoch"] for r in full_epochs] == [1, 2]
     for record in full_epochs:
@@ -50,7 +53,7 @@ def test_few_iterations_resume_and_postprocess_loading(tmp_path, tiny_data_root)
     # interrupted after epoch 1, then resumed for the second epoch
     resumed_dir = tmp_path / "resumed"
     camera.main(tiny_args(tiny_data_root, resumed_dir, epochs=1))
-    state = torch.load(resumed_dir / "checkpoint.pth", map_location="cpu", weights_only=False)
+    state = reid.read_checkpoint(resumed_dir / "checkpoint.pth")
     assert state["epoch"] == 0 and state["arch"] == "resnet18" and state["num_classes"] == 5
     camera.main(tiny_args(tiny_data_root, resumed_dir, epochs=2) + ["--resume"])
     resumed_log = read_log(resumed_dir / "log.jsonl")
@@ -65,7 +68,7 @@ def test_few_iterations_resume_and_postprocess_loading(tmp_path, tiny_data_root)
     # the checkpoint is what postprocess.py loads as camera model (head dropped, architecture read from it)
     import postprocess
 
-    model, info = postprocess.load_model_for_inference(str(full_dir / "model_best.pth"))
+    model, info = postprocess.load_model_for_inference(str(full_dir / "model_best.pth"), kinds=("camera",))
     assert info["arch"] == "resnet18" and (info["height"], info["width"]) == (64, 32)
     assert model.classifier is None
     with torch.no_grad():

@@ -486,7 +486,7 @@ def test_translate_any_source_into_a_list_dataset(trees, tmp_path):
               "4", "--n-blocks", "1", "--iters", "1", "--batch-size", "8", "--workers", "0", "--no-amp",
               "--epochs-constant", "1", "--epochs-decay", "0"])  # fmt: skip
     translated = tmp_path / "translated"
-    sda.main(["translate", "--checkpoint", str(out / "checkpoint.pt"), "--source", "market1501", "--source-root",
+    sda.main(["translate", "--checkpoint", str(out / "checkpoint.pth"), "--source", "market1501", "--source-root",
               parent, "--out", str(translated), "--workers", "0"])  # fmt: skip
     data = reid.read_dataset("list", translated / "market1501_sda")
     market = reid.read_dataset("market1501", parent)

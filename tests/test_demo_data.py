@@ -1,8 +1,9 @@
 """Tests of make_demo_data.py: determinism (seeds, worker count), the VisDA-2020 layout and line formats parsed
-independently from the format description (reference-implementation.md §2), identity disjointness, no identity
+independently from the format description (docs/differences.md#data-layout), identity disjointness, no identity
 leaking into target training names, distractors and cross-camera matches, argument errors, and the
 viewpoint-dependent rendering."""
 
+import colorsys
 import json
 import re
 from pathlib import Path
@@ -276,3 +277,231 @@ def test_target_style_strength_zero_removes_the_gap():
     # cameras differ from each other and keep their style for a given seed
     assert len({tuple(s["channel_gains"]) for s in styles}) == len(styles)
     assert styles[0] == make_demo_data.camera_style(0, "target", 1, config)
+
+
+# --- the target-domain knobs, measured on rendered pixels ----------------------------------------------------------
+
+SIZE = (128, 64)
+SCENE_GREY = 200
+
+
+def camera_with(seed: int = 0, camera: int = 1, **knobs) -> dict:
+    """A target camera's style with every camera effect off except the given knobs."""
+    off = {key: 0.0 for key in make_demo_data.CAMERA_KNOBS} | {"jpeg_quality_min": 95}
+    config = make_demo_data.build_config("default", None, {**off, **knobs})
+    return make_demo_data.camera_style(seed, "target", camera, config)
+
+
+def plain_person(**colours) -> dict:
+    person = make_demo_data.identity_attributes(0, "source", 1)
+    person.update(upper_pattern="plain", bag="none", hair_style="bald", long_sleeves=True, lower_type="trousers")
+    person.update(upper=(200, 40, 45), lower=(40, 60, 200), height=1.0, build=1.0)
+    person.update(colours)
+    return person
+
+
+def render(style: dict, person: dict | None = None, key: int = 0, view: str = "front") -> np.ndarray:
+    """One crop on a uniform grey scene (so the person's pixels are the ones that differ from it)."""
+    scene = np.full((SIZE[0] * 2, SIZE[1] * 6, 3), SCENE_GREY, dtype=np.uint8)
+    job = dict(rng_key=(0, 1, 1, key, 103), view=view)
+    image = make_demo_data.render_image(job, person or plain_person(), style, scene, SIZE)
+    return np.asarray(image, dtype=np.float64)
+
+
+def person_mask(pixels: np.ndarray) -> np.ndarray:
+    return np.abs(pixels - SCENE_GREY).sum(axis=2) > 30
+
+
+def bounding_box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    return int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
+
+
+def colour_of(pixels: np.ndarray, target: tuple, tolerance: float = 40) -> np.ndarray:
+    return np.abs(pixels - np.asarray(target, dtype=np.float64)).sum(axis=2) < tolerance
+
+
+def torso_colour(pixels: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Mean colour of the pixels that show the (red) upper garment in the reference rendering."""
+    return pixels[colour_of(reference, (200, 40, 45))].mean(axis=0)
+
+
+def hue_degrees(rgb: np.ndarray) -> float:
+    return 360.0 * colorsys.rgb_to_hsv(*(np.asarray(rgb) / 255.0))[0]
+
+
+def test_hue_rotation_turns_the_hue_of_rendered_clothes():
+    reference = render({"clean": False})
+    for camera in (1, 2, 4):
+        style = camera_with(camera=camera, hue_rotation=60.0)
+        turned = torso_colour(render(style), reference)
+        change = (hue_degrees(turned) - hue_degrees(torso_colour(reference, reference)) + 180) % 360 - 180
+        assert abs(style["hue_rotation_deg"]) >= 0.4 * 60 - 1e-9
+        assert abs(change - style["hue_rotation_deg"]) < 8, (camera, change, style["hue_rotation_deg"])
+        # greys stay grey: the background has no colour after the rotation
+        background = render(style)[:4, :4].reshape(-1, 3).mean(axis=0)
+        assert np.ptp(background) < 3
+
+
+def test_channel_mixing_is_not_a_per_channel_gain():
+    red, blue = (200, 40, 45), (40, 60, 200)
+    reference = render({"clean": False})
+    style = camera_with(channel_mix=1.0)
+    mixed = render(style)
+    # the ratio output / input per channel: a per-channel gain gives the same ratios for every colour
+    red_ratio = mixed[colour_of(reference, red)].mean(axis=0) / reference[colour_of(reference, red)].mean(axis=0)
+    blue_ratio = mixed[colour_of(reference, blue)].mean(axis=0) / reference[colour_of(reference, blue)].mean(axis=0)
+    assert np.abs(red_ratio - blue_ratio).max() > 0.25, (red_ratio, blue_ratio)
+    assert np.ptp(mixed[:4, :4].reshape(-1, 3).mean(axis=0)) < 3  # rows sum to 1: greys stay grey
+
+
+def test_tone_curve_bends_mid_tones_per_channel():
+    style = camera_with(tone_curve=0.6)
+    gammas = np.array(style["tone_gammas"])
+    assert np.ptp(gammas) > 0.05
+    background = render(style)[:8, :8].reshape(-1, 3).mean(axis=0)
+    expected = 255.0 * (SCENE_GREY / 255.0) ** gammas  # the definition of a gamma curve
+    assert np.abs(background - expected).max() < 2.0, (background, expected)
+    # black stays black (0 ** gamma = 0)
+    person = plain_person(upper=(0, 0, 0))
+    black = render({"clean": False}, person).sum(axis=2) < 2
+    assert black.sum() > 100 and render(style, person)[black].max() < 3
+
+
+def high_frequency_energy(pixels: np.ndarray) -> float:
+    grey = pixels.mean(axis=2)
+    laplacian = 4 * grey[1:-1, 1:-1] - grey[:-2, 1:-1] - grey[2:, 1:-1] - grey[1:-1, :-2] - grey[1:-1, 2:]
+    return float((laplacian**2).mean())
+
+
+def test_lower_resolution_removes_high_frequencies():
+    person = plain_person(upper_pattern="hstripes", upper_secondary=(250, 250, 250))
+    energies = []
+    for downscale in (0.0, 0.3, 0.7):
+        style = camera_with(downscale=downscale)
+        energies.append(np.mean([high_frequency_energy(render(style, person, key=k)) for k in range(4)]))
+    assert energies[0] > 1.5 * energies[1] > 1.5 * 1.5 * energies[2], energies
+
+
+def test_motion_blur_smears_horizontally_only():
+    person = plain_person(upper_pattern="hstripes", upper_secondary=(250, 250, 250))
+    sharp, blurred = render(camera_with(), person), render(camera_with(motion_blur=3.0), person)
+
+    def gradients(pixels: np.ndarray) -> tuple[float, float]:
+        grey = pixels.mean(axis=2)
+        return float((np.diff(grey, axis=1) ** 2).mean()), float((np.diff(grey, axis=0) ** 2).mean())
+
+    (sharp_x, sharp_y), (blur_x, blur_y) = gradients(sharp), gradients(blurred)
+    assert blur_x < 0.7 * sharp_x
+    assert blur_y > 0.85 * sharp_y
+
+
+def test_sensor_noise_has_the_documented_sigma():
+    style = camera_with(noise=0.04)
+    background = render(style)[:, :6]  # columns of the grey scene, far from the person
+    measured = background.std()
+    assert abs(measured - style["noise_sigma"]) < 0.2 * style["noise_sigma"] + 0.5, (measured, style["noise_sigma"])
+
+
+def boxes(style: dict, count: int = 24) -> np.ndarray:
+    return np.array([bounding_box(person_mask(render(style, key=k))) for k in range(count)], dtype=np.float64)
+
+
+def test_loose_boxes_make_the_person_smaller_and_lift_the_feet():
+    tight, loose = boxes(camera_with()), boxes(camera_with(loose_box=0.5))
+    tight_height, loose_height = (tight[:, 1] - tight[:, 0]).mean(), (loose[:, 1] - loose[:, 0]).mean()
+    assert loose_height < 0.85 * tight_height
+    assert loose[:, 1].mean() < tight[:, 1].mean() - 3  # background below the feet
+
+
+def test_box_jitter_moves_the_person():
+    still, jittered = boxes(camera_with()), boxes(camera_with(box_jitter=0.3))
+    centre = lambda b: (b[:, 2] + b[:, 3]) / 2  # noqa: E731
+    assert centre(jittered).std() > 2 * centre(still).std()
+
+
+def test_truncation_cuts_the_person_at_the_box_edge():
+    height, width = SIZE
+    shoes = plain_person()["shoes"]
+
+    def cut_fraction(truncation: float) -> float:
+        style = camera_with(truncation=truncation)
+        cut = []
+        for k in range(24):
+            pixels = render(style, key=k)
+            top, _, left, right = bounding_box(person_mask(pixels))
+            feet_visible = colour_of(pixels, shoes, 30).any()
+            # cut: the head touches the top edge, the body touches a side edge, or the shoes are outside the box
+            cut.append(top <= 0 or left <= 0 or right >= width - 1 or not feet_visible)
+        return float(np.mean(cut))
+
+    never, always = cut_fraction(0.0), cut_fraction(1.0)
+    assert never <= 0.2 and always >= 0.8, (never, always)
+
+
+def test_elevated_camera_enlarges_the_upper_body():
+    def upper_share(style: dict) -> float:
+        shares = []
+        for k in range(8):
+            pixels = render(style, key=k)
+            upper_rows = colour_of(pixels, (200, 40, 45), 60).any(axis=1).sum()
+            lower_rows = colour_of(pixels, (40, 60, 200), 60).any(axis=1).sum()
+            shares.append(upper_rows / (upper_rows + lower_rows))
+        return float(np.mean(shares))
+
+    assert upper_share(camera_with(elevation=0.4)) > upper_share(camera_with()) + 0.03
+
+
+def test_passers_by_appear_at_the_sides_of_the_box():
+    def side_pixels(style: dict) -> float:
+        fractions = []
+        for k in range(16):
+            mask = person_mask(render(style, key=k))
+            fractions.append(np.concatenate([mask[:, :8], mask[:, -8:]], axis=1).mean())
+        return float(np.mean(fractions))
+
+    alone, crowded = side_pixels(camera_with()), side_pixels(camera_with(passerby=1.0))
+    assert crowded > alone + 0.05, (alone, crowded)
+
+
+def test_target_population_dresses_darker_and_plainer_on_rendered_pixels():
+    """Torso pixels of 200 rendered people per population (front view, clean camera): the target population's
+    clothes are darker and less saturated, so clothing colour separates its people less."""
+
+    def torsos(split: str, shift: float) -> np.ndarray:
+        colours = []
+        for pid in range(1, 201):
+            person = make_demo_data.identity_attributes(3, split, pid, shift)
+            person.update(bag="none", hair_style="bald", height=1.0, build=1.0, upper_pattern="plain")
+            pixels = render({"clean": True}, person)
+            colours.append(pixels[50:62, 28:36].reshape(-1, 3).mean(axis=0))  # the chest, below the neck
+        return np.array(colours) / 255.0
+
+    source, target, unshifted = torsos("source", 1.0), torsos("target_train", 1.0), torsos("target_train", 0.0)
+    value = lambda c: c.max(axis=1)  # noqa: E731  (HSV value)
+    chroma = lambda c: c.max(axis=1) - c.min(axis=1)  # noqa: E731
+    spread = lambda c: np.linalg.norm(c[:, None] - c[None], axis=2).mean()  # noqa: E731  (mean pairwise distance)
+    assert value(target).mean() < value(source).mean() - 0.12
+    assert chroma(target).mean() < chroma(source).mean() - 0.05
+    assert spread(target) < 0.75 * spread(source)  # clothing colour separates target people less
+    assert np.mean(value(target) < 0.35) > np.mean(value(source) < 0.35) + 0.2  # mostly dark garments
+    # with the shift at 0 the target population dresses like the source
+    assert abs(value(unshifted).mean() - value(source).mean()) < 0.06
+
+
+def test_translator_control_re_renders_the_source_jobs_with_target_cameras(tmp_path, tiny_data_root):
+    out, translator = tmp_path / "data", tmp_path / "translator"
+    make_demo_data.generate(out, preset="tiny", seed=0, workers=1, translator_out=translator)
+    source_names = sorted(p.name for p in (out / "personX/image_train").iterdir())
+    assert source_names == sorted(p.name for p in (translator / "personX/image_train").iterdir())
+    assert not (translator / "target_training").exists()  # only personX: pretrain.py --target-root OUT
+
+    def energy(folder: Path) -> float:
+        return float(np.mean([high_frequency_energy(np.asarray(Image.open(p), float)) for p in folder.iterdir()]))
+
+    source = energy(out / "personX/image_train")
+    translated = energy(translator / "personX/image_train")
+    target = energy(out / "target_training/image_train")
+    assert abs(translated - target) < abs(translated - source)  # the target cameras' detail, not the source's
+    # the same people and poses: the benchmark itself is unchanged by the option
+    assert all_files(out) == all_files(tiny_data_root)

@@ -1,6 +1,7 @@
 """Tests of mmt_plus.py: domain-specific BN, margin heads, MoCo queue, EMA, sparse-graph DBSCAN and pseudo labels
-against independent references written here from their definitions (reference-implementation.md §6-§7), then a
-short MMT+ run on the tiny generated dataset, resume, and a 2-process torchrun run."""
+against independent references written here from their definitions (docs/differences.md#mmt and
+docs/differences.md#clustering-jaccard-distance), then a short MMT+ run on the tiny generated dataset, resume, and a
+2-process torchrun run."""
 
 import json
 import math
@@ -152,7 +153,7 @@ def test_dsbn_collapse_loads_into_pretrain_build_model():
 
 
 def arcface_reference(features, weight, labels, s, m):
-    """§6.7 in float64 numpy, one element at a time."""
+    """docs/differences.md#mmt (margin heads) in float64 numpy, one element at a time."""
     f = features / np.linalg.norm(features, axis=1, keepdims=True)
     w = weight / np.linalg.norm(weight, axis=1, keepdims=True)
     out = np.zeros((len(f), len(w)))
@@ -276,8 +277,9 @@ def test_ema_update_and_ramp():
 
 
 def dense_jaccard_reference(features: np.ndarray, k1: int = 20, k2: int = 6) -> np.ndarray:
-    """§7 with dense numpy matrices (float64): k1 list entries (self included), k-reciprocal sets, 2/3 expansion
-    with round(k1/2), softmax(-d) weights, k2 query expansion, Jaccard 1 - s / (2 - s), clamp at 0."""
+    """docs/differences.md#clustering-jaccard-distance with dense numpy matrices (float64): k1 list entries
+    (self included), k-reciprocal sets, 2/3 expansion with round(k1/2), softmax(-d) weights, k2 query expansion,
+    Jaccard 1 - s / (2 - s), clamp at 0."""
     n = len(features)
     d = ((features[:, None, :] - features[None, :, :]) ** 2).sum(-1)
     ranks = np.argsort(d, axis=1, kind="stable")[:, :k1]
@@ -408,7 +410,7 @@ def make_init_checkpoints(directory: Path, data_root: Path) -> tuple[Path, Path]
         torch.manual_seed(seed)
         model = reid.build_model("resnet18", num_classes=num_source)
         path = directory / f"init{seed}.pth"
-        reid.save_checkpoint({"state_dict": model.state_dict(), "arch": "resnet18", "epoch": 0}, path)
+        reid.save_checkpoint({"state_dict": model.state_dict(), "arch": "resnet18", "epoch": 0}, path, "pretrain")
         paths.append(path)
     return paths[0], paths[1]
 
@@ -451,10 +453,12 @@ def test_run_resume_and_checkpoint_loading(tmp_path, tiny_data_root, inits):
         if "pseudo_labels" in r:
             assert 0 <= r["pseudo_labels"]["purity"] <= 1
     assert records[-1]["global_step"] == 4
+    assert json.loads((full / "args.json").read_text())["epochs"] == 2  # the run-directory contract
+    assert len((full / "log.txt").read_text().splitlines()) == len(read_log(full / "log.jsonl"))
     start = read_log(full / "log.jsonl")[0]
     assert start["images_per_batchnorm_per_domain"] == {"source": 8, "target": 8}
 
-    best = torch.load(full / "model_best.pth", map_location="cpu", weights_only=False)
+    best = reid.read_checkpoint(full / "model_best.pth")
     assert best["arch"] == "resnet18" and best["mAP"] == pytest.approx(summary["best_mAP"])
     model = reid.build_model("resnet18", num_classes=0)
     model.load_state_dict(best["state_dict"])  # strict: a plain model with the target BN branch
@@ -466,7 +470,7 @@ def test_run_resume_and_checkpoint_loading(tmp_path, tiny_data_root, inits):
     # interrupted after epoch 1, resumed for epoch 2: same result as the uninterrupted run
     resumed = tmp_path / "resumed"
     mmt_plus.main(tiny_args(tiny_data_root, resumed, inits, epochs=1) + ["--moco-queue-size", "20"])
-    state = torch.load(resumed / "checkpoint.pth", map_location="cpu", weights_only=False)
+    state = reid.read_checkpoint(resumed / "checkpoint.pth")
     assert state["epoch"] == 0 and state["global_step"] == 2 and len(state["moco_queues"]) == 2
     assert int(state["moco_queues"][0]["pointer"]) == 16  # 2 iterations x 8 target keys (queue of 20)
     mmt_plus.main(tiny_args(tiny_data_root, resumed, inits, epochs=2) + ["--moco-queue-size", "20", "--resume"])
@@ -646,8 +650,8 @@ def test_zero_learning_rate_only_re_estimates_batchnorm(tmp_path, tiny_data_root
     """The BN-only control (--lr 0): every weight keeps its initial value; only BN running statistics move."""
     reid = pytest.importorskip("reid")
     mmt_plus.main(tiny_args(tiny_data_root, tmp_path, inits, epochs=1) + ["--lr", "0", "--no-teacher-diagnostics"])
-    state = torch.load(tmp_path / "checkpoint.pth", map_location="cpu", weights_only=False)
-    initial = reid.load_checkpoint(inits[0])["state_dict"]
+    state = reid.read_checkpoint(tmp_path / "checkpoint.pth")
+    initial = reid.read_checkpoint(inits[0])["state_dict"]
     student = state["students"][0]
     changed_stats = 0
     for key, value in student.items():

@@ -79,7 +79,7 @@ def test_camera_correction_matches_formulas(seed, weight):
     rng = np.random.default_rng(seed)
     qa, ga = unit_rows(rng, 7, 12), unit_rows(rng, 11, 12)
     qc, gc = unit_rows(rng, 7, 5), unit_rows(rng, 11, 5)
-    # release / default: squared distances for both terms (ref. §9)
+    # release / default: squared distances for both terms (docs/differences.md#camera-model)
     expected_sq = squared_euclidean(qa, ga) - weight * squared_euclidean(qc, gc)
     for formula in ("squared", "release"):
         got = postprocess.camera_corrected_distance(qa, ga, qc, gc, weight, formula)
@@ -148,7 +148,7 @@ def test_clamped_formulas_avoid_the_release_rank_inversion():
     """With lambda 1 the re-ranked distance is the original-distance term alone: the squared input divided by
     its row maximum over [q_q | q_g]. 'slides' (default) and 'squared' keep the order of the corrected distances
     (a negative entry is clamped to the best value 0); the release's double squaring puts it behind smaller
-    positive entries (ref. §13.1 item 12)."""
+    positive entries (docs/differences.md#camera-model)."""
     rng = np.random.default_rng(12)
     qg = np.array([[-0.3, 0.1, 0.5, 0.8, 1.2, 1.5], [0.4, 0.2, 0.9, 1.1, 0.05, 1.3]], dtype=np.float32)
     qq = np.array([[0.0, 0.7], [0.7, 0.0]], dtype=np.float32)
@@ -320,19 +320,19 @@ def test_feature_cache_key_changes_with_inputs(tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def save_random_checkpoint(path: Path, arch: str, num_classes: int, seed: int) -> Path:
+def save_random_checkpoint(path: Path, arch: str, num_classes: int, seed: int, kind: str = "pretrain") -> Path:
     import reid
 
     torch.manual_seed(seed)
     model = reid.build_model(arch, num_classes=num_classes)
-    reid.save_checkpoint({"state_dict": model.state_dict(), "arch": arch, "height": 64, "width": 32}, path)
+    reid.save_checkpoint({"state_dict": model.state_dict(), "arch": arch, "height": 64, "width": 32}, path, kind)
     return path
 
 
 def test_end_to_end_on_tiny_data(tmp_path, tiny_data_root):
     first = save_random_checkpoint(tmp_path / "a.pth", "resnet18", 10, seed=0)
     second = save_random_checkpoint(tmp_path / "b.pth", "resnet18", 10, seed=1)
-    camera = save_random_checkpoint(tmp_path / "camera.pth", "resnet18", 5, seed=2)
+    camera = save_random_checkpoint(tmp_path / "camera.pth", "resnet18", 5, seed=2, kind="camera")
     out = tmp_path / "post"
     argv = ["--checkpoints", str(first), str(second), "--camera-checkpoint", str(camera),
             "--dataset", "target_val", "--data-root", str(tiny_data_root), "--out", str(out),
@@ -380,11 +380,11 @@ def test_checkpoint_without_arch_or_with_missing_weights_fails_clearly(tmp_path)
 
     model = reid.build_model("resnet18", num_classes=0)
     no_arch = tmp_path / "no_arch.pth"
-    reid.save_checkpoint({"state_dict": model.state_dict()}, no_arch)
+    reid.save_checkpoint({"state_dict": model.state_dict()}, no_arch, "pretrain")
     with pytest.raises(ValueError, match="no_arch.pth.*architecture"):
         postprocess.load_model_for_inference(str(no_arch))
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("bnneck")}
     partial = tmp_path / "partial.pth"
-    reid.save_checkpoint({"state_dict": state, "arch": "resnet18"}, partial)
+    reid.save_checkpoint({"state_dict": state, "arch": "resnet18"}, partial, "pretrain")
     with pytest.raises(ValueError, match="partial.pth.*missing"):
         postprocess.load_model_for_inference(str(partial))

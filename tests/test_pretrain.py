@@ -1,7 +1,7 @@
 """Tests of pretrain.py: backbones, GeM, sampler, readers, weights loading, losses, resume and DDP.
 
 References are written here from the definitions (IBN-Net placement, the release's sampler rule in
-reference-implementation.md §3.3, the loss formulas of §3.5), not from pretrain.py.
+docs/differences.md#p-x-k-sampler, the loss formulas of docs/differences.md#losses), not from pretrain.py.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import random
 import subprocess
 import sys
 from collections import defaultdict
@@ -191,7 +192,7 @@ def test_pretrained_from_a_pretrain_checkpoint_loads_only_the_trunk(tmp_path):
             if buffer.is_floating_point():
                 buffer.add_(torch.rand_like(buffer))
     path = tmp_path / "model_best.pth"
-    reid.save_checkpoint({"state_dict": trained.state_dict(), "arch": "resnet18", "num_classes": 5}, path)
+    reid.save_checkpoint({"state_dict": trained.state_dict(), "arch": "resnet18", "num_classes": 5}, path, "pretrain")
     fresh = reid.ReIDModel("resnet18", num_classes=7)
     model = reid.build_model("resnet18", num_classes=7, pretrained=str(path))
     for key, value in trained.backbone.state_dict().items():
@@ -497,10 +498,10 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(tiny_data_ro
     with_worker = tmp_path / "with_worker"
     pretrain.main(_train_args(tiny_data_root, with_worker, "--workers", "1"))
     np.testing.assert_allclose([r[2] for r in _losses(with_worker / "log.jsonl")], [r[2] for r in reference], rtol=1e-5)
-    best = reid.load_checkpoint(straight / "model_best.pth")
-    assert best["arch"] == "resnet18" and best["feature_dim"] == 512
-    model = reid.build_model("resnet18", num_classes=best["num_classes"])
-    reid.load_model_weights(model, best["state_dict"])
+    num_classes = reid.read_checkpoint(straight / "model_best.pth")["num_classes"]
+    model, best = reid.load_model(straight / "model_best.pth", kinds=("pretrain",), num_classes=num_classes)
+    assert best["kind"] == "pretrain" and best["arch"] == "resnet18" and best["feature_dim"] == 512
+    assert torch.equal(model.classifier.weight, best["state_dict"]["classifier.weight"])
 
 
 def test_target_labels_upper_bound_reads_diagnostics(tiny_data_root, tmp_path):
@@ -537,3 +538,25 @@ def test_torchrun_two_processes(tiny_data_root, tmp_path):
     start = json.loads((logs / "log.jsonl").read_text().splitlines()[0])
     assert start["world_size"] == 2 and start["bn_batch_source"] == 8
     assert (logs / "model_best.pth").is_file()
+
+
+def test_seeded_samples_leave_the_global_random_state_alone(tiny_data_root):
+    """With 0 workers the dataset runs in the training process: a per-sample seed must not reseed its generators."""
+    items = reid.read_dataset("personx", tiny_data_root).train[:3]
+    transform = reid.build_train_transform(32, 16, autoaugment=True, random_erasing=True)
+    dataset = reid.ImageDataset(items, transform)
+    random.seed(11)
+    torch.manual_seed(12)
+    expected = (random.random(), torch.rand(4))
+    random.seed(11)
+    torch.manual_seed(12)
+    image = dataset[(1, 1234)][0]
+    after = (random.random(), torch.rand(4))
+    assert after[0] == expected[0] and torch.equal(after[1], expected[1])
+    # the sample is what the definition says: the transform drawn after seeding both generators with the seed
+    random.seed(1234)
+    torch.manual_seed(1234)
+    with Image.open(items[1][0]) as original:
+        reference = transform(original.convert("RGB"))
+    assert torch.equal(image, reference)
+    assert not torch.equal(dataset[(1, 1235)][0], reference)  # another seed, another augmentation

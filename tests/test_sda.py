@@ -326,8 +326,8 @@ def encoder_checkpoint(tmp_path_factory, tiny_data_root) -> Path:
     num_pids = reid.read_dataset("personx", str(tiny_data_root)).num_train_pids
     torch.manual_seed(0)
     model = reid.build_model("resnet18", num_classes=num_pids)
-    path = tmp_path_factory.mktemp("encoder") / "encoder.pt"
-    reid.save_checkpoint({"state_dict": model.state_dict(), "arch": "resnet18"}, path)
+    path = tmp_path_factory.mktemp("encoder") / "encoder.pth"
+    reid.save_checkpoint({"state_dict": model.state_dict(), "arch": "resnet18"}, path, "pretrain")
     return path
 
 
@@ -344,7 +344,7 @@ def read_log(path: Path) -> list[dict]:
 
 
 def test_train_writes_checkpoint_log_and_samples(trained_run):
-    state = torch.load(trained_run / "checkpoint.pt", map_location="cpu", weights_only=False)
+    state = reid.read_checkpoint(trained_run / "checkpoint.pth")
     assert state["epoch"] == 1 and state["iteration"] == 0 and state["global_step"] == 2
     records = read_log(trained_run / "log.jsonl")
     assert [r["step"] for r in records] == [1, 2]
@@ -360,9 +360,9 @@ def test_train_writes_checkpoint_log_and_samples(trained_run):
 def test_resume_continues_schedule_and_refuses_mismatch(tmp_path, trained_run, tiny_data_root, encoder_checkpoint):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "checkpoint.pt").write_bytes((trained_run / "checkpoint.pt").read_bytes())
+    (out / "checkpoint.pth").write_bytes((trained_run / "checkpoint.pth").read_bytes())
     (out / "log.jsonl").write_text((trained_run / "log.jsonl").read_text())
-    saved = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
+    saved = reid.read_checkpoint(out / "checkpoint.pth")
     base = [
         "train",
         "--data-root",
@@ -380,7 +380,7 @@ def test_resume_continues_schedule_and_refuses_mismatch(tmp_path, trained_run, t
     records = read_log(out / "log.jsonl")
     assert [(r["epoch"], r["step"]) for r in records] == [(0, 1), (0, 2), (1, 3), (1, 4)]
     assert records[2]["lr"] == pytest.approx(2e-4 * (1 - 1 / 2))  # epoch 1 of 1 + 1: decayed
-    resumed = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
+    resumed = reid.read_checkpoint(out / "checkpoint.pth")
     assert resumed["epoch"] == 2 and resumed["global_step"] == 4
     # Training continued from the saved weights: they moved, but far less than a fresh initialisation differs.
     key = "source_to_target.net.1.weight"
@@ -391,7 +391,7 @@ def test_resume_continues_schedule_and_refuses_mismatch(tmp_path, trained_run, t
     straight = tmp_path / "straight"
     base[base.index("--out") + 1] = str(straight)
     sda.main(base + ["--epochs-constant", "1", "--epochs-decay", "1", *TINY])
-    uninterrupted = torch.load(straight / "checkpoint.pt", map_location="cpu", weights_only=False)
+    uninterrupted = reid.read_checkpoint(straight / "checkpoint.pth")
     for part in ("generators", "discriminators"):
         for name, value in uninterrupted[part].items():
             assert torch.equal(value, resumed[part][name]), (part, name)
@@ -402,7 +402,7 @@ def test_translate_keeps_names_counts_sizes_and_resumes(tmp_path, trained_run, t
     args = [
         "translate",
         "--checkpoint",
-        str(trained_run / "checkpoint.pt"),
+        str(trained_run / "checkpoint.pth"),
         "--data-root",
         str(tiny_data_root),
     ]
@@ -432,22 +432,22 @@ def test_translate_refuses_without_a_trained_generator(tmp_path, tiny_data_root,
     args = ["translate", "--data-root", str(tiny_data_root), "--out", str(tmp_path)]
     with pytest.raises(FileNotFoundError, match="sda.py train"):
         sda.main(args + ["--checkpoint", str(tmp_path / "missing.pt")])
-    with pytest.raises(ValueError, match="no trained generator"):
+    with pytest.raises(ValueError, match="holds a pretrain.py re-ID model .* sda.py CycleGAN"):
         sda.main(args + ["--checkpoint", str(encoder_checkpoint)])
     assert not (tmp_path / "personX_sda").exists()
 
 
 def test_encoder_checkpoint_architecture_is_checked(encoder_checkpoint, tmp_path):
-    state, arch = sda.read_encoder_checkpoint(encoder_checkpoint)
-    assert arch == "resnet18" and not any(k.startswith("module.") for k in state)
-    with pytest.raises(ValueError, match="holds a resnet18 model, but --arch is resnet50"):
-        sda.read_encoder_checkpoint(encoder_checkpoint, "resnet50")
+    encoder, checkpoint = reid.load_model(encoder_checkpoint, sda.ENCODER_KINDS)
+    state = checkpoint["state_dict"]
+    assert encoder.arch == "resnet18" and not any(k.startswith("module.") for k in state)
+    with pytest.raises(ValueError, match="holds a resnet18 model, not resnet50"):
+        reid.load_model(encoder_checkpoint, sda.ENCODER_KINDS, "resnet50", what="--source-encoder")
     bare = tmp_path / "bare.pt"
     torch.save({f"module.{k}": v for k, v in state.items()}, bare)
-    with pytest.raises(ValueError, match="pass --arch"):
-        sda.read_encoder_checkpoint(bare)
-    loaded, arch = sda.read_encoder_checkpoint(bare, "resnet18")
-    encoder = sda.build_encoder(loaded, arch)
+    with pytest.raises(ValueError, match="names no architecture"):
+        reid.load_model(bare, sda.ENCODER_KINDS, what="--source-encoder")
+    encoder, _ = reid.load_model(bare, sda.ENCODER_KINDS, "resnet18", what="--source-encoder")
     assert encoder.classifier is None and torch.equal(encoder.state_dict()["bnneck.weight"], state["bnneck.weight"])
 
 
@@ -457,8 +457,8 @@ def test_online_relation_updates_target_encoder_only(tmp_path, tiny_data_root, e
     sda.main(
         args + [str(encoder_checkpoint), "--online-relation", "--epochs-constant", "1", "--epochs-decay", "0"] + TINY
     )
-    state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
-    original, _ = sda.read_encoder_checkpoint(encoder_checkpoint)
+    state = reid.read_checkpoint(out / "checkpoint.pth")
+    original = reid.read_checkpoint(encoder_checkpoint)["state_dict"]
     changed = [
         k for k, v in state["target_encoder"].items() if v.is_floating_point() and not torch.equal(v, original[k])
     ]
@@ -499,7 +499,7 @@ def test_ddp_with_torchrun_two_processes(tmp_path, tiny_data_root, encoder_check
     assert result.returncode == 0, result.stderr[-3000:]
     records = read_log(out / "log.jsonl")
     assert [r["step"] for r in records] == [1, 2]  # only rank 0 logs
-    assert torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)["global_step"] == 2
+    assert reid.read_checkpoint(out / "checkpoint.pth")["global_step"] == 2
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -548,7 +548,7 @@ def test_discriminator_depth_scales_with_image_width():
 
 
 def test_train_resolves_the_scaled_depth(trained_run):
-    state = torch.load(trained_run / "checkpoint.pt", map_location="cpu", weights_only=False)
+    state = reid.read_checkpoint(trained_run / "checkpoint.pth")
     assert state["architecture"]["d_layers"] == sda.discriminator_layers_for(32) == 1
     strides = [v.shape for k, v in state["discriminators"].items() if k.startswith("target.") and "weight" in k]
     assert len(strides) == 3  # two convolutions and the score layer
@@ -670,8 +670,8 @@ def test_target_encoder_is_loaded_from_its_own_checkpoint(tmp_path, tiny_data_ro
     adapted = reid.build_model("resnet18", num_classes=0)
     target_path = tmp_path / "model_best.pth"
     state = {f"module.{k}": v for k, v in adapted.state_dict().items()}
-    reid.save_checkpoint({"state_dict": state, "arch": "resnet18", "kind": "mmt"}, target_path)
-    source_state, _ = sda.read_encoder_checkpoint(encoder_checkpoint)
+    reid.save_checkpoint({"state_dict": state, "arch": "resnet18"}, target_path, "mmt_plus")
+    source_state = reid.read_checkpoint(encoder_checkpoint)["state_dict"]
 
     source, target = sda.build_relation_encoders(encoder_checkpoint, target_path, None, False, num_pids)
     for key, value in adapted.state_dict().items():
@@ -688,7 +688,7 @@ def test_target_encoder_is_loaded_from_its_own_checkpoint(tmp_path, tiny_data_ro
     assert torch.equal(online.state_dict()["backbone.conv1.weight"], adapted.state_dict()["backbone.conv1.weight"])
     assert any(p.requires_grad for p in online.parameters())
 
-    with pytest.raises(ValueError, match="holds a resnet18 model, but --arch is resnet50"):
+    with pytest.raises(ValueError, match="holds a resnet18 model, not resnet50"):
         sda.build_relation_encoders(encoder_checkpoint, target_path, "resnet50", False, num_pids)
 
 

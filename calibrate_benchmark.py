@@ -1,0 +1,220 @@
+"""Calibrate the embedded benchmark's domain gap with the project's own pre-training (pretrain.py).
+
+Runs one pretrain.py job per (row, seed) as a subprocess, all from scratch with the same budget, and prints the
+table that docs/demo_data.md reports (synthetic benchmark, target_val, mAP / top-1 at the last epoch):
+
+    source_only                    labelled personX, BN adaptation on target_training, AutoAugment (the default)
+    source_only_no_bn_adaptation   the same with --target none (no target images forwarded)
+    source_only_no_autoaugment     the same with --no-autoaugment
+    target_label_bound             DIAGNOSTICS ONLY: target_training with its true identities
+                                   (pretrain.py --target-labels-upper-bound)
+    perfect_translator             DIAGNOSTICS ONLY: the source jobs re-rendered by the target cameras
+                                   (make_demo_data.py --translator-out), the ceiling of an image translator like SDA
+
+Finished runs (a result.json whose command matches) are skipped, an interrupted one continues with --resume, and
+the JSON is written to a temporary file and renamed, so the command can be repeated until it has every number:
+
+    python calibrate_benchmark.py --data-root data/demo --generate --generator-seed 0 --runs-dir runs/calibration
+    python calibrate_benchmark.py ... --launcher /work/bin/cpujob --parallel 2   # two jobs at a time
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent
+ROWS = (
+    "source_only",
+    "target_label_bound",
+    "perfect_translator",
+    "source_only_no_bn_adaptation",
+    "source_only_no_autoaugment",
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--data-root", type=Path, required=True, help="the benchmark (make_demo_data.py --out)")
+    parser.add_argument(
+        "--translator-root",
+        type=Path,
+        help="the perfect-translator control (make_demo_data.py --translator-out); default: DATA_ROOT_translator",
+    )
+    parser.add_argument(
+        "--generate",
+        action="store_true",
+        help="first generate the benchmark and its translator control with --generator-seed (skipped when both "
+        "exist from that seed)",
+    )
+    parser.add_argument("--generator-seed", type=int, default=0, help="make_demo_data.py --seed")
+    parser.add_argument("--generator-args", default="", help="extra make_demo_data.py flags (quoted string)")
+    parser.add_argument("--runs-dir", type=Path, required=True, help="one pretrain.py logs dir per row and seed")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="pretrain.py seeds (initialisations)")
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS, help="rows to run")
+    parser.add_argument("--preset", default="demo", help="pretrain.py --preset (the budget)")
+    parser.add_argument("--pretrain-args", default="", help="extra pretrain.py flags for every run (quoted string)")
+    parser.add_argument("--launcher", default="", help="command prefix for each job (e.g. /work/bin/cpujob)")
+    parser.add_argument("--parallel", type=int, default=1, help="jobs at a time")
+    parser.add_argument("--out-json", type=Path, help="default: RUNS_DIR/benchmark_gap.json")
+    return parser.parse_args(argv)
+
+
+def row_flags(row: str, data_root: Path, translator_root: Path) -> list[str]:
+    """pretrain.py flags that define one row (everything else is shared)."""
+    if row == "source_only":
+        return ["--data-root", str(data_root), "--source", "personx"]
+    if row == "source_only_no_bn_adaptation":
+        return ["--data-root", str(data_root), "--source", "personx", "--target", "none"]
+    if row == "source_only_no_autoaugment":
+        return ["--data-root", str(data_root), "--source", "personx", "--no-autoaugment"]
+    if row == "target_label_bound":
+        return ["--data-root", str(data_root), "--target-labels-upper-bound"]
+    if row == "perfect_translator":
+        return ["--data-root", str(translator_root), "--target-root", str(data_root), "--source", "personx"]
+    raise ValueError(f"unknown row {row!r}")
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text(json.dumps(payload, indent=1) + "\n")
+    os.replace(temp, path)
+
+
+def generated_with_seed(root: Path, seed: int) -> bool:
+    summary = root / "diagnostics" / "summary.json"
+    return summary.is_file() and json.loads(summary.read_text()).get("seed") == seed
+
+
+def generate(args: argparse.Namespace, translator_root: Path) -> None:
+    if generated_with_seed(args.data_root, args.generator_seed) and (translator_root / "diagnostics").is_dir():
+        print(f"[calibrate] benchmark in {args.data_root} (seed {args.generator_seed}) exists, not regenerated")
+        return
+    command = [sys.executable, str(REPO / "make_demo_data.py"), "--out", str(args.data_root)]
+    command += ["--translator-out", str(translator_root), "--seed", str(args.generator_seed), "--overwrite"]
+    command += ["--no-progress", *shlex.split(args.generator_args)]
+    print("[calibrate]", shlex.join(command), flush=True)
+    subprocess.run(shlex.split(args.launcher) + command, check=True)
+
+
+def run_one(args: argparse.Namespace, row: str, seed: int, translator_root: Path) -> dict:
+    """One pretrain.py job; returns its last-epoch target_val result (percent)."""
+    logs_dir = args.runs_dir / f"{row}-seed{seed}"
+    command = [sys.executable, str(REPO / "pretrain.py"), "--preset", args.preset, "--seed", str(seed)]
+    command += [*row_flags(row, args.data_root, translator_root), "--logs-dir", str(logs_dir)]
+    command += shlex.split(args.pretrain_args)
+    result_file = logs_dir / "result.json"
+    if result_file.is_file():
+        saved = json.loads(result_file.read_text())
+        if saved.get("command") == command:
+            return saved
+        print(f"[calibrate] {row} seed {seed}: finished with a different command, running again", flush=True)
+    logs_dir.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with open(logs_dir / "stdout.log", "a") as log:
+        print(f"[calibrate] {row} seed {seed}: running (log {logs_dir / 'stdout.log'})", flush=True)
+        subprocess.run(
+            shlex.split(args.launcher) + command + ["--resume"], stdout=log, stderr=subprocess.STDOUT, check=True
+        )
+    done = [json.loads(line) for line in (logs_dir / "log.jsonl").read_text().splitlines() if '"done"' in line]
+    if not done or not done[-1].get("last"):
+        raise RuntimeError(f"{logs_dir}/log.jsonl has no final evaluation")
+    last = done[-1]["last"]
+    saved = dict(
+        row=row,
+        seed=seed,
+        mAP=round(100 * last["mAP"], 2),
+        top1=round(100 * last["top1"], 2),
+        seconds=round(time.time() - start, 1),
+        command=command,
+    )
+    write_json_atomic(result_file, saved)
+    print(f"[calibrate] {row} seed {seed}: mAP {saved['mAP']:.1f} top-1 {saved['top1']:.1f}", flush=True)
+    return saved
+
+
+def mean_spread(values: list[float]) -> str:
+    mean = sum(values) / len(values)
+    return f"{mean:.1f} ± {(max(values) - min(values)) / 2:.1f}"
+
+
+def markdown_table(table: dict) -> str:
+    """The calibration as a Markdown table: mean ± half the range over seeds, per-seed values, ratio to the bound."""
+    rows = [key for key in ROWS if key in table]
+    bound = table.get("target_label_bound")
+    lines = [
+        "| row | mAP (mean ± half-range) | top-1 | mAP per seed | mAP / bound |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        maps, top1 = table[row]["mAP"], table[row]["top1"]
+        ratio = f"{sum(maps) / sum(bound['mAP']):.2f}" if bound else "-"
+        per_seed = " / ".join(f"{v:.1f}" for v in maps)
+        lines.append(f"| `{row}` | {mean_spread(maps)} | {mean_spread(top1)} | {per_seed} | {ratio} |")
+    return "\n".join(lines)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    translator_root = args.translator_root or args.data_root.with_name(args.data_root.name + "_translator")
+    if args.generate:
+        generate(args, translator_root)
+    for root, what in ((args.data_root, "benchmark"), (translator_root, "translator control")):
+        if not (root / "diagnostics" / "summary.json").is_file():
+            raise SystemExit(f"calibrate_benchmark.py: no finished {what} in {root} (use --generate)")
+    # seed by seed, the source-only run and the bound first: the first results are the quick check of the gap
+    jobs = [(row, seed) for seed in args.seeds for row in args.rows]
+    with ThreadPoolExecutor(max(1, args.parallel)) as pool:
+        results = list(pool.map(lambda job: run_one(args, *job, translator_root), jobs))
+
+    benchmark = json.loads((args.data_root / "diagnostics" / "summary.json").read_text())
+    table: dict = {
+        "meta": dict(
+            benchmark="embedded synthetic benchmark (make_demo_data.py)",
+            generator_seed=benchmark.get("seed"),
+            generator_config=benchmark.get("config"),
+            metric="target_val mAP and top-1 (percent) of the last epoch, Market protocol, pretrain.py evaluation",
+            budget=f"pretrain.py --preset {args.preset} {args.pretrain_args}".strip(),
+            initialisation="from scratch (random weights, the pretrain.py --seed), the same for every row",
+            seeds=args.seeds,
+            cpu=cpu_name(),
+        )
+    }
+    for row in args.rows:
+        by_seed = {r["seed"]: r for r in results if r["row"] == row}
+        table[row] = {
+            "mAP": [by_seed[s]["mAP"] for s in args.seeds],
+            "top1": [by_seed[s]["top1"] for s in args.seeds],
+        }
+    out_json = args.out_json or args.runs_dir / "benchmark_gap.json"
+    write_json_atomic(out_json, table)
+
+    print(f"\nsynthetic benchmark, target_val, pretrain.py --preset {args.preset}, seeds {args.seeds}\n")
+    print(markdown_table(table))
+    print(f"\n-> {out_json}")
+    return table
+
+
+if __name__ == "__main__":
+    main()
