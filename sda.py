@@ -1063,6 +1063,9 @@ PRESETS = {
         ngf=16,
         ndf=16,
         n_blocks=4,
+        # the discriminator depth follows the width (--d-layers 0): 1 layer, 16-px patches at 48. Measured (seed 1,
+        # 300 iterations, identity_fidelity / style_gap on the whole source set): 3 layers 0.41 drift, style gap
+        # 1.63; 1 layer 0.42, 1.29.
         batch_size=16,
         num_instances=4,
         iters=50,
