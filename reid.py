@@ -33,8 +33,12 @@ import torchvision
 import torchvision.transforms as T
 from PIL import Image
 from torch import nn
+from tqdm import tqdm
 
-import reid_ops
+try:
+    import reid_ops
+except ImportError:  # models still load and run without the extension (GeM falls back to plain PyTorch)
+    reid_ops = None
 
 Item = tuple[str, int, int]  # (absolute image path, pid, camid)
 
@@ -1138,8 +1142,27 @@ IMAGENET_FILES = {
 }
 
 
+def require_reid_ops():
+    """The compiled extension, or a one-line error saying how to build it."""
+    if reid_ops is None:
+        raise RuntimeError("the reid_ops extension is not importable: build it with `bash setup_env.sh`")
+    return reid_ops
+
+
+def gem_pytorch(x: torch.Tensor, p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """GeM in plain PyTorch, (mean_hw max(x, eps)^p)^(1/p) -> (N, C) float32: the portable twin of reid_ops.gem
+    (same result up to rounding), used when the extension is absent and when a model is traced or exported."""
+    return x.float().clamp(min=eps).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
+
+
+def _exporting() -> bool:
+    """True while torch.jit.trace, torch.export or torch.onnx.export runs the model (custom ops do not export)."""
+    return torch.jit.is_tracing() or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+
+
 class GeM(nn.Module):
-    """Generalized-mean pooling with a learnable exponent p (init 3), fused in reid_ops."""
+    """Generalized-mean pooling with a learnable exponent p (init 3): fused in reid_ops for training and inference
+    inside the toolkit, plain PyTorch (`gem_pytorch`) without the extension or when exporting."""
 
     def __init__(self, p: float = 3.0, eps: float = 1e-6):
         super().__init__()
@@ -1147,6 +1170,8 @@ class GeM(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if reid_ops is None or _exporting():
+            return gem_pytorch(x, self.p, self.eps)
         return reid_ops.gem(x, self.p, self.eps).float()
 
 
@@ -1361,8 +1386,8 @@ def evaluate(
     features = extract_features(model, list(query) + list(gallery), height, width, batch_size, flip, workers, device)
     features = F.normalize(features, dim=1)
     q, g = features[: len(query)], features[len(query) :]
-    distances = reid_ops.pairwise_distance(q, g)
-    result = reid_ops.evaluate_rank(
+    distances = require_reid_ops().pairwise_distance(q, g)
+    result = require_reid_ops().evaluate_rank(
         distances,
         np.array([pid for _, pid, _ in query]),
         np.array([pid for _, pid, _ in gallery]),
@@ -1592,6 +1617,81 @@ def set_rng_state(state: dict) -> None:
         )
     np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
+
+
+class PlainProgress:
+    """Progress for logs: a plain line (count, rate, ETA, postfix) every `interval` seconds and at the end, instead of
+    tqdm's carriage-return stream, which turns a log file into one very long line. Same calls as tqdm's used here."""
+
+    def __init__(
+        self, iterable=None, total: int | None = None, desc: str = "", unit: str = "it", interval: float = 30.0
+    ):
+        self.iterable = iterable
+        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+        self.desc, self.unit, self.interval = desc, unit, interval
+        self.count, self.postfix = 0, ""
+        self.start = self.last = time.monotonic()
+
+    def _line(self) -> str:
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        rate = self.count / elapsed
+        done = f"{self.count}/{self.total}" if self.total else str(self.count)
+        eta = ""
+        if self.total and rate > 0 and self.count < self.total:
+            eta = f", ETA {format_seconds((self.total - self.count) / rate)}"
+        postfix = f", {self.postfix}" if self.postfix else ""
+        return f"[{self.desc}] {done} {self.unit} in {format_seconds(elapsed)} ({rate:.3g} {self.unit}/s{eta}){postfix}"
+
+    def update(self, n: int = 1) -> None:
+        self.count += n
+        now = time.monotonic()
+        if now - self.last >= self.interval:
+            self.last = now
+            print(self._line(), file=sys.stderr, flush=True)
+
+    def set_postfix(self, ordered_dict=None, refresh: bool = True, **values) -> None:
+        values = {**(ordered_dict or {}), **values}
+        self.postfix = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+
+    def set_description(self, desc: str, refresh: bool = True) -> None:
+        self.desc = desc
+
+    def close(self) -> None:
+        if self.count:
+            print(self._line(), file=sys.stderr, flush=True)
+        self.count = 0
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update()
+        self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return (
+        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        if seconds >= 3600
+        else f"{seconds // 60}:{seconds % 60:02d}"
+    )
+
+
+def progress(iterable=None, total: int | None = None, desc: str = "", unit: str = "it", disable: bool = False):
+    """A progress display for a step that can take more than a few seconds: tqdm (rate, ETA) on a terminal, plain
+    periodic lines when stderr is a file or pipe (REID_PROGRESS_SECONDS sets their interval, default 30 s)."""
+    if disable:
+        return tqdm(iterable, total=total, disable=True)
+    if sys.stderr.isatty():
+        return tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True)
+    interval = float(os.environ.get("REID_PROGRESS_SECONDS", "30"))
+    return PlainProgress(iterable, total=total, desc=desc, unit=unit, interval=interval)
 
 
 class JsonlLogger:
