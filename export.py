@@ -145,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(f"[export] {targets[name]}: max |export - PyTorch| = {difference:.3g} on {len(images)} real images")
     worst = max(report["max_abs_difference"].values())
     if worst > args.tolerance:
-        raise SystemExit(f"export.py: exported model differs from PyTorch by {worst:.3g} > --tolerance {args.tolerance}")
+        raise SystemExit(f"export.py: the export differs from PyTorch by {worst:.3g} > --tolerance {args.tolerance}")
     return report
 
 

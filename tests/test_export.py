@@ -155,9 +155,12 @@ def test_extract_cli_matches_the_toolkit_features(tmp_path, tiny_data_root, reid
     subset = extract.main(
         ["--checkpoint", str(reid_checkpoint), "--images", str(listing), "--out", str(tmp_path / "l"), *root]
     )
-    np.testing.assert_allclose(subset, extract.main(
-        ["--checkpoint", str(reid_checkpoint), "--images", str(folder), "--out", str(tmp_path / "a")]
-    )[:3], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        subset,
+        extract.main(["--checkpoint", str(reid_checkpoint), "--images", str(folder), "--out", str(tmp_path / "a")])[:3],
+        rtol=1e-5,
+        atol=1e-5,
+    )
     assert (tmp_path / "l.txt").read_text().splitlines()[0].endswith(" 7 1")
     listing.write_text("../outside.jpg 1 1\n")
     with pytest.raises(ValueError, match="list.txt:1"):
