@@ -31,7 +31,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from reid import (
     ImageDataset,
@@ -50,6 +49,7 @@ from reid import (
     make_loader,
     parse_with_preset,
     prepare_run_dir,
+    progress,
     rank_and_world_size,
     read_checkpoint,
     resolve_datasets,
@@ -110,15 +110,14 @@ def train_one_epoch(
     """One epoch (`args.iters` batches from the seeded random sampler) of plain cross-entropy on cameras."""
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
-    progress = tqdm(
+    bar = progress(
         loader,
         total=args.iters,
         desc=f"camera epoch {epoch + 1}/{args.epochs}",
         disable=not is_main_process(),
-        dynamic_ncols=True,
     )
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    for images, _, camids, _ in progress:
+    for images, _, camids, _ in bar:
         images = images.to(device, memory_format=memory_format, non_blocking=True)
         camids = camids.to(device)
         with autocast_context(device, args.amp):
@@ -130,7 +129,7 @@ def train_one_epoch(
         loss_sum += float(loss.detach()) * len(camids)
         correct += int((logits.argmax(dim=1) == camids).sum())
         seen += len(camids)
-        progress.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
     return {"loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
 
 
@@ -152,6 +151,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     # model
     parser.add_argument("--arch", default="resnest50", help="backbone (reid.build_model); slides: resnest50")
+    parser.add_argument(
+        "--allow-partial-weights",
+        action="store_true",
+        help="accept a --pretrained file that lacks some trunk tensors (they keep their random initialisation)",
+    )
     parser.add_argument(
         "--pretrained",
         default=None,
@@ -228,7 +232,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     sampler = SeededRandomSampler(len(train_items), args.seed, args.iters * per_process_batch, seed_samples=True)
     loader = make_loader(dataset, sampler, per_process_batch, args.workers)
 
-    model = build_model(args.arch, num_classes=num_cameras, pretrained=args.pretrained).to(device)
+    model = build_model(
+        args.arch, num_classes=num_cameras, pretrained=args.pretrained, allow_partial_weights=args.allow_partial_weights
+    ).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     trainable = [p for p in model.parameters() if p.requires_grad]

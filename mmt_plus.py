@@ -54,7 +54,6 @@ import torch.nn.functional as F
 from sklearn.cluster import DBSCAN
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from torch import nn
-from tqdm import tqdm
 
 import reid_ops
 from reid import (
@@ -76,6 +75,7 @@ from reid import (
     make_loader,
     parse_with_preset,
     prepare_run_dir,
+    progress,
     rank_and_world_size,
     read_checkpoint,
     resolve_datasets,
@@ -551,13 +551,12 @@ def train_one_epoch(
     use_source = args.mode == "mmt+"
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     sums: dict[str, float] = {}
-    progress = tqdm(
+    bar = progress(
         range(args.iters),
         desc=f"{args.mode} epoch {epoch + 1}/{args.epochs}",
         disable=not is_main_process(),
-        dynamic_ncols=True,
     )
-    for iteration in progress:
+    for iteration in bar:
         steps_since_reset = global_step if args.keep_optimizer_state else iteration
         for group in optimizer.param_groups:
             group["lr"] = args.lr * warmup_factor(steps_since_reset, args.warmup_iters)
@@ -623,7 +622,7 @@ def train_one_epoch(
         sums["precision"] = sums.get("precision", 0.0) + float(
             sum((outputs[i][2].argmax(1) == labels).float().mean() for i in range(2)) / 2
         )
-        progress.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
     return {name: value / args.iters for name, value in sums.items()}, global_step
 
 

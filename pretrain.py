@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from reid import (
     ARCHS,
@@ -46,6 +45,7 @@ from reid import (
     make_loader,
     parse_with_preset,
     prepare_run_dir,
+    progress,
     rank_and_world_size,
     read_checkpoint,
     relabel_pids,
@@ -115,6 +115,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--logs-dir", required=True, help="checkpoints, log.jsonl and args.json go here")
     parser.add_argument("--arch", default="resnet50_ibn", choices=ARCHS)
+    parser.add_argument(
+        "--allow-partial-weights",
+        action="store_true",
+        help="accept a --pretrained file that lacks some trunk tensors (they keep their random initialisation)",
+    )
     parser.add_argument(
         "--pretrained",
         help="trunk initialisation: ImageNet weights (a local file, or 'imagenet' for the torch hub cache) or a "
@@ -220,7 +225,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         target_loader = make_loader(target_dataset, target_sampler, args.batch_size, args.workers)
 
     # ---- model and optimisation ----
-    model = build_model(args.arch, num_classes, args.pretrained).to(device)
+    model = build_model(args.arch, num_classes, args.pretrained, allow_partial_weights=args.allow_partial_weights)
+    model = model.to(device)
     if args.amp:
         model = model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -302,18 +308,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
             target_iter = iter(target_loader)
         model.train()
         first_iter = start_iter if epoch == start_epoch else 0
-        progress = tqdm(
+        bar = progress(
             range(first_iter, args.iters),
             desc=f"epoch {epoch + 1}/{args.epochs}",
             disable=not is_main_process(),
-            dynamic_ncols=True,
         )
         sums = defaultdict(float)
         counted = 0  # iterations of this epoch in `sums`
         if resumed_sums and epoch == start_epoch:
             sums.update(resumed_sums["sums"])
             counted = resumed_sums["iterations"]
-        for iteration in progress:
+        for iteration in bar:
             images, labels, _, _ = next(source_iter)
             images = images.to(device, non_blocking=True)
             if args.amp:
@@ -343,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             for name, value in (("loss", loss), ("ce", loss_ce), ("triplet", loss_tri), ("accuracy", accuracy)):
                 sums[name] += float(value.detach())
             counted += 1
-            progress.set_postfix(
+            bar.set_postfix(
                 loss=f"{sums['loss'] / counted:.3f}",
                 acc=f"{sums['accuracy'] / counted:.2f}",
                 lr=f"{optimizer.param_groups[0]['lr']:.1e}",

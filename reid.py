@@ -481,10 +481,9 @@ def check_images(items: Sequence[Item], what: str, skip_bad_images: bool, allow_
     """Decodes every image before any training (JPEG at 1/8 scale: cheap, yet a truncated or corrupt file fails),
     with a progress bar. Unreadable images are an error naming them, or with `skip_bad_images` are left out with a
     warning. `allow_skip` False: sets whose order numbers a submission (VisDA index files) cannot lose an image."""
-    from tqdm import tqdm
 
     good, bad = [], []
-    for item in tqdm(items, desc=f"checking {what}", unit="img", disable=len(items) < 2000, dynamic_ncols=True):
+    for item in progress(items, desc=f"checking {what}", unit="img", disable=len(items) < 2000):
         try:
             with Image.open(item[0]) as image:
                 image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
@@ -1207,11 +1206,14 @@ class ReIDModel(nn.Module):
         return f_pool, f_bn, logits
 
 
-def build_model(arch: str, num_classes: int, pretrained: str | None = None) -> ReIDModel:
-    """The re-ID network; `pretrained` is None, a local weights file, or "imagenet" (local torch hub cache)."""
+def build_model(
+    arch: str, num_classes: int, pretrained: str | None = None, allow_partial_weights: bool = False
+) -> ReIDModel:
+    """The re-ID network; `pretrained` is None, a local weights file, or "imagenet" (local torch hub cache).
+    A weights file that leaves trunk tensors at their defaults is refused unless `allow_partial_weights`."""
     model = ReIDModel(arch, num_classes)
     if pretrained:
-        load_imagenet_weights(model.backbone, arch, pretrained)
+        load_imagenet_weights(model.backbone, arch, pretrained, allow_partial=allow_partial_weights)
     return model
 
 
@@ -1230,11 +1232,12 @@ def _convert_release_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
-def load_imagenet_weights(trunk: nn.Module, arch: str, source: str) -> None:
+def load_imagenet_weights(trunk: nn.Module, arch: str, source: str, allow_partial: bool = False) -> None:
     """Loads ImageNet weights into a trunk from a local file (torchvision, IBN-Net-release or ResNeSt-
     release key format), or the trunk of a pretrain.py checkpoint (its GeM, BNNeck and classifier are not
-    loaded: they start afresh, as after ImageNet). Missing and unexpected keys are reported; shape mismatches
-    and a checkpoint of another architecture are refused."""
+    loaded: they start afresh, as after ImageNet). Unexpected keys are reported; shape mismatches, a checkpoint of
+    another architecture and (unless `allow_partial`) a file that leaves trunk tensors at their defaults, e.g. plain
+    ResNet-50 weights for resnet50_ibn (its IBN tensors), are refused with the missing tensors listed."""
     if source == "imagenet":
         cache = Path(torch.hub.get_dir()) / "checkpoints"
         prefix = IMAGENET_FILES[arch].split("-")[0]
@@ -1267,6 +1270,12 @@ def load_imagenet_weights(trunk: nn.Module, arch: str, source: str) -> None:
         raise ValueError(f"--pretrained {path}: {len(mismatched)} shapes do not match {arch}: {mismatched[:5]}")
     unexpected = sorted(set(state) - set(own))
     missing = sorted(k for k in set(own) - set(state) if not k.endswith("num_batches_tracked"))
+    if missing and not allow_partial:
+        raise ValueError(
+            f"--pretrained {path}: {len(missing)} of {len(own)} {arch} trunk tensors are not in the file and would "
+            f"keep their random initialisation: {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}. "
+            "Wrong weights for this architecture? --allow-partial-weights loads them anyway"
+        )
     trunk.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     print(
         f"[pretrained] {path}: loaded {len(state) - len(unexpected)} tensors into {arch}; "
@@ -1358,7 +1367,7 @@ def extract_features(
         persistent_workers=False,
     )
     chunks = []
-    for images, *_ in loader:
+    for images, *_ in progress(loader, desc="features", unit="batch", disable=len(items) < 2 * batch_size):
         images = images.to(device).contiguous(memory_format=torch.channels_last)
         features = model(images).float()
         if flip:

@@ -203,7 +203,18 @@ run_stage() {
         echo "# $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
         echo "#$command_text"
     } >> "$log"
-    "$@" >> "$log" 2>&1 || status=$?
+    # The stage runs in the background; every PROGRESS_SECONDS (default 60) the pipeline prints its latest progress
+    # line (stages write plain lines with rate and ETA when their output is a file, see reid.progress).
+    REID_PROGRESS_SECONDS="${REID_PROGRESS_SECONDS:-20}" "$@" >> "$log" 2>&1 &
+    local pid=$! waited=0
+    while kill -0 "$pid" 2> /dev/null; do
+        sleep 2
+        waited=$((waited + 2))
+        if (( waited % ${PROGRESS_SECONDS:-60} == 0 )); then
+            echo "[pipeline] $name: $((SECONDS - start)) s | $(grep -a '^\[' "$log" | tail -n 1 | cut -c1-150)"
+        fi
+    done
+    wait "$pid" || status=$?
     if [[ $status -ne 0 ]]; then
         echo "[pipeline] $name: FAILED (exit $status) after $((SECONDS - start)) s; last lines of $log:" >&2
         tail -n 25 "$log" >&2

@@ -46,7 +46,6 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
-from tqdm import tqdm
 
 import reid
 
@@ -815,11 +814,10 @@ def train(args: argparse.Namespace) -> None:
         source_batches, target_batches = iter(source_loader), iter(target_loader)
         generators.train()
         discriminators.train()
-        progress = tqdm(
+        progress = reid.progress(
             range(start_iteration, args.iters),
             desc=f"sda epoch {epoch + 1}/{epochs}",
             disable=not main_process,
-            dynamic_ncols=True,
         )
         for iteration in progress:
             tic = time.perf_counter()
@@ -1001,7 +999,7 @@ def write_translations(generator, architecture: dict, todo, destination_of: dict
         num_workers=args.workers,
     )
     autocast = reid.autocast_context(device, args.amp)
-    with tqdm(total=len(todo), desc="translate", dynamic_ncols=True) as progress:
+    with reid.progress(total=len(todo), desc="translate") as progress:
         for images, _, _, indices in loader:
             with autocast:
                 translated = generator(images.to(device))

@@ -560,3 +560,19 @@ def test_seeded_samples_leave_the_global_random_state_alone(tiny_data_root):
         reference = transform(original.convert("RGB"))
     assert torch.equal(image, reference)
     assert not torch.equal(dataset[(1, 1235)][0], reference)  # another seed, another augmentation
+
+
+def test_partial_imagenet_weights_are_refused_unless_allowed(tmp_path):
+    """Plain ResNet-50 weights into resnet50_ibn leave the IBN InstanceNorm tensors at their defaults: an error that
+    lists them, unless --allow-partial-weights."""
+    path = tmp_path / "resnet50-plain.pth"
+    reference = torchvision.models.resnet50(weights=None).state_dict()
+    torch.save(reference, path)
+    expected_missing = sorted(set(reid.ReIDModel("resnet50_ibn", 0).backbone.state_dict()) - set(reference))
+    expected_missing = [k for k in expected_missing if not k.endswith("num_batches_tracked")]
+    assert expected_missing  # the IBN layers
+    with pytest.raises(ValueError, match=f"{len(expected_missing)} of .* trunk tensors") as refused:
+        reid.build_model("resnet50_ibn", num_classes=0, pretrained=str(path))
+    assert expected_missing[0] in str(refused.value) and "--allow-partial-weights" in str(refused.value)
+    model = reid.build_model("resnet50_ibn", num_classes=0, pretrained=str(path), allow_partial_weights=True)
+    torch.testing.assert_close(model.backbone.state_dict()["conv1.weight"], reference["conv1.weight"])
