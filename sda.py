@@ -553,7 +553,9 @@ def fidelity_from_region_colours(
 
 def identity_fidelity(source01: torch.Tensor, translated01: torch.Tensor, pids: torch.Tensor) -> dict[str, float]:
     """fidelity_from_region_colours of [0, 1] source crops (flat backgrounds) and their pixel-aligned
-    translations, with the regions found on the source crops (person_masks, BODY_BANDS)."""
+    translations (a CycleGAN's are), with the regions found on the source crops (person_masks, BODY_BANDS). A
+    translation that moves or re-frames the person (e.g. the benchmark's perfect-translator control) reads other
+    pixels and cannot be scored this way."""
     weights = body_region_weights(person_masks(source01.float()))
     source, valid = region_colours(source01, weights)
     translated, _ = region_colours(translated01, weights)
