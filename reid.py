@@ -581,7 +581,7 @@ def _role_root(args: argparse.Namespace, role: str) -> str:
     fallback = getattr(args, "target_root", None) if role == "val" else None
     root = getattr(args, f"{role}_root", None) or fallback or getattr(args, "data_root", None)
     if not root:
-        raise DatasetError(f"--{role} {getattr(args, role)}: give --{role}-root DIR (or --data-root DIR)")
+        raise DatasetError(f"no root: give --{role}-root DIR (or --data-root DIR)")
     return root
 
 

@@ -487,7 +487,8 @@ def test_translate_any_source_into_a_list_dataset(trees, tmp_path):
               "--epochs-constant", "1", "--epochs-decay", "0"])  # fmt: skip
     translated = tmp_path / "translated"
     sda.main(["translate", "--checkpoint", str(out / "checkpoint.pth"), "--source", "market1501", "--source-root",
-              parent, "--out", str(translated), "--workers", "0"])  # fmt: skip
+              parent, "--target", "duke", "--target-root", parent, "--out", str(translated),
+              "--workers", "0"])  # fmt: skip
     data = reid.read_dataset("list", translated / "market1501_sda")
     market = reid.read_dataset("market1501", parent)
     assert [(pid, cam) for _, pid, cam in data.train] == [(pid, cam) for _, pid, cam in market.train]
