@@ -26,7 +26,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))  # the references live beside the tests that validate them
 
 FULL_SIZES = {
     "rerank": {"num_query": 2000, "num_gallery": 10000, "dim": 2048},
@@ -86,7 +85,8 @@ def ranking_problem(num_query: int, num_gallery: int, seed: int):
 
 
 def prepare_case(name: str, sizes: dict, k1: int, k2: int, lambda_value: float):
-    from reference_ops import (
+    import reid_ops
+    from reid_ops._reference import (
         evaluate_rank_ref,
         evaluate_rank_torchreid_loop,
         gem_ref,
@@ -94,8 +94,6 @@ def prepare_case(name: str, sizes: dict, k1: int, k2: int, lambda_value: float):
         knn_blocked_torch,
         re_ranking_classic,
     )
-
-    import reid_ops
 
     if name.startswith("rerank"):
         s = sizes["msmt"] if name == "rerank_msmt_ops" else sizes["rerank"]

@@ -1,4 +1,4 @@
-"""Tests of the reid_ops extension against the independent references in tests/reference_ops.py.
+"""Tests of the reid_ops extension against the independent references in reid_ops/_reference.py.
 
 Every op is compared on fresh random inputs (a generator seeded by the test parameters, so each case sees different
 data) of several shapes, with structure: clustered features, exact duplicates, exact ties, N = 1, k == N, queries
@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 import scipy.sparse
 import torch
-from reference_ops import (
+
+import reid_ops
+from reid_ops._reference import (
     evaluate_rank_ref,
     evaluate_rank_torchreid_loop,
     gem_ref,
@@ -29,8 +31,6 @@ from reference_ops import (
     re_ranking_classic,
     re_ranking_ref,
 )
-
-import reid_ops
 
 REPO = Path(__file__).resolve().parents[1]
 BAD_INPUT = (ValueError, RuntimeError)

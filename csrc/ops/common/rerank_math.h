@@ -10,6 +10,29 @@
 
 namespace reid_ops {
 
+// The classic code squares M = [[q_q, q_g], [q_g^T, g_g]], divides each *column* by its maximum
+// and transposes, so row i of its normalised matrix is column i of M. value(i, j) = M[j, i]^2.
+struct DistanceRows {
+  const float* qg;
+  const float* qq;
+  const float* gg;
+  int64_t Q, G;
+
+  REID_HOST_DEVICE float value(int64_t i, int64_t j) const {
+    float r;
+    if (j < Q) {
+      r = i < Q ? qq[j * Q + i] : qg[j * G + (i - Q)];
+    } else {
+      r = i < Q ? qg[i * G + (j - Q)] : gg[(j - Q) * G + (i - Q)];
+    }
+    return r * r;
+  }
+};
+
+// value / row maximum; row_max == 0 only when every distance of the row is 0 (the classic code
+// then divides 0 by 0): such rows normalise to 0.
+REID_HOST_DEVICE float normalise(float value, float maximum) { return maximum > 0.0f ? value / maximum : 0.0f; }
+
 // R(i, k) of eq. 4: the j among the first `list_len` entries of rank[i] whose own first
 // `list_len` entries contain i. Written to `out` in rank order; returns how many.
 REID_HOST_DEVICE int64_t k_reciprocal_set(const int64_t* rank, int64_t ld, int64_t i, int64_t list_len,

@@ -1,11 +1,12 @@
-// A bounded max-heap of (distance, index) pairs used for k-nearest-neighbour selection on host and
-// device. Pairs compare lexicographically, so among equal distances the smaller index wins: the
-// same order as a stable argsort.
+// k-nearest-neighbour selection on host and device: a bounded max-heap of (distance, index) pairs
+// and the exact rescoring of its candidates. Pairs compare lexicographically, so among equal
+// distances the smaller index wins: the same order as a stable argsort.
 #pragma once
 
 #include <cstdint>
 
 #include "../../macros.h"
+#include "distance_math.h"
 
 namespace reid_ops {
 
@@ -57,6 +58,39 @@ REID_HOST_DEVICE void heap_sort_ascending(float* dist, int64_t* idx, int64_t k) 
     idx[0] = idx[end];
     idx[end] = ti;
     heap_sift_down(dist, idx, end, 0);
+  }
+}
+
+// Sorts `count` (distance, index) pairs ascending in place; insertion sort (a few dozen pairs).
+REID_HOST_DEVICE void sort_pairs_ascending(float* dist, int64_t* idx, int64_t count) {
+  for (int64_t a = 1; a < count; ++a) {
+    const float vd = dist[a];
+    const int64_t vi = idx[a];
+    int64_t b = a - 1;
+    while (b >= 0 && pair_less(vd, vi, dist[b], idx[b])) {
+      dist[b + 1] = dist[b];
+      idx[b + 1] = idx[b];
+      --b;
+    }
+    dist[b + 1] = vd;
+    idx[b + 1] = vi;
+  }
+}
+
+// Extra candidates a kNN keeps beyond k before rescoring: GEMM rounding may misorder near-ties.
+constexpr int64_t kRescoreMargin = 8;
+
+// Exact rescoring of the `candidates` heap entries (hd, hi) of row x against the rows of y (row
+// length D, per-row factors fy), then the best k written to out_dist / out_idx in (distance, index)
+// order. Overwrites the heap.
+REID_HOST_DEVICE void rescore_candidates(const float* x, const float* y, int64_t D, float fx, const float* fy,
+                                         int64_t metric, float* hd, int64_t* hi, int64_t candidates, int64_t k,
+                                         float* out_dist, int64_t* out_idx) {
+  for (int64_t t = 0; t < candidates; ++t) hd[t] = exact_distance(x, y + hi[t] * D, D, fx, fy[hi[t]], metric);
+  sort_pairs_ascending(hd, hi, candidates);
+  for (int64_t t = 0; t < k; ++t) {
+    out_dist[t] = hd[t];
+    out_idx[t] = hi[t];
   }
 }
 

@@ -4,7 +4,7 @@
 #include <torch/library.h>
 
 #include "../common/distance_math.h"
-#include "check_inputs.h"
+#include "../common/check_inputs.h"
 #include "knn_blocked.h"
 
 namespace reid_ops {

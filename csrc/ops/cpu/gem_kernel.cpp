@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "../common/gem_math.h"
-#include "gem_check.h"
+#include "../common/check_inputs.h"
 
 // Compile the hot loops for AVX-512, AVX2 and baseline x86-64 and pick one at load time.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)

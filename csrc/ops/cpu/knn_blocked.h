@@ -17,7 +17,6 @@
 
 namespace reid_ops {
 
-constexpr int64_t kRescoreMargin = 8;
 constexpr int64_t kRowBlock = 1024;
 constexpr int64_t kColBlock = 4096;
 
@@ -57,27 +56,6 @@ inline void offer_row(const float* distances, int64_t cols, int64_t first_index,
     const float d = distances[c];
     if (d <= hd[0]) heap_offer(hd, hi, candidates, d, first_index + c);
   }
-}
-
-// Exact rescoring of the candidates of row i, then the best k in (distance, index) order.
-inline void rescore_row(const float* xi, const float* y, int64_t D, float fxi, const std::vector<float>& fy,
-                        int64_t metric, float* hd, int64_t* hi, int64_t candidates, int64_t k, float* out_dist,
-                        int64_t* out_idx) {
-  for (int64_t t = 0; t < candidates; ++t) hd[t] = exact_distance(xi, y + hi[t] * D, D, fxi, fy[hi[t]], metric);
-  for (int64_t a = 1; a < candidates; ++a) {  // insertion sort by (distance, index)
-    const float vd = hd[a];
-    const int64_t vi = hi[a];
-    int64_t b = a - 1;
-    while (b >= 0 && pair_less(vd, vi, hd[b], hi[b])) {
-      hd[b + 1] = hd[b];
-      hi[b + 1] = hi[b];
-      --b;
-    }
-    hd[b + 1] = vd;
-    hi[b + 1] = vi;
-  }
-  std::copy(hd, hd + k, out_dist);
-  std::copy(hi, hi + k, out_idx);
 }
 
 // All-vs-all kNN of the rows of x (x against itself): the distance matrix is symmetric, so only
@@ -144,8 +122,8 @@ inline void knn_self_blocked_cpu(const at::Tensor& x, int64_t k, int64_t metric,
   if (extras.row_max != nullptr) std::copy(row_max.begin(), row_max.end(), extras.row_max);
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      rescore_row(xp + i * D, xp, D, f[i], f, metric, &heap_d[i * candidates], &heap_i[i * candidates], candidates,
-                  k, out_dist + i * k, out_idx + i * k);
+      rescore_candidates(xp + i * D, xp, D, f[i], f.data(), metric, &heap_d[i * candidates], &heap_i[i * candidates],
+                         candidates, k, out_dist + i * k, out_idx + i * k);
     }
   });
 }
@@ -191,8 +169,8 @@ inline void knn_blocked_cpu(const at::Tensor& x, const at::Tensor& y, int64_t k,
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t i = r0 + r;
-        rescore_row(xp + i * D, yp, D, fx[i], fy, metric, &heap_d[r * candidates], &heap_i[r * candidates],
-                    candidates, k, out_dist + i * k, out_idx + i * k);
+        rescore_candidates(xp + i * D, yp, D, fx[i], fy.data(), metric, &heap_d[r * candidates],
+                           &heap_i[r * candidates], candidates, k, out_dist + i * k, out_idx + i * k);
       }
     });
   }

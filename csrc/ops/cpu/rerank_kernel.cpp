@@ -10,7 +10,7 @@
 #include "../common/distance_math.h"
 #include "../common/rerank_math.h"
 #include "../common/topk_math.h"
-#include "check_inputs.h"
+#include "../common/check_inputs.h"
 #include "knn_blocked.h"
 
 namespace reid_ops {
@@ -40,25 +40,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> neighbors_from_features_cpu(const
                   extras);
   return {rank, row_max, qg};
 }
-
-// The classic code squares M = [[q_q, q_g], [q_g^T, g_g]], divides each *column* by its maximum
-// and transposes, so row i of its normalised matrix is column i of M. value(i, j) = M[j, i]^2.
-struct DistanceRows {
-  const float* qg;
-  const float* qq;
-  const float* gg;
-  int64_t Q, G;
-
-  float value(int64_t i, int64_t j) const {
-    float r;
-    if (j < Q) {
-      r = i < Q ? qq[j * Q + i] : qg[j * G + (i - Q)];
-    } else {
-      r = i < Q ? qg[i * G + (j - Q)] : gg[(j - Q) * G + (i - Q)];
-    }
-    return r * r;
-  }
-};
 
 std::tuple<at::Tensor, at::Tensor> neighbors_from_distances_cpu(const at::Tensor& qg_in, const at::Tensor& qq_in,
                                                                 const at::Tensor& gg_in, int64_t kmax) {
@@ -150,9 +131,6 @@ at::Tensor gaussian_weights_cpu(const at::Tensor& indptr, const at::Tensor& indi
   });
   return values;
 }
-
-// row_max == 0 only when every distance of the row is 0; the classic code then divides 0 by 0.
-inline float normalise(float value, float maximum) { return maximum > 0.0f ? value / maximum : 0.0f; }
 
 at::Tensor weights_from_features_cpu(const at::Tensor& features_in, const at::Tensor& indptr_in,
                                      const at::Tensor& indices_in, const at::Tensor& row_max_in) {

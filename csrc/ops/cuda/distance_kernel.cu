@@ -3,7 +3,7 @@
 #include <torch/library.h>
 
 #include "../common/distance_math.h"
-#include "../cpu/check_inputs.h"
+#include "../common/check_inputs.h"
 #include "cuda_helpers.cuh"
 #include "knn_blocked.cuh"
 

@@ -7,7 +7,7 @@
 #include <torch/library.h>
 
 #include "../common/gem_math.h"
-#include "../cpu/gem_check.h"
+#include "../common/check_inputs.h"
 #include "cuda_helpers.cuh"
 
 namespace reid_ops {

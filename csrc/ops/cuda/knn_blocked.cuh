@@ -14,7 +14,6 @@ namespace reid_ops {
 // Internal linkage: each .cu including this header gets its own copy of the kernels.
 namespace {
 
-constexpr int64_t kRescoreMarginCuda = 8;
 constexpr int64_t kRowBlockCuda = 4096;
 constexpr int64_t kColBlockCuda = 8192;
 
@@ -66,25 +65,8 @@ __global__ void knn_rescore_kernel(const float* x, const float* y, int64_t D, co
   const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (r >= rows) return;
   const int64_t i = r0 + r;
-  float* hd = heap_d + r * candidates;
-  int64_t* hi = heap_i + r * candidates;
-  for (int64_t t = 0; t < candidates; ++t) hd[t] = exact_distance(x + i * D, y + hi[t] * D, D, fx[i], fy[hi[t]], metric);
-  for (int64_t a = 1; a < candidates; ++a) {
-    const float vd = hd[a];
-    const int64_t vi = hi[a];
-    int64_t b = a - 1;
-    while (b >= 0 && pair_less(vd, vi, hd[b], hi[b])) {
-      hd[b + 1] = hd[b];
-      hi[b + 1] = hi[b];
-      --b;
-    }
-    hd[b + 1] = vd;
-    hi[b + 1] = vi;
-  }
-  for (int64_t t = 0; t < k; ++t) {
-    out_dist[i * k + t] = hd[t];
-    out_idx[i * k + t] = hi[t];
-  }
+  rescore_candidates(x + i * D, y, D, fx[i], fy, metric, heap_d + r * candidates, heap_i + r * candidates, candidates,
+                     k, out_dist + i * k, out_idx + i * k);
 }
 
 struct KnnExtrasCuda {
@@ -97,7 +79,7 @@ struct KnnExtrasCuda {
 inline void knn_blocked_cuda(const at::Tensor& x, const at::Tensor& y, int64_t k, int64_t metric, float* out_dist,
                              int64_t* out_idx, const KnnExtrasCuda& extras = KnnExtrasCuda()) {
   const int64_t M = x.size(0), N = y.size(0), D = x.size(1);
-  const int64_t candidates = std::min(N, k + kRescoreMarginCuda);
+  const int64_t candidates = std::min(N, k + kRescoreMargin);
   const auto fx = row_factors_cuda(x, metric);
   const auto fy = row_factors_cuda(y, metric);
   const int64_t row_block = std::min(M, kRowBlockCuda), col_block = std::min(N, kColBlockCuda);

@@ -8,7 +8,7 @@
 #include "../common/distance_math.h"
 #include "../common/rerank_math.h"
 #include "../common/topk_math.h"
-#include "../cpu/check_inputs.h"
+#include "../common/check_inputs.h"
 #include "cuda_helpers.cuh"
 #include "knn_blocked.cuh"
 
@@ -42,24 +42,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> neighbors_from_features_cuda(cons
   return {rank, row_max, qg};
 }
 
-// value(i, j) = M[j, i]^2 for M = [[q_q, q_g], [q_g^T, g_g]] (see DistanceRows in ../cpu).
-struct DistanceRowsDevice {
-  const float* qg;
-  const float* qq;
-  const float* gg;
-  int64_t Q, G;
-  __device__ float value(int64_t i, int64_t j) const {
-    float r;
-    if (j < Q) {
-      r = i < Q ? qq[j * Q + i] : qg[j * G + (i - Q)];
-    } else {
-      r = i < Q ? qg[i * G + (j - Q)] : gg[(j - Q) * G + (i - Q)];
-    }
-    return r * r;
-  }
-};
-
-__global__ void neighbors_from_distances_kernel(DistanceRowsDevice rows, int64_t kmax, float* heap_d, int64_t* rank,
+__global__ void neighbors_from_distances_kernel(DistanceRows rows, int64_t kmax, float* heap_d, int64_t* rank,
                                                 float* row_max) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   const int64_t n = rows.Q + rows.G;
@@ -89,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor> neighbors_from_distances_cuda(const at::Tenso
   auto rank = at::empty({n, kmax}, qg.options().dtype(at::kLong));
   auto heap_d = at::empty({n, kmax}, qg.options());
   auto row_max = at::empty({n}, qg.options());
-  const DistanceRowsDevice rows{qg.data_ptr<float>(), qq.data_ptr<float>(), gg.data_ptr<float>(), Q, G};
+  const DistanceRows rows{qg.data_ptr<float>(), qq.data_ptr<float>(), gg.data_ptr<float>(), Q, G};
   neighbors_from_distances_kernel<<<blocks_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
       rows, kmax, heap_d.data_ptr<float>(), rank.data_ptr<int64_t>(), row_max.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -156,8 +139,6 @@ std::tuple<at::Tensor, at::Tensor> kreciprocal_expansion_cuda(const at::Tensor& 
   return {indptr_from_counts(counts), at::cat(pieces)};
 }
 
-__device__ float normalise_device(float value, float maximum) { return maximum > 0.0f ? value / maximum : 0.0f; }
-
 struct ExpFunctor {
   __device__ float operator()(float v) const { return expf(v); }
 };
@@ -168,7 +149,7 @@ __global__ void weights_from_features_kernel(const float* features, int64_t D, c
   if (i >= n) return;
   for (int64_t t = indptr[i]; t < indptr[i + 1]; ++t) {
     const float d = exact_distance(features + i * D, features + indices[t] * D, D, 1.0f, 1.0f, kSqEuclidean);
-    values[t] = row_max != nullptr ? normalise_device(d, row_max[i]) : d;
+    values[t] = row_max != nullptr ? normalise(d, row_max[i]) : d;
   }
   gaussian_weights(values + indptr[i], indptr[i + 1] - indptr[i], ExpFunctor());
 }
@@ -189,11 +170,11 @@ at::Tensor weights_from_features_cuda(const at::Tensor& features_in, const at::T
   return values;
 }
 
-__global__ void weights_from_distances_kernel(DistanceRowsDevice rows, const float* row_max, const int64_t* indptr,
+__global__ void weights_from_distances_kernel(DistanceRows rows, const float* row_max, const int64_t* indptr,
                                               const int64_t* indices, int64_t n, float* values) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= n) return;
-  for (int64_t t = indptr[i]; t < indptr[i + 1]; ++t) values[t] = normalise_device(rows.value(i, indices[t]), row_max[i]);
+  for (int64_t t = indptr[i]; t < indptr[i + 1]; ++t) values[t] = normalise(rows.value(i, indices[t]), row_max[i]);
   gaussian_weights(values + indptr[i], indptr[i + 1] - indptr[i], ExpFunctor());
 }
 
@@ -208,7 +189,7 @@ at::Tensor weights_from_distances_cuda(const at::Tensor& qg_in, const at::Tensor
   const auto indptr = indptr_in.contiguous(), indices = indices_in.contiguous();
   const int64_t n = indptr.numel() - 1;
   auto values = at::empty({indices.numel()}, qg.options());
-  const DistanceRowsDevice rows{qg.data_ptr<float>(), qq.data_ptr<float>(), gg.data_ptr<float>(), qg.size(0),
+  const DistanceRows rows{qg.data_ptr<float>(), qq.data_ptr<float>(), gg.data_ptr<float>(), qg.size(0),
                                 qg.size(1)};
   weights_from_distances_kernel<<<blocks_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
       rows, row_max.data_ptr<float>(), indptr.data_ptr<int64_t>(), indices.data_ptr<int64_t>(), n,
@@ -297,7 +278,7 @@ __global__ void rerank_finish_kernel(const float* overlap, const float* base, co
   const int64_t q = q0 + e / G, g = e % G;
   float b = base[q * G + g];
   b = square_base ? b * b : b;
-  out[q * G + g] = jaccard_from_overlap(overlap[e]) * (1.0f - lambda) + normalise_device(b, row_max[q]) * lambda;
+  out[q * G + g] = jaccard_from_overlap(overlap[e]) * (1.0f - lambda) + normalise(b, row_max[q]) * lambda;
 }
 
 void jaccard_rerank_out_cuda(const at::Tensor& indptr_in, const at::Tensor& indices_in, const at::Tensor& values_in,

@@ -1,4 +1,5 @@
-"""Plain numpy/PyTorch references for the ``reid_ops`` extension.
+"""Plain numpy/PyTorch references for the ``reid_ops`` extension (not part of its API; the tests and bench/ops.py
+both import them from here).
 
 Each function is written from the published definition (Zhong et al., CVPR 2017, "Re-ranking Person
 Re-identification with k-reciprocal Encoding"; the SpCL/MMT+ clustering variant described in
