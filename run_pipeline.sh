@@ -24,6 +24,8 @@
 #                                             #   backbones vs their ensemble, diagnostics -> WORK/ablation/
 #   ./run_pipeline.sh --data-root /data/visda --preset none --archs "resnest50 densenet169_ibn"
 #                                             # real VisDA-2020 data with the scripts' full (release) settings
+#   ./run_pipeline.sh --source market1501 --source-root /data --target dukemtmc --target-root /data \
+#       --val dukemtmc --val-root /data           # Market-1501 -> DukeMTMC-reID (README: "Your own datasets")
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -36,6 +38,7 @@ usage() {
 usage: $0 [--data-root DIR] [--work-dir DIR] [--tiny] [--preset NAME|none] [--archs "A B ..."]
           [--sda-arch ARCH] [--seeds "1 2"] [--workers N] [--ap-topk N|full] [--no-test-submission]
           [--ablation] [--ablation-seeds "1 2"] [--ensemble-arch ARCH]
+          [--source NAME] [--source-root DIR] [--target NAME] [--target-root DIR] [--val NAME] [--val-root DIR]
 
   --data-root DIR   VisDA-2020 layout root (personX/, target_training/, target_validation/, target_test/, index
                     files). Default: generate the embedded benchmark into WORK/data. A real data root is never
@@ -63,6 +66,11 @@ usage: $0 [--data-root DIR] [--work-dir DIR] [--tiny] [--preset NAME|none] [--ar
   --ablation-seeds "1 2"   seeds of every ablation row (default: --seeds; "1 2 3" where the spread exceeds an
                     effect). Pre-training rows: the pre-training seed; MMT rows: the MMT training seed, always
                     from the two pre-trainings of --seeds
+  --source NAME, --source-root DIR, --target NAME, --target-root DIR, --val NAME, --val-root DIR
+                    the datasets, as every stage takes them (python pretrain.py --help; default: the VisDA-2020
+                    names under --data-root). A source other than personx is translated by SDA into
+                    WORK/data/<source>_sda/ (a list dataset) and pre-trained on from there; outside VisDA-2020
+                    there is no challenge submission and no --ablation.
   --ensemble-arch ARCH     the ablation's second backbone when --archs names one (default: resnet18_ibn)
 Environment: PYTHON (interpreter, default .venv/bin/python), EXTRA_<STAGE>_ARGS (extra flags for one stage:
   EXTRA_ENCODER_ARGS, EXTRA_BASELINE_ARGS, EXTRA_SDA_ARGS, EXTRA_TRANSLATE_ARGS, EXTRA_PRETRAIN_ARGS,
@@ -83,6 +91,10 @@ TEST_SUBMISSION=1
 ABLATION=0
 ABLATION_SEEDS=""
 ENSEMBLE_ARCH="resnet18_ibn"
+SOURCE="personx"
+TARGET="target_train"
+VAL="target_val"
+ROOT_ARGS=() # --source-root/--target-root/--val-root as given
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --data-root) DATA_ROOT="$2"; shift 2 ;;
@@ -98,6 +110,10 @@ while [[ $# -gt 0 ]]; do
         --ablation) ABLATION=1; shift ;;
         --ablation-seeds) ABLATION_SEEDS="$2"; shift 2 ;;
         --ensemble-arch) ENSEMBLE_ARCH="$2"; shift 2 ;;
+        --source) SOURCE="$2"; shift 2 ;;
+        --target) TARGET="$2"; shift 2 ;;
+        --val) VAL="$2"; shift 2 ;;
+        --source-root|--target-root|--val-root) ROOT_ARGS+=("$1" "$2"); shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "run_pipeline.sh: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
     esac
@@ -112,9 +128,16 @@ if [[ ${#ABLATION_SEED_LIST[@]} -lt 2 ]]; then
     exit 2
 fi
 SDA_ARCH="${SDA_ARCH:-${ARCH_LIST[0]}}"
+DATASET_ARGS=(--target "$TARGET" --val "$VAL" "${ROOT_ARGS[@]}") # every stage gets these (and its --source)
+VISDA_VAL=0
+if [[ "$VAL" == "target_val" ]]; then VISDA_VAL=1; else TEST_SUBMISSION=0; fi # the submission is VisDA-2020's
+if [[ $ABLATION -eq 1 && ( "$SOURCE" != "personx" || $VISDA_VAL -eq 0 ) ]]; then
+    echo "run_pipeline.sh: --ablation needs the VisDA-2020 datasets (personx, target_val)" >&2
+    exit 2
+fi
 # one metric for every evaluation of a run, so that every table compares like with like
 if [[ -z "$AP_TOPK" ]]; then
-    if [[ -n "$DATA_ROOT" ]]; then AP_TOPK=100; else AP_TOPK=full; fi
+    if [[ -n "$DATA_ROOT" && $VISDA_VAL -eq 1 ]]; then AP_TOPK=100; else AP_TOPK=full; fi
 fi
 METRIC_ARGS=()
 if [[ "$AP_TOPK" != "full" ]]; then
@@ -242,7 +265,9 @@ best_checkpoint() {
 # ---------------------------------------------------------------------------------------------------------------
 # 0. data
 DATA="$WORK/data"
-if [[ -z "$DATA_ROOT" ]]; then
+if [[ -z "$DATA_ROOT" && ${#ROOT_ARGS[@]} -eq 6 ]]; then
+    mkdir -p "$DATA" # every dataset has its own root: no benchmark; WORK/data receives the translations only
+elif [[ -z "$DATA_ROOT" ]]; then
     DATA_ARGS=(--out "$DATA" --seed 0 --overwrite) # only re-run when unfinished: replace a partial tree
     # data_translator/: the perfect-translator control (the source images rendered by the target cameras; read
     # by the ablation's diagnostics only), where this make_demo_data.py writes one
@@ -257,7 +282,7 @@ else
     mkdir -p "$DATA"
     for entry in "$DATA_ROOT"/*; do
         name="$(basename "$entry")"
-        [[ "$name" == "personX_sda" ]] && continue # always re-translated by this pipeline
+        [[ "$name" == *_sda ]] && continue # always re-translated by this pipeline, into WORK/data
         [[ -e "$DATA/$name" ]] || ln -s "$entry" "$DATA/$name"
     done
 fi
@@ -275,7 +300,7 @@ train_encoder() {
     if [[ "$arch" != "$SDA_ARCH" ]]; then name="encoder-$arch"; fi
     RERUN_IF_CHANGED=0
     run_stage "$name" "$dir" "$PYTHON" "$REPO/pretrain.py" "${PRESET_ARGS[@]}" --data-root "$DATA" \
-        --source personx --arch "$arch" --seed "${SEED_LIST[0]}" "${WORKER_ARGS[@]}" \
+        "${DATASET_ARGS[@]}" --source "$SOURCE" --arch "$arch" --seed "${SEED_LIST[0]}" "${WORKER_ARGS[@]}" \
         --logs-dir "$dir" "${TINY_ENCODER[@]}" "${EXTRA_ENCODER[@]}"
 }
 # pre-training initialisation of backbone $1 with the demo preset: its encoder's trunk and the fine-tuning budget
@@ -295,7 +320,7 @@ ENCODER_CHECKPOINT="$(best_checkpoint "$(encoder_dir "$SDA_ARCH")")"
 #    of SDA's relation-consistency term
 BASELINE_DIR="$WORK/baseline-mmt-$SDA_ARCH"
 run_stage baseline "$BASELINE_DIR" "$PYTHON" "$REPO/mmt_plus.py" "${PRESET_ARGS[@]}" --mode mmt --data-root "$DATA" \
-    --arch "$SDA_ARCH" --init-1 "$ENCODER_CHECKPOINT" --init-2 "$ENCODER_CHECKPOINT" --seed "${SEED_LIST[0]}" \
+    "${DATASET_ARGS[@]}" --arch "$SDA_ARCH" --init-1 "$ENCODER_CHECKPOINT" --init-2 "$ENCODER_CHECKPOINT" --seed "${SEED_LIST[0]}" \
     "${WORKER_ARGS[@]}" --logs-dir "$BASELINE_DIR" --resume "${BASELINE_BUDGET[@]}" "${TINY_MMT[@]}" \
     "${EXTRA_BASELINE[@]}"
 BASELINE_CHECKPOINT="$(best_checkpoint "$BASELINE_DIR")"
@@ -306,12 +331,21 @@ SDA_DIR="$WORK/sda"
 SDA_RESUME=()
 if [[ -f "$SDA_DIR/checkpoint.pth" || -f "$SDA_DIR/checkpoint.pth" ]]; then SDA_RESUME=(--resume); fi
 run_stage sda "$SDA_DIR" "$PYTHON" "$REPO/sda.py" train "${PRESET_ARGS[@]}" --data-root "$DATA" --out "$SDA_DIR" \
+    "${DATASET_ARGS[@]}" --source "$SOURCE" \
     --arch "$SDA_ARCH" --source-encoder "$ENCODER_CHECKPOINT" --target-encoder "$BASELINE_CHECKPOINT" \
     --seed "${SEED_LIST[0]}" "${WORKER_ARGS[@]}" "${SDA_RESUME[@]}" "${TINY_SDA[@]}" "${EXTRA_SDA[@]}"
 SDA_CHECKPOINT="$SDA_DIR/checkpoint.pth"
 if [[ ! -f "$SDA_CHECKPOINT" ]]; then SDA_CHECKPOINT="$SDA_DIR/checkpoint.pth"; fi
 run_stage translate "$WORK/translate_done" "$PYTHON" "$REPO/sda.py" translate --checkpoint "$SDA_CHECKPOINT" \
-    --data-root "$DATA" --out "$DATA" "${WORKER_ARGS[@]}" "${EXTRA_TRANSLATE[@]}"
+    --data-root "$DATA" "${DATASET_ARGS[@]}" --source "$SOURCE" --out "$DATA" "${WORKER_ARGS[@]}" "${EXTRA_TRANSLATE[@]}"
+# the translated source: personX_sda/ of the VisDA layout, else the list dataset WORK/data/<source>_sda/
+TRANSLATED_SOURCE=personx_sda
+TRANSLATED_ROOT=()
+if [[ "$SOURCE" != "personx" ]]; then
+    name="$(PYTHONPATH="$REPO" "$PYTHON" -c 'import sys, reid; print(reid.canonical_dataset_name(sys.argv[1]))' "$SOURCE")"
+    TRANSLATED_SOURCE=list
+    TRANSLATED_ROOT=(--source-root "$DATA/${name}_sda")
+fi
 
 # ---------------------------------------------------------------------------------------------------------------
 # 4. pre-training on the translated images, two seeds per backbone; 5. MMT+ per backbone
@@ -323,18 +357,20 @@ pretrain_run() {
     demo_init "$arch"
     RERUN_IF_CHANGED=0
     run_stage "$name" "$dir" "$PYTHON" "$REPO/pretrain.py" "${PRESET_ARGS[@]}" \
-        --data-root "${PRETRAIN_ROOT:-$DATA}" --source "$source" --arch "$arch" --seed "$seed" "${WORKER_ARGS[@]}" \
-        --logs-dir "$dir" "${DEMO_INIT[@]}" "${TINY_PRETRAIN[@]}" "$@" "${EXTRA_PRETRAIN[@]}"
+        --data-root "${PRETRAIN_ROOT:-$DATA}" "${DATASET_ARGS[@]}" --source "$source" --arch "$arch" --seed "$seed" \
+        "${WORKER_ARGS[@]}" --logs-dir "$dir" "${DEMO_INIT[@]}" "${TINY_PRETRAIN[@]}" "$@" "${EXTRA_PRETRAIN[@]}"
 }
 sda_pretrain_dir() { echo "$WORK/pretrain-personx_sda-$1-$2"; }
-sda_pretraining() { pretrain_run "pretrain-$1-$2" "$(sda_pretrain_dir "$1" "$2")" personx_sda "$1" "$2"; }
+sda_pretraining() {
+    pretrain_run "pretrain-$1-$2" "$(sda_pretrain_dir "$1" "$2")" "$TRANSLATED_SOURCE" "$1" "$2" "${TRANSLATED_ROOT[@]}"
+}
 # mmt_run NAME DIR ARCH SEED INIT_1 INIT_2 [FLAGS...]: MMT+ (with --mode mmt: MMT) at the preset's budget
 mmt_run() {
     local name="$1" dir="$2" arch="$3" seed="$4" init_1="$5" init_2="$6"
     shift 6
     RERUN_IF_CHANGED=0
     run_stage "$name" "$dir" "$PYTHON" "$REPO/mmt_plus.py" "${PRESET_ARGS[@]}" --data-root "$DATA" --arch "$arch" \
-        --init-1 "$init_1" --init-2 "$init_2" --seed "$seed" "${WORKER_ARGS[@]}" --logs-dir "$dir" --resume \
+        "${DATASET_ARGS[@]}" --source "$SOURCE" --init-1 "$init_1" --init-2 "$init_2" --seed "$seed" "${WORKER_ARGS[@]}" --logs-dir "$dir" --resume \
         "$@" "${TINY_MMT[@]}" "${EXTRA_MMT[@]}"
 }
 # MMT+ of backbone $1 with training seed $2, always from the SDA pre-trainings of --seeds (the pipeline's: seed 1)
@@ -361,7 +397,7 @@ done
 CAMERA_DIR="$WORK/camera"
 RERUN_IF_CHANGED=0
 run_stage camera "$CAMERA_DIR" "$PYTHON" "$REPO/camera.py" "${PRESET_ARGS[@]}" --data-root "$DATA" \
-    --logs-dir "$CAMERA_DIR" --seed "${SEED_LIST[0]}" "${WORKER_ARGS[@]}" --resume \
+    "${DATASET_ARGS[@]}" --logs-dir "$CAMERA_DIR" --seed "${SEED_LIST[0]}" "${WORKER_ARGS[@]}" --resume \
     "${TINY_CAMERA[@]}" "${EXTRA_CAMERA[@]}"
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -370,7 +406,7 @@ CAMERA_CHECKPOINT="$(best_checkpoint "$CAMERA_DIR")"
 POST_ARGS=(--checkpoints "${MMT_CHECKPOINTS[@]}" --camera-checkpoint "$CAMERA_CHECKPOINT"
            --data-root "$DATA" "${WORKER_ARGS[@]}")
 RERUN_IF_CHANGED=1 # post-processing reads cached features: cheap to redo when the inputs changed
-run_stage post-val "$WORK/post-val" "$PYTHON" "$REPO/postprocess.py" "${POST_ARGS[@]}" --dataset target_val \
+run_stage post-val "$WORK/post-val" "$PYTHON" "$REPO/postprocess.py" "${POST_ARGS[@]}" "${DATASET_ARGS[@]}" \
     --out "$WORK/post-val" --ablation "${METRIC_ARGS[@]}" "${EXTRA_POST[@]}"
 if [[ $TEST_SUBMISSION -eq 1 ]]; then
     run_stage post-test "$WORK/post-test" "$PYTHON" "$REPO/postprocess.py" "${POST_ARGS[@]}" --dataset target_test \
