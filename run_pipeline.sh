@@ -520,7 +520,7 @@ if [[ $ABLATION -eq 1 ]]; then
 fi
 
 echo
-if [[ -z "$DATA_ROOT" ]]; then echo "(embedded synthetic benchmark: these are synthetic-benchmark results)"; fi
+if [[ -z "$DATA_ROOT" && ${#ROOT_ARGS[@]} -lt 6 ]]; then echo "(embedded synthetic benchmark: these are synthetic-benchmark results)"; fi
 cat "$WORK/post-val/results.md"
 echo
 echo "[pipeline] all stages done in $WORK"
