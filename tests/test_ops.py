@@ -240,6 +240,100 @@ def test_knn_bad_input():
 
 
 # --------------------------------------------------------------------------------------------------------------
+# bf16 candidate search: the answer must be exactly the fp32 search's (and the exact kNN)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def near_tie_features(rng: np.random.Generator, n: int, dim: int, gap: float, offset: float = 0.0) -> np.ndarray:
+    """Adversarial near-ties for the first row: row j >= 1 lies at squared distance 1 + gap * j from row 0 along a
+    random direction, so consecutive neighbours differ by `gap` (far below bf16's resolution of ~1e-2 on these
+    distances), in random index order; a few exact duplicates too. `offset` adds a common vector of that norm to every
+    row: the squared distances do not change but the dot products grow, and with them the bf16 error bound."""
+    base = rng.normal(size=dim)
+    directions = rng.normal(size=(n, dim))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    radii = np.sqrt(1.0 + gap * rng.permutation(n))
+    rows = base + radii[:, None] * directions
+    rows[0] = base
+    rows[n // 2 : n // 2 + 5] = rows[1:6]  # exact duplicates: ties broken by index
+    if offset:
+        shift = rng.normal(size=dim)
+        rows += offset * shift / np.linalg.norm(shift)
+    return rows.astype(np.float32)
+
+
+def assert_same_search(x: np.ndarray, y: np.ndarray, k: int, metric: str) -> None:
+    """bf16 and fp32 candidate searches give bitwise-identical neighbours and distances, equal to the float64
+    reference up to float32 rounding."""
+    d16, i16 = reid_ops.knn(x, y, k, metric, candidate_precision="bf16")
+    d32, i32 = reid_ops.knn(x, y, k, metric, candidate_precision="fp32")
+    np.testing.assert_array_equal(i16, i32)
+    np.testing.assert_array_equal(d16, d32)
+    assert_knn_matches(d16, i16, x, y, k, metric)
+
+
+@pytest.mark.parametrize("metric", ["sqeuclidean", "euclidean", "cosine"])
+@pytest.mark.parametrize("gap, offset", [(1e-6, 0.0), (1e-4, 0.0), (1e-5, 30.0)])
+def test_bf16_search_equals_fp32_on_adversarial_near_ties(metric, gap, offset):
+    rng = make_rng("bf16-ties", metric, gap, offset)
+    y = near_tie_features(rng, 400, 48, gap, offset)
+    x = np.concatenate([y[:1], y[1:40:7], rng.normal(size=(5, 48)).astype(np.float32)])
+    for k in (1, 10, 60, 400):
+        assert_same_search(x, y, k, metric)
+    # the first row's order is defined by the construction: check it against the float64 reference exactly
+    ref_dist, ref_idx = knn_ref(y[:1], y, 60, metric)
+    _, idx = reid_ops.knn(y[:1], y, 60, metric, candidate_precision="bf16")
+    strict = np.diff(ref_dist[0]) > 1e-5 * ref_dist[0, 1:]  # neighbours separated by more than float32 rounding
+    np.testing.assert_array_equal(idx[0][:-1][strict], ref_idx[0][:-1][strict])
+
+
+@pytest.mark.parametrize("metric", ["sqeuclidean", "cosine"])
+def test_bf16_search_equals_fp32_self_knn_with_duplicates(metric):
+    rng = make_rng("bf16-self", metric)
+    x = clustered_features(rng, 700, 40, 9, spread=0.05)
+    x[500:560] = x[:60]  # exact duplicates across blocks
+    x[600:610] = x[0]  # many copies of one row: ties beyond k
+    assert_same_search(x, x, 25, metric)
+
+
+def test_bf16_search_cosine_zero_rows():
+    """A zero row has no usable bound for the cosine metric (it is always a candidate): same answer both ways."""
+    rng = make_rng("bf16-zero")
+    x = clustered_features(rng, 300, 24, 5)
+    x[[7, 150]] = 0.0
+    for y in (x, x[::-1].copy()):
+        d16, i16 = reid_ops.knn(x, y, 30, "cosine", candidate_precision="bf16")
+        d32, i32 = reid_ops.knn(x, y, 30, "cosine", candidate_precision="fp32")
+        np.testing.assert_array_equal(i16, i32)
+        np.testing.assert_array_equal(d16, d32)
+
+
+def test_bf16_search_identical_re_ranking_and_jaccard_graph():
+    rng = make_rng("bf16-rr")
+    features = clustered_features(rng, 500, 32, 12, spread=0.08)
+    features[300:320] = features[:20]
+    ties = near_tie_features(rng, 120, 32, 1e-6)
+    ties /= np.linalg.norm(ties, axis=1, keepdims=True)
+    features = np.concatenate([features, ties]).astype(np.float32)
+    query, gallery = features[:80], features[80:]
+    rr16 = reid_ops.re_ranking(query, gallery, 20, 6, 0.3, candidate_precision="bf16")
+    rr32 = reid_ops.re_ranking(query, gallery, 20, 6, 0.3, candidate_precision="fp32")
+    np.testing.assert_array_equal(rr16, rr32)
+    expected = re_ranking_ref(*split_distances(features, 80), 20, 6, 0.3)
+    np.testing.assert_allclose(rr16, expected, rtol=0, atol=1e-5)
+    g16 = reid_ops.jaccard_graph(features, 20, 6, candidate_precision="bf16")
+    g32 = reid_ops.jaccard_graph(features, 20, 6, candidate_precision="fp32")
+    for attribute in ("indptr", "indices", "data"):
+        np.testing.assert_array_equal(getattr(g16, attribute), getattr(g32, attribute))
+
+
+def test_candidate_precision_is_checked():
+    x = np.ones((3, 4), np.float32)
+    with pytest.raises(ValueError, match="candidate_precision"):
+        reid_ops.knn(x, x, 2, candidate_precision="fp16")
+
+
+# --------------------------------------------------------------------------------------------------------------
 # k-reciprocal re-ranking (test time)
 # --------------------------------------------------------------------------------------------------------------
 
@@ -575,6 +669,19 @@ def test_evaluate_rank_matches_reference(num_query, num_gallery, num_pids, num_c
     assert_metrics_equal(got, expected, max_rank)
     got_torch = reid_ops.evaluate_rank(*(torch.from_numpy(np.asarray(a)) for a in args), max_rank, ap_topk)
     assert_metrics_equal(got_torch, expected, max_rank)
+
+
+@pytest.mark.parametrize("ap_topk", [None, 50])
+def test_evaluate_rank_many_matches_per_query(ap_topk):
+    """Queries with more than 64 true matches take the sorting path, the others the counting path: both must give the
+    reference's numbers (one problem mixes them)."""
+    rng = make_rng("eval-many", ap_topk)
+    distmat, qp, gp, qc, gc = random_ranking_problem(rng, 50, 900, 40, 3)
+    gp[:400] = 0  # identity 0: hundreds of gallery images, so its queries have > 64 matches
+    qp[:10] = 0
+    distmat = np.round(distmat * 50) / 50  # ties as well
+    expected = evaluate_rank_ref(distmat, qp, gp, qc, gc, max_rank=30, ap_topk=ap_topk)
+    assert_metrics_equal(reid_ops.evaluate_rank(distmat, qp, gp, qc, gc, 30, ap_topk), expected, 30)
 
 
 def test_reference_metrics_two_loops_agree():

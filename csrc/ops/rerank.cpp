@@ -7,9 +7,12 @@
 namespace reid_ops {
 
 TORCH_LIBRARY_FRAGMENT(reid_ops, m) {
-  // kNN lists (squared Euclidean, exact rescoring) of all rows against all rows, each row's
-  // maximum squared distance, and (if num_query > 0) the query x gallery squared distances.
-  m.def("_neighbors_from_features(Tensor features, int kmax, int num_query) -> (Tensor, Tensor, Tensor)");
+  // Exact kNN lists (squared Euclidean) of all rows against all rows, each row's exact maximum
+  // squared distance (if with_row_max; else zeros), and (if num_query > 0) the query x gallery
+  // squared distances (fp32 GEMM). bf16_search: candidates of the other rows from bfloat16 tiles.
+  m.def(
+      "_neighbors_from_features(Tensor features, int kmax, int num_query, bool with_row_max, bool bf16_search) -> "
+      "(Tensor, Tensor, Tensor)");
   // kNN lists of the columns of M = [[q_q, q_g], [q_g^T, g_g]], ordered by M^2 / colmax(M^2) (the
   // classic code normalises columns and transposes), and each column's maximum of M^2.
   m.def("_neighbors_from_distances(Tensor q_g, Tensor q_q, Tensor g_g, int kmax) -> (Tensor, Tensor)");

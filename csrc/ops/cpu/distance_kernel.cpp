@@ -41,7 +41,7 @@ at::Tensor pairwise_distance_cpu(const at::Tensor& x_in, const at::Tensor& y_in,
 }
 
 std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& x_in, const at::Tensor& y_in, int64_t k,
-                                           int64_t metric) {
+                                           int64_t metric, bool bf16_search) {
   check_features(x_in, "x");
   check_features(y_in, "y");
   check_same_dim(x_in, y_in, "x", "y");
@@ -52,7 +52,8 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& x_in, const at::Ten
   const auto y = y_in.to(at::kFloat).contiguous();
   auto dist = at::empty({x.size(0), k}, x.options());
   auto idx = at::empty({x.size(0), k}, x.options().dtype(at::kLong));
-  knn_blocked_cpu(x, y, k, metric, dist.data_ptr<float>(), idx.data_ptr<int64_t>());
+  knn_blocked_cpu(x, y, k, metric, bf16_search ? TilePrecision::kBFloat16 : TilePrecision::kFloat32,
+                  dist.data_ptr<float>(), idx.data_ptr<int64_t>());
   if (metric == kEuclidean) dist.sqrt_();
   return {dist, idx};
 }

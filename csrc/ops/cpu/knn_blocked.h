@@ -1,15 +1,37 @@
-// Blocked k-nearest-neighbour search on the CPU, shared by knn and re-ranking.
+// Exact blocked k-nearest-neighbour search on the CPU, shared by knn and re-ranking.
 //
-// Distances of a block of rows against a block of columns come from one GEMM (x.y^T) into a
-// fixed-size buffer; a bounded heap per row keeps the best k + kRescoreMargin candidates, which
-// are then rescored with the exact difference formula and re-sorted. Memory: the outputs, the
-// heaps and one block, never M x N.
+// Candidates come from GEMM tiles x . y^T computed in bfloat16 or float32. Every approximate
+// distance d~ carries a rigorous bound e on its error (TileBound below), so the exact distance lies
+// in [d~ - e, d~ + e]. A row keeps every column whose lower bound is <= U, the k-th smallest upper
+// bound it has seen: whatever the rounding, the true k nearest are among them. The candidates are
+// rescored with the exact difference formula (common/distance_math.h) and sorted by (distance,
+// index), so the answer is the exact kNN whatever the tile precision: bf16 and fp32 searches give
+// identical neighbours and distances, bf16 only keeps more candidates (those within the bound of
+// the k-th). A row's maximum distance (re-ranking) is found the same way: columns whose upper bound
+// reaches the largest lower bound, rescored exactly.
+//
+// Error model (u = unit roundoff: 2^-24 fp32, 2^-8 bf16; gamma_n = n u / (1 - n u) in fp32):
+//   fp32 tile: products and sums rounded in fp32, any order, with or without FMA:
+//     |out - x.y| <= gamma_{D+1} ||x|| ||y||.
+//   bf16 tile: x~ = bf16(x) (round to nearest), residual r = x - x~ (exact in fp32); products of
+//     two bf16 values are exact in fp32, sums rounded in fp32 in any order, the result rounded once
+//     to bf16 (oneDNN, and ATen's fallback kernels, accumulate bf16 GEMMs in fp32). With
+//     x.y - x~.y~ = r_x.y + x~.r_y (Cauchy-Schwarz on each term):
+//     |out - x.y| <= ||r_x|| ||y|| + ||x~|| ||r_y|| + gamma_D ||x~|| ||y~|| + u_bf16 / (1 - u_bf16) |out|.
+//   The distance formula adds the fp32 rounding of the squared norms / inverse norms and of the
+//   expression itself (SlackTerms). The bound is evaluated in float and widened by 1e-4 relative.
+// Memory: the outputs, the per-row candidate lists and one tile, never M x N.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/jit_type.h>
+#include <ATen/core/stack.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <vector>
 
 #include "../common/distance_math.h"
@@ -17,9 +39,28 @@
 
 namespace reid_ops {
 
+enum class TilePrecision { kFloat32, kBFloat16 };
+
 constexpr int64_t kRowBlock = 1024;
 constexpr int64_t kColBlock = 4096;
+constexpr int64_t kSelfBlock = 4096;
 
+// a . b^T in a's dtype (float32 or bfloat16), through oneDNN when PyTorch has it (MKL's sgemm runs at
+// a fraction of the speed on AMD CPUs; oneDNN's bf16 kernels use AVX-512 BF16), else at::mm. Both
+// accumulate in fp32.
+inline at::Tensor gemm_nt(const at::Tensor& a, const at::Tensor& b) {
+  static const auto op = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+  if (op.has_value()) {
+    const c10::impl::GenericList no_scalars(c10::OptionalType::create(c10::NumberType::get()));
+    torch::jit::Stack stack{a, b, c10::IValue(), c10::IValue(std::string("none")), c10::IValue(no_scalars),
+                            c10::IValue(std::string(""))};
+    op->callBoxed(stack);
+    return stack[0].toTensor();
+  }
+  return at::mm(a, b.t());
+}
+
+// Per-row factors of the expansion (see row_factor), from fp32 squared norms.
 inline std::vector<float> row_factors(const at::Tensor& x, int64_t metric) {
   const auto squared = x.mul(x).sum(1).contiguous();  // float32 contiguous input
   const float* s = squared.data_ptr<float>();
@@ -28,149 +69,353 @@ inline std::vector<float> row_factors(const at::Tensor& x, int64_t metric) {
   return out;
 }
 
-struct KnnExtras {
-  float* row_max = nullptr;     // optional: max expanded distance of each row over all columns
-  float* dense_out = nullptr;   // optional: copy of columns [dense_col0, N) of every row < dense_rows
-  int64_t dense_col0 = 0;
-  int64_t dense_rows = 0;
+// Per-row terms of the error bound of one operand (x or y).
+struct RowTerms {
+  std::vector<float> factor;    // row_factor: squared norm (Euclidean) or inverse norm (cosine)
+  std::vector<float> norm;      // ||x|| (fp32 tiles)
+  std::vector<float> residual;  // ||x - bf16(x)|| (bf16 tiles)
+  std::vector<float> rounded;   // ||bf16(x)|| (bf16 tiles)
+  at::Tensor bf16;              // bf16(x), when bf16 tiles are used
 };
 
-// Turns one row of GEMM dot products into clamped distances, in place (a vectorisable loop), and
-// returns the row's maximum.
-inline float dots_to_distances(float* row, int64_t cols, float factor_i, const float* factors_j, int64_t metric) {
-  float maximum = 0.0f;
-  for (int64_t c = 0; c < cols; ++c) {
-    float d = expanded_distance(row[c], factor_i, factors_j[c], metric);
-    d = d > 0.0f ? d : 0.0f;
-    row[c] = d;
-    maximum = d > maximum ? d : maximum;
+inline RowTerms row_terms(const at::Tensor& x, int64_t metric, bool with_bf16) {
+  const int64_t n = x.size(0), D = x.size(1);
+  RowTerms t;
+  const auto squared = x.mul(x).sum(1).contiguous();  // the fp32 squared norms the expansion uses
+  const float* s = squared.data_ptr<float>();
+  t.factor.resize(n);
+  t.norm.resize(n);
+  if (with_bf16) {
+    t.bf16 = x.to(at::kBFloat16).contiguous();
+    t.residual.resize(n);
+    t.rounded.resize(n);
   }
-  return maximum;
-}
-
-// Offers (distances[c], first_index + c) to a heap; most values fail the first comparison with
-// the current worst candidate, so the heap is rarely touched.
-inline void offer_row(const float* distances, int64_t cols, int64_t first_index, float* hd, int64_t* hi,
-                      int64_t candidates) {
-  for (int64_t c = 0; c < cols; ++c) {
-    const float d = distances[c];
-    if (d <= hd[0]) heap_offer(hd, hi, candidates, d, first_index + c);
-  }
-}
-
-// All-vs-all kNN of the rows of x (x against itself): the distance matrix is symmetric, so only
-// blocks on or above the diagonal are computed and each feeds the heaps of its rows and of its
-// columns. Half the GEMM work of the general case.
-inline void knn_self_blocked_cpu(const at::Tensor& x, int64_t k, int64_t metric, float* out_dist, int64_t* out_idx,
-                                 const KnnExtras& extras) {
-  constexpr int64_t kBlock = 4096;  // 64 MB per buffer; smaller blocks lose GEMM efficiency
-  const int64_t N = x.size(0), D = x.size(1);
-  const int64_t candidates = std::min(N, k + kRescoreMargin);
-  const auto f = row_factors(x, metric);
   const float* xp = x.data_ptr<float>();
-  const int64_t block = std::min(N, kBlock);
-  auto buffer = at::empty({block, block}, x.options());
-  auto buffer_t = at::empty({block, block}, x.options());
-  std::vector<float> heap_d(N * candidates);
-  std::vector<int64_t> heap_i(N * candidates);
-  std::vector<float> row_max(N, 0.0f);
-  for (int64_t i = 0; i < N; ++i) heap_init(&heap_d[i * candidates], &heap_i[i * candidates], candidates);
-  for (int64_t r0 = 0; r0 < N; r0 += block) {
-    const int64_t rows = std::min(block, N - r0);
-    for (int64_t c0 = r0; c0 < N; c0 += block) {
-      const int64_t cols = std::min(block, N - c0);
-      auto tile = buffer.narrow(0, 0, rows).narrow(1, 0, cols);
-      at::mm_out(tile, x.narrow(0, r0, rows), x.narrow(0, c0, cols).t());
-      float* bp = tile.data_ptr<float>();
-      const int64_t ld = tile.stride(0);
-      // rows of the block: distances in place, then offers (i = r0 + r, j = c0 + c)
-      at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          const int64_t i = r0 + r;
-          float* row = bp + r * ld;
-          row_max[i] = std::max(row_max[i], dots_to_distances(row, cols, f[i], f.data() + c0, metric));
-          if (extras.dense_out != nullptr && i < extras.dense_rows) {
-            const int64_t width = N - extras.dense_col0;
-            for (int64_t c = std::max<int64_t>(0, extras.dense_col0 - c0); c < cols; ++c) {
-              extras.dense_out[i * width + (c0 + c - extras.dense_col0)] = row[c];
-            }
+  const at::BFloat16* bp = with_bf16 ? t.bf16.data_ptr<at::BFloat16>() : nullptr;
+  at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      t.factor[i] = row_factor(s[i], metric);
+      double norm2 = 0.0, residual2 = 0.0, rounded2 = 0.0;
+      for (int64_t d = 0; d < D; ++d) {
+        const double v = xp[i * D + d];
+        norm2 += v * v;
+        if (bp != nullptr) {
+          const double r = static_cast<double>(static_cast<float>(bp[i * D + d]));
+          rounded2 += r * r;
+          residual2 += (v - r) * (v - r);
+        }
+      }
+      t.norm[i] = static_cast<float>(std::sqrt(norm2));
+      if (bp != nullptr) {
+        t.residual[i] = static_cast<float>(std::sqrt(residual2));
+        t.rounded[i] = static_cast<float>(std::sqrt(rounded2));
+      }
+    }
+  });
+  return t;
+}
+
+// Constants of the bound for one tile precision and feature dimension.
+struct TileBound {
+  TilePrecision precision;
+  int64_t metric;
+  float gamma_sum;    // gamma_{D+1} (fp32 tile) or gamma_D (bf16 tile)
+  float output_unit;  // u_bf16 / (1 - u_bf16) for bf16 tiles, 0 for fp32
+  float slack;        // fp32 rounding of the norms and of the distance expression (relative)
+
+  TileBound(TilePrecision p, int64_t metric_, int64_t D) : precision(p), metric(metric_) {
+    const double u = std::ldexp(1.0, -24);
+    const double n = static_cast<double>(D + 1);
+    gamma_sum = static_cast<float>(n * u / (1.0 - n * u));
+    output_unit = p == TilePrecision::kBFloat16 ? static_cast<float>(std::ldexp(1.0, -8) / (1.0 - std::ldexp(1.0, -8)))
+                                                : 0.0f;
+    slack = static_cast<float>(n * u / (1.0 - n * u) + 16.0 * u);
+  }
+};
+
+
+struct Candidate {
+  int64_t index;
+  float bound;  // lower bound (nearest lists) or upper bound (farthest lists)
+};
+
+// Candidate bookkeeping of every row.
+struct KnnState {
+  int64_t k = 0;
+  bool track_far = false;
+  std::vector<float> upper_heap;  // per row: max-heap of the k smallest upper bounds (top = U)
+  std::vector<std::vector<Candidate>> near, far;
+  std::vector<float> far_floor;   // per row: largest lower bound seen (<= the row maximum)
+  std::vector<int64_t> near_prune_at, far_prune_at;
+
+  KnnState(int64_t rows, int64_t k_, bool track_far_)
+      : k(k_), track_far(track_far_), upper_heap(rows * k_, std::numeric_limits<float>::infinity()), near(rows),
+        far(track_far_ ? rows : 0), far_floor(track_far_ ? rows : 0, -std::numeric_limits<float>::infinity()),
+        near_prune_at(rows, 4 * k_ + 256), far_prune_at(track_far_ ? rows : 0, 256) {}
+};
+
+inline void float_heap_replace_top(float* heap, int64_t size, float value) {
+  int64_t pos = 0;
+  while (true) {
+    const int64_t left = 2 * pos + 1;
+    if (left >= size) break;
+    int64_t largest = left;
+    if (left + 1 < size && heap[left + 1] > heap[left]) largest = left + 1;
+    if (heap[largest] <= value) break;
+    heap[pos] = heap[largest];
+    pos = largest;
+  }
+  heap[pos] = value;
+}
+
+// Per-thread scratch of one row's bounds.
+struct RowScratch {
+  std::vector<float> lower, upper;
+  void reserve(int64_t n) {
+    if (static_cast<int64_t>(lower.size()) < n) {
+      lower.resize(n);
+      upper.resize(n);
+    }
+  }
+};
+
+// Bounds [lo, hi] of the exact distances of row i (terms xt) to columns first_col.. (terms yt), from
+// the tile values `dots`; copies the clamped approximate distances to dense_out if not null.
+template <bool kCosineMetric, bool kBf16Tile, typename T>
+inline void row_bounds(const T* dots, int64_t cols, int64_t i, int64_t first_col, const TileBound& b,
+                       const RowTerms& xt, const RowTerms& yt, float* lo, float* hi, float* dense_out) {
+  const int64_t metric = kCosineMetric ? kCosine : kSqEuclidean;
+  const float fi = xt.factor[i], ni = xt.norm[i];
+  const float ri = kBf16Tile ? xt.residual[i] : 0.0f, mi = kBf16Tile ? xt.rounded[i] : 0.0f;
+  const float* fj = yt.factor.data() + first_col;
+  const float* nj = yt.norm.data() + first_col;
+  const float* rj = kBf16Tile ? yt.residual.data() + first_col : nj;
+  const float* mj = kBf16Tile ? yt.rounded.data() + first_col : nj;
+  const bool zero_row_i = kCosineMetric && !(ni > kMinNorm);
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  for (int64_t c = 0; c < cols; ++c) {
+    const float out = static_cast<float>(dots[c]);
+    const float d = expanded_distance(out, fi, fj[c], metric);
+    const float e_dot = kBf16Tile ? ri * nj[c] + mi * rj[c] + b.gamma_sum * mi * mj[c] + b.output_unit * std::fabs(out)
+                                  : b.gamma_sum * ni * nj[c];
+    float e;
+    if (kCosineMetric) {
+      e = e_dot * fi * fj[c] + b.slack * (2.0f + std::fabs(out) * fi * fj[c]);
+      // a zero row's exact cosine distance (0.5 ||y / |y| ||^2) is not the expansion's: no bound
+      e = (zero_row_i || !(nj[c] > kMinNorm)) ? kInf : e;
+    } else {
+      e = 2.0f * e_dot + b.slack * (fi + fj[c] + 2.0f * std::fabs(out));
+    }
+    e = e * 1.0001f + 1e-30f;
+    const float l = d - e, h = d + e;
+    lo[c] = l == l ? (l > 0.0f ? l : 0.0f) : 0.0f;  // exact distances are >= 0; NaN (overflow): no bound
+    hi[c] = h == h ? h : kInf;
+    if (dense_out != nullptr) dense_out[c] = d > 0.0f ? d : 0.0f;
+  }
+}
+
+// Feeds the tile entries of row i (bound terms xt[i]; columns first_col .. first_col + cols, terms
+// yt) to row `s` of the state.
+template <typename T>
+inline void offer_row(KnnState& state, int64_t s, int64_t i, const T* dots, int64_t cols, int64_t first_col,
+                      const TileBound& bound, const RowTerms& xt, const RowTerms& yt, RowScratch& scratch,
+                      float* dense_out) {
+  scratch.reserve(cols);
+  float* lo = scratch.lower.data();
+  float* hi = scratch.upper.data();
+  const bool cosine = bound.metric == kCosine, bf16 = bound.precision == TilePrecision::kBFloat16;
+  if (cosine && bf16) {
+    row_bounds<true, true>(dots, cols, i, first_col, bound, xt, yt, lo, hi, dense_out);
+  } else if (cosine) {
+    row_bounds<true, false>(dots, cols, i, first_col, bound, xt, yt, lo, hi, dense_out);
+  } else if (bf16) {
+    row_bounds<false, true>(dots, cols, i, first_col, bound, xt, yt, lo, hi, dense_out);
+  } else {
+    row_bounds<false, false>(dots, cols, i, first_col, bound, xt, yt, lo, hi, dense_out);
+  }
+  float* heap = state.upper_heap.data() + s * state.k;
+  for (int64_t c = 0; c < cols; ++c) {
+    if (hi[c] < heap[0]) float_heap_replace_top(heap, state.k, hi[c]);
+  }
+  const float U = heap[0];
+  auto& near = state.near[s];
+  for (int64_t c = 0; c < cols; ++c) {
+    if (lo[c] <= U) near.push_back({first_col + c, lo[c]});
+  }
+  if (static_cast<int64_t>(near.size()) >= state.near_prune_at[s]) {
+    near.erase(std::remove_if(near.begin(), near.end(), [U](const Candidate& a) { return a.bound > U; }), near.end());
+    state.near_prune_at[s] = std::max<int64_t>(state.near_prune_at[s], 2 * static_cast<int64_t>(near.size()));
+  }
+  if (state.track_far) {
+    float floor = state.far_floor[s];
+    for (int64_t c = 0; c < cols; ++c) floor = lo[c] > floor ? lo[c] : floor;
+    state.far_floor[s] = floor;
+    auto& far = state.far[s];
+    for (int64_t c = 0; c < cols; ++c) {
+      if (hi[c] >= floor) far.push_back({first_col + c, hi[c]});
+    }
+    if (static_cast<int64_t>(far.size()) >= state.far_prune_at[s]) {
+      far.erase(std::remove_if(far.begin(), far.end(), [floor](const Candidate& a) { return a.bound < floor; }),
+                far.end());
+      state.far_prune_at[s] = std::max<int64_t>(state.far_prune_at[s], 2 * static_cast<int64_t>(far.size()));
+    }
+  }
+}
+
+// Exact rescoring of row i's candidates: the k nearest in (distance, index) order, and (if
+// tracked) the exact row maximum.
+inline void finish_row(KnnState& state, int64_t i, const float* xi, const float* y, int64_t D, float fxi,
+                       const float* fy, int64_t metric, float* out_dist, int64_t* out_idx, float* row_max,
+                       std::vector<std::pair<float, int64_t>>& pairs) {
+  const float U = state.upper_heap[i * state.k];
+  pairs.clear();
+  for (const auto& a : state.near[i]) {
+    if (a.bound <= U) pairs.emplace_back(exact_distance(xi, y + a.index * D, D, fxi, fy[a.index], metric), a.index);
+  }
+  std::vector<Candidate>().swap(state.near[i]);
+  const auto less = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
+    return pair_less(a.first, a.second, b.first, b.second);
+  };
+  const int64_t k = state.k;
+  TORCH_CHECK(static_cast<int64_t>(pairs.size()) >= k, "knn: internal error, ", pairs.size(), " candidates for k=", k);
+  std::partial_sort(pairs.begin(), pairs.begin() + k, pairs.end(), less);
+  for (int64_t t = 0; t < k; ++t) {
+    out_dist[t] = pairs[t].first;
+    out_idx[t] = pairs[t].second;
+  }
+  if (state.track_far) {
+    const float floor = state.far_floor[i];
+    float maximum = 0.0f;
+    for (const auto& a : state.far[i]) {
+      if (a.bound >= floor) {
+        maximum = std::max(maximum, exact_distance(xi, y + a.index * D, D, fxi, fy[a.index], metric));
+      }
+    }
+    std::vector<Candidate>().swap(state.far[i]);
+    row_max[i] = maximum;
+  }
+}
+
+inline at::Tensor tile_operand(const at::Tensor& x, const RowTerms& t, TilePrecision p, int64_t start, int64_t len) {
+  return (p == TilePrecision::kBFloat16 ? t.bf16 : x).narrow(0, start, len);
+}
+
+template <typename F>
+inline void dispatch_tile(const at::Tensor& tile, F&& fn) {
+  if (tile.scalar_type() == at::kBFloat16) {
+    fn(tile.data_ptr<at::BFloat16>());
+  } else {
+    fn(tile.data_ptr<float>());
+  }
+}
+
+struct KnnExtras {
+  float* row_max = nullptr;    // optional: exact maximum distance of each row over all columns
+  float* dense_out = nullptr;  // optional: fp32 distances of rows < dense_rows to columns >= dense_rows
+  int64_t dense_rows = 0;      // these rows (the queries) always use fp32 tiles
+};
+
+// All-vs-all kNN of the rows of x (x against itself). The distance matrix is symmetric: only
+// tiles on or above the diagonal are computed, each feeding its rows and (transposed) its
+// columns. Rows < extras.dense_rows come first, in fp32 tiles (their distances to the other rows are
+// an output); the rest use `precision`.
+inline void knn_self_blocked_cpu(const at::Tensor& x, int64_t k, int64_t metric, TilePrecision precision,
+                                 float* out_dist, int64_t* out_idx, const KnnExtras& extras) {
+  const int64_t N = x.size(0), D = x.size(1), Qd = extras.dense_rows;
+  const bool any_bf16 = precision == TilePrecision::kBFloat16 && Qd < N;
+  const RowTerms t = row_terms(x, metric, any_bf16);
+  KnnState state(N, k, extras.row_max != nullptr);
+  // row blocks: [0, Qd) in fp32 (split to kSelfBlock), then [Qd, N) in `precision`
+  std::vector<std::pair<int64_t, int64_t>> blocks;
+  for (int64_t r0 = 0; r0 < Qd; r0 += kSelfBlock) blocks.emplace_back(r0, std::min(kSelfBlock, Qd - r0));
+  for (int64_t r0 = Qd; r0 < N; r0 += kSelfBlock) blocks.emplace_back(r0, std::min(kSelfBlock, N - r0));
+  const TileBound fp32_bound(TilePrecision::kFloat32, metric, D), own_bound(precision, metric, D);
+  std::vector<RowScratch> scratch(at::get_num_threads());
+  for (size_t b = 0; b < blocks.size(); ++b) {
+    const int64_t r0 = blocks[b].first, rows = blocks[b].second;
+    const bool dense = r0 < Qd;
+    const TilePrecision p = dense ? TilePrecision::kFloat32 : precision;
+    const TileBound& bound = dense ? fp32_bound : own_bound;
+    for (size_t cb = b; cb < blocks.size(); ++cb) {
+      const int64_t c0 = blocks[cb].first, cols = blocks[cb].second;
+      const auto tile = gemm_nt(tile_operand(x, t, p, r0, rows), tile_operand(x, t, p, c0, cols));
+      dispatch_tile(tile, [&](auto* tp) {
+        const int64_t ld = tile.stride(0);
+        at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+          RowScratch& s = scratch[at::get_thread_num()];
+          for (int64_t r = begin; r < end; ++r) {
+            const int64_t i = r0 + r;
+            float* dense_row = nullptr;
+            if (extras.dense_out != nullptr && dense && c0 >= Qd) dense_row = extras.dense_out + i * (N - Qd) + (c0 - Qd);
+            offer_row(state, i, i, tp + r * ld, cols, c0, bound, t, t, s, dense_row);
           }
-          offer_row(row, cols, c0, &heap_d[i * candidates], &heap_i[i * candidates], candidates);
-        }
-      });
-      if (c0 == r0) continue;
-      // columns of the block (j = c0 + c) see the rows (i = r0 + r) as their neighbours: read them
-      // from a transposed copy (a strided column walk thrashes the TLB). A column j > every row i
-      // here, so no dense copy is needed: the caller's dense block has query rows and gallery
-      // columns, and queries come first.
-      auto tile_t = buffer_t.narrow(0, 0, cols).narrow(1, 0, rows);
-      tile_t.copy_(tile.t());
-      const float* tp = tile_t.data_ptr<float>();
-      const int64_t ld_t = tile_t.stride(0);
-      at::parallel_for(0, cols, 8, [&](int64_t begin, int64_t end) {
-        for (int64_t c = begin; c < end; ++c) {
-          const int64_t j = c0 + c;
-          const float* column = tp + c * ld_t;
-          float maximum = row_max[j];
-          for (int64_t r = 0; r < rows; ++r) maximum = column[r] > maximum ? column[r] : maximum;
-          row_max[j] = maximum;
-          offer_row(column, rows, r0, &heap_d[j * candidates], &heap_i[j * candidates], candidates);
-        }
+        });
+        if (cb == b) return;
+        // the columns of the tile see its rows as neighbours: read them from a transposed copy
+        // (a strided column walk thrashes the TLB)
+        const auto tile_t = tile.t().contiguous();
+        dispatch_tile(tile_t, [&](auto* tq) {
+          const int64_t ld_t = tile_t.stride(0);
+          at::parallel_for(0, cols, 8, [&](int64_t begin, int64_t end) {
+            RowScratch& s = scratch[at::get_thread_num()];
+            for (int64_t c = begin; c < end; ++c) {
+              offer_row(state, c0 + c, c0 + c, tq + c * ld_t, rows, r0, bound, t, t, s, nullptr);
+            }
+          });
+        });
       });
     }
   }
-  if (extras.row_max != nullptr) std::copy(row_max.begin(), row_max.end(), extras.row_max);
+  const float* xp = x.data_ptr<float>();
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    std::vector<std::pair<float, int64_t>> pairs;
     for (int64_t i = begin; i < end; ++i) {
-      rescore_candidates(xp + i * D, xp, D, f[i], f.data(), metric, &heap_d[i * candidates], &heap_i[i * candidates],
-                         candidates, k, out_dist + i * k, out_idx + i * k);
+      finish_row(state, i, xp + i * D, xp, D, t.factor[i], t.factor.data(), metric, out_dist + i * k,
+                 out_idx + i * k, extras.row_max, pairs);
     }
   });
 }
 
-// x (M, D) and y (N, D) float32 contiguous. Writes k ascending (distance, index) pairs per row;
-// distances are squared Euclidean / cosine (the caller takes roots for the Euclidean metric).
-inline void knn_blocked_cpu(const at::Tensor& x, const at::Tensor& y, int64_t k, int64_t metric, float* out_dist,
-                            int64_t* out_idx, const KnnExtras& extras = KnnExtras()) {
+// x (M, D) and y (N, D) float32 contiguous. Writes the exact k nearest (distance, index) pairs per
+// row, ascending; distances are squared Euclidean / cosine (the caller takes roots for "euclidean").
+inline void knn_blocked_cpu(const at::Tensor& x, const at::Tensor& y, int64_t k, int64_t metric,
+                            TilePrecision precision, float* out_dist, int64_t* out_idx,
+                            const KnnExtras& extras = KnnExtras()) {
   if (x.is_same(y)) {
-    knn_self_blocked_cpu(x, k, metric, out_dist, out_idx, extras);
+    knn_self_blocked_cpu(x, k, metric, precision, out_dist, out_idx, extras);
     return;
   }
   TORCH_CHECK(extras.row_max == nullptr && extras.dense_out == nullptr,
               "knn_blocked_cpu: row maxima and dense copies are only produced for self-kNN");
   const int64_t M = x.size(0), N = y.size(0), D = x.size(1);
-  const int64_t candidates = std::min(N, k + kRescoreMargin);
-  const auto fx = row_factors(x, metric);
-  const auto fy = row_factors(y, metric);
+  const bool bf16 = precision == TilePrecision::kBFloat16;
+  const RowTerms tx = row_terms(x, metric, bf16), ty = row_terms(y, metric, bf16);
+  const TileBound bound(precision, metric, D);
   const float* xp = x.data_ptr<float>();
   const float* yp = y.data_ptr<float>();
-  const int64_t col_block = std::min(N, kColBlock);
-  auto buffer = at::empty({std::min(M, kRowBlock), col_block}, x.options());
-  std::vector<float> heap_d(std::min(M, kRowBlock) * candidates);
-  std::vector<int64_t> heap_i(heap_d.size());
-
+  std::vector<RowScratch> scratch(at::get_num_threads());
   for (int64_t r0 = 0; r0 < M; r0 += kRowBlock) {
     const int64_t rows = std::min(kRowBlock, M - r0);
-    for (int64_t r = 0; r < rows; ++r) heap_init(&heap_d[r * candidates], &heap_i[r * candidates], candidates);
-    for (int64_t c0 = 0; c0 < N; c0 += col_block) {
-      const int64_t cols = std::min(col_block, N - c0);
-      auto block = buffer.narrow(0, 0, rows).narrow(1, 0, cols);
-      at::mm_out(block, x.narrow(0, r0, rows), y.narrow(0, c0, cols).t());
-      float* bp = block.data_ptr<float>();
-      const int64_t ld = block.stride(0);
-      at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          float* row = bp + r * ld;
-          dots_to_distances(row, cols, fx[r0 + r], fy.data() + c0, metric);
-          offer_row(row, cols, c0, &heap_d[r * candidates], &heap_i[r * candidates], candidates);
-        }
+    KnnState state(rows, k, false);
+    for (int64_t c0 = 0; c0 < N; c0 += kColBlock) {
+      const int64_t cols = std::min(kColBlock, N - c0);
+      const auto tile = gemm_nt(tile_operand(x, tx, precision, r0, rows), tile_operand(y, ty, precision, c0, cols));
+      dispatch_tile(tile, [&](auto* tp) {
+        const int64_t ld = tile.stride(0);
+        at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+          RowScratch& s = scratch[at::get_thread_num()];
+          for (int64_t r = begin; r < end; ++r) {
+            offer_row(state, r, r0 + r, tp + r * ld, cols, c0, bound, tx, ty, s, nullptr);
+          }
+        });
       });
     }
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      std::vector<std::pair<float, int64_t>> pairs;
       for (int64_t r = begin; r < end; ++r) {
         const int64_t i = r0 + r;
-        rescore_candidates(xp + i * D, yp, D, fx[i], fy.data(), metric, &heap_d[r * candidates],
-                           &heap_i[r * candidates], candidates, k, out_dist + i * k, out_idx + i * k);
+        finish_row(state, r, xp + i * D, yp, D, tx.factor[i], ty.factor.data(), metric, out_dist + i * k,
+                   out_idx + i * k, nullptr, pairs);
       }
     });
   }

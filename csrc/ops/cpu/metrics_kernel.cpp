@@ -1,8 +1,13 @@
 // CPU kernel of the Market-1501 ranking metrics.
 //
-// For each query only the gallery items ranked at or before its last true match (or within the
-// top `ap_topk`) influence CMC, AP and INP, so instead of sorting all G items we keep those and
-// sort them: one pass over the row plus a small sort.
+// CMC, AP and INP only need the rank of each true match among the non-junk gallery items, never a
+// sorted gallery. With the m matches sorted by (distance, index), match s (1-based) has
+//   full rank  = #{g : (d_g, g) < (d_s, s)}                 (all items, junk included)
+//   clean rank = full rank - #{junk g before it}             (junk: same identity, same camera)
+// so a query costs one pass to find its matches and junk plus m vectorised counting passes over its
+// row (few matches per query in re-ID: a handful of images per identity). Queries with many matches
+// (> kMaxCountingMatches) keep the items ranked up to the last match and sort them instead. Both
+// paths give the same numbers (the same precision terms summed in the same order).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -15,6 +20,20 @@
 namespace reid_ops {
 namespace {
 
+constexpr int64_t kMaxCountingMatches = 64;
+
+// #{g : (row[g], g) < (d, index)} over a row of floats (distances compared as float).
+template <typename scalar_t>
+int64_t count_before(const scalar_t* row, int64_t G, float d, int64_t index) {
+  int64_t count = 0;
+#pragma omp simd reduction(+ : count)
+  for (int64_t g = 0; g < G; ++g) {
+    const float v = static_cast<float>(row[g]);
+    count += (v < d) | ((v == d) & (g < index));
+  }
+  return count;
+}
+
 struct Ranked {
   float dist;
   int64_t index;
@@ -24,24 +43,17 @@ template <typename scalar_t>
 void rank_metrics_rows(const scalar_t* dist, int64_t G, const int64_t* qpid, const int64_t* gpid,
                        const int64_t* qcam, const int64_t* gcam, int64_t max_rank, int64_t ap_topk, int64_t begin,
                        int64_t end, float* cmc, double* ap, double* inp, bool* valid) {
-  std::vector<Ranked> kept;
-  std::vector<Ranked> all;
+  std::vector<Ranked> kept, all, matches, junk;
   for (int64_t q = begin; q < end; ++q) {
     const scalar_t* row = dist + q * G;
-    // (distance, index) of the worst-ranked true match: every item ranked after it is irrelevant
-    float worst_d = -INFINITY;
-    int64_t worst_i = -1;
-    int64_t num_matches = 0;
+    // the true matches (same identity, other camera) and the junk (same identity, same camera)
+    matches.clear();
+    junk.clear();
     for (int64_t g = 0; g < G; ++g) {
-      if (gpid[g] == qpid[q] && gcam[g] != qcam[q]) {
-        ++num_matches;
-        const float d = static_cast<float>(row[g]);
-        if (!pair_less(d, g, worst_d, worst_i)) {
-          worst_d = d;
-          worst_i = g;
-        }
-      }
+      if (gpid[g] != qpid[q]) continue;
+      (gcam[g] != qcam[q] ? matches : junk).push_back({static_cast<float>(row[g]), g});
     }
+    const int64_t num_matches = static_cast<int64_t>(matches.size());
     float* cmc_row = cmc + q * max_rank;
     if (num_matches == 0) {
       valid[q] = false;
@@ -51,8 +63,38 @@ void rank_metrics_rows(const scalar_t* dist, int64_t G, const int64_t* qpid, con
       continue;
     }
     valid[q] = true;
-    float cut_d = worst_d;
-    int64_t cut_i = worst_i;
+    const auto less = [](const Ranked& a, const Ranked& b) { return pair_less(a.dist, a.index, b.dist, b.index); };
+    if (num_matches <= kMaxCountingMatches) {
+      std::sort(matches.begin(), matches.end(), less);
+      std::sort(junk.begin(), junk.end(), less);
+      int64_t junk_before = 0, hits_topk = 0, first_hit = -1, last_hit = -1;
+      double precision_sum = 0.0, precision_sum_topk = 0.0;
+      for (int64_t s = 0; s < num_matches; ++s) {
+        const Ranked& match = matches[s];
+        const int64_t full_rank = count_before(row, G, match.dist, match.index);
+        while (junk_before < static_cast<int64_t>(junk.size()) &&
+               pair_less(junk[junk_before].dist, junk[junk_before].index, match.dist, match.index)) {
+          ++junk_before;
+        }
+        const int64_t clean_rank = full_rank - junk_before;
+        precision_sum += static_cast<double>(s + 1) / static_cast<double>(clean_rank + 1);
+        if (first_hit < 0) first_hit = clean_rank;
+        last_hit = clean_rank;
+        if (ap_topk > 0 && full_rank < ap_topk) {
+          ++hits_topk;
+          precision_sum_topk += static_cast<double>(hits_topk) / static_cast<double>(clean_rank + 1);
+        }
+      }
+      ap[q] = ap_topk > 0 ? precision_sum_topk / static_cast<double>(std::max<int64_t>(1, hits_topk))
+                          : precision_sum / static_cast<double>(num_matches);
+      inp[q] = static_cast<double>(num_matches) / static_cast<double>(last_hit + 1);
+      for (int64_t r = 0; r < max_rank; ++r) cmc_row[r] = r >= first_hit ? 1.0f : 0.0f;
+      continue;
+    }
+    // every item ranked after the worst-ranked true match is irrelevant
+    const Ranked worst = *std::max_element(matches.begin(), matches.end(), less);
+    float cut_d = worst.dist;
+    int64_t cut_i = worst.index;
     if (ap_topk > 0 && ap_topk < G) {  // the ap_topk-th item of the full ranking (junk included)
       all.resize(G);
       for (int64_t g = 0; g < G; ++g) all[g] = {static_cast<float>(row[g]), g};

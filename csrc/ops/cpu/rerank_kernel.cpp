@@ -19,7 +19,8 @@ namespace {
 constexpr int64_t kChunkRows = 4096;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> neighbors_from_features_cpu(const at::Tensor& features_in,
-                                                                          int64_t kmax, int64_t num_query) {
+                                                                          int64_t kmax, int64_t num_query,
+                                                                          bool with_row_max, bool bf16_search) {
   check_features(features_in, "features");
   const auto features = features_in.to(at::kFloat).contiguous();
   const int64_t n = features.size(0);
@@ -27,17 +28,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> neighbors_from_features_cpu(const
   TORCH_CHECK(num_query >= 0 && num_query < n, "num_query must be in [0, ", n, "), got ", num_query);
   auto rank = at::empty({n, kmax}, features.options().dtype(at::kLong));
   auto rank_dist = at::empty({n, kmax}, features.options());
-  auto row_max = at::empty({n}, features.options());
+  auto row_max = at::zeros({n}, features.options());
   auto qg = at::empty({num_query, n - num_query}, features.options());
   KnnExtras extras;
-  extras.row_max = row_max.data_ptr<float>();
+  if (with_row_max) extras.row_max = row_max.data_ptr<float>();
   if (num_query > 0) {
     extras.dense_out = qg.data_ptr<float>();
-    extras.dense_col0 = num_query;
     extras.dense_rows = num_query;
   }
-  knn_blocked_cpu(features, features, kmax, kSqEuclidean, rank_dist.data_ptr<float>(), rank.data_ptr<int64_t>(),
-                  extras);
+  knn_blocked_cpu(features, features, kmax, kSqEuclidean,
+                  bf16_search ? TilePrecision::kBFloat16 : TilePrecision::kFloat32, rank_dist.data_ptr<float>(),
+                  rank.data_ptr<int64_t>(), extras);
   return {rank, row_max, qg};
 }
 

@@ -41,8 +41,9 @@ at::Tensor pairwise_distance_cuda(const at::Tensor& x_in, const at::Tensor& y_in
   return out;
 }
 
+// bf16_search is a CPU option: the CUDA kernels search in fp32 (k + kRescoreMargin candidates).
 std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& x_in, const at::Tensor& y_in, int64_t k,
-                                            int64_t metric) {
+                                            int64_t metric, bool /*bf16_search*/) {
   check_features(x_in, "x");
   check_features(y_in, "y");
   check_same_dim(x_in, y_in, "x", "y");

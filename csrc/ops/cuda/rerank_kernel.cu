@@ -18,8 +18,11 @@ namespace {
 constexpr int64_t kChunkRowsCuda = 16384;
 constexpr int64_t kDenseBudget = int64_t(1) << 26;  // floats in a dense scratch block (256 MB)
 
+// bf16_search is a CPU option (fp32 search here); the row maxima are always computed.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> neighbors_from_features_cuda(const at::Tensor& features_in,
-                                                                           int64_t kmax, int64_t num_query) {
+                                                                           int64_t kmax, int64_t num_query,
+                                                                           bool /*with_row_max*/,
+                                                                           bool /*bf16_search*/) {
   check_features(features_in, "features");
   c10::cuda::CUDAGuard guard(features_in.device());
   const auto features = features_in.to(at::kFloat).contiguous();

@@ -1,0 +1,163 @@
+"""Images per second of pretrain.py's training step: real (data loading included) vs model-only vs fp32 eager.
+
+    python bench/train_step.py --data-root /path/to/demo/data [--archs resnet18 resnet50] [--steps 6]
+
+For each architecture, one process measures three variants of the step pretrain.py runs (demo size by default:
+96x48 images, batch 64, source + one BN-adaptation target batch per step):
+
+* real: batches come from the same DataLoader set-up as pretrain.py (reid.make_loader, its default number of worker
+  processes, RandomIdentitySampler for the source and SeededRandomSampler for the target, the training transform
+  with AutoAugment), bf16 autocast + channels_last (pretrain.py's --amp default on the CPU);
+* model-only: the same step on batches loaded beforehand (no data loading in the timed loop);
+* fp32 eager: model-only, without autocast/channels_last (the plain baseline).
+
+images/s counts the labelled source images of a step (the target batch is part of the step's cost). Without
+--data-root a small benchmark is generated into a temporary folder (make_demo_data.py's "tiny" preset). The step body
+mirrors pretrain.py's loop (forward, label-smoothed CE + softmax triplet, target forward without gradients, Adam
+step); it is a benchmark and asserts nothing. Results go to bench/results/train_step.json (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import reid  # noqa: E402  (the shared model/data code of the stage scripts)
+
+sys.path.insert(0, str(REPO / "bench"))
+from ops import cpu_description, write_json_atomically  # noqa: E402
+
+
+def make_step(model, optimizer, amp: bool, device: torch.device):
+    """One pretrain.py iteration on given batches: source forward/backward + target BN-adaptation forward."""
+
+    def step(images, labels, target_images):
+        if amp:
+            images = images.contiguous(memory_format=torch.channels_last)
+            target_images = target_images.contiguous(memory_format=torch.channels_last)
+        with reid.autocast_context(device, amp):
+            f_pool, _, logits = model(images)
+            loss = reid.label_smoothed_ce(logits, labels, 0.1) + reid.softmax_triplet_loss(f_pool, labels)
+        with torch.no_grad(), reid.autocast_context(device, amp):
+            model(target_images)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach())
+
+    return step
+
+
+def timed(fn, warmup: int, steps: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def measure_variant(real: bool, amp: bool, arch: str, num_classes: int, source_loader, target_loader, args) -> list:
+    """Step times of one variant: a fresh model and optimiser, batches from the loaders (real) or loaded once."""
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    model = reid.build_model(arch, num_classes).to(device)
+    if amp:
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    step = make_step(model, optimizer, amp, device)
+    source_iter, target_iter = iter(source_loader), iter(target_loader)
+    if real:
+
+        def real_step():
+            images, labels, _, _ = next(source_iter)
+            step(images, labels, next(target_iter)[0])
+
+        return timed(real_step, args.warmup, args.steps)
+    images, labels, _, _ = next(source_iter)
+    target_images = next(target_iter)[0]
+    return timed(lambda: step(images, labels, target_images), args.warmup, args.steps)
+
+
+def measure_arch(arch: str, data_root: Path, args: argparse.Namespace) -> dict:
+    source = reid.read_dataset(args.source, data_root).train
+    target = reid.read_dataset("target_train", data_root).train
+    num_classes = len({pid for _, pid, _ in source})
+    transform = reid.build_train_transform(args.height, args.width, autoaugment=True, random_erasing=False)
+    samples = (args.warmup + args.steps + 1) * args.batch_size * 4
+    source_sampler = reid.RandomIdentitySampler(source, 4, 1, samples, True)
+    target_sampler = reid.SeededRandomSampler(len(target), 1001, samples, True)
+    workers = reid.default_workers() if args.workers is None else args.workers
+    source_loader = reid.make_loader(reid.ImageDataset(source, transform), source_sampler, args.batch_size, workers)
+    target_loader = reid.make_loader(reid.ImageDataset(target, transform), target_sampler, args.batch_size, workers)
+    result = {"arch": arch, "workers": workers}
+    for variant, amp in (("real", True), ("model_only", True), ("fp32_eager", False)):
+        times = measure_variant(variant == "real", amp, arch, num_classes, source_loader, target_loader, args)
+        seconds = statistics.median(times)
+        result[variant] = {"step_s": seconds, "images_per_s": args.batch_size / seconds, "times_s": times}
+        rate = args.batch_size / seconds
+        print(f"  {arch:<10} {variant:<11} {seconds:7.3f} s/step  {rate:7.1f} images/s", flush=True)
+    result["real_over_model_only"] = result["real"]["images_per_s"] / result["model_only"]["images_per_s"]
+    result["amp_over_fp32"] = result["model_only"]["images_per_s"] / result["fp32_eager"]["images_per_s"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", type=Path, help="VisDA-layout root (default: generate the tiny benchmark)")
+    parser.add_argument("--source", default="personx", help="labelled training set")
+    parser.add_argument("--archs", nargs="+", default=["resnet18", "resnet50"], choices=reid.ARCHS)
+    parser.add_argument("--height", type=int, default=96)
+    parser.add_argument("--width", type=int, default=48)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per variant (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--workers", type=int, help="data-loading processes (default: reid.default_workers())")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "train_step.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        data_root = args.data_root
+        if data_root is None:
+            import make_demo_data
+
+            data_root = Path(tmp) / "data"
+            make_demo_data.generate(data_root, preset="tiny", seed=0, workers=1)
+        print(f"bench/train_step.py: {args.threads} threads, {cpu_description()}, data {data_root}", flush=True)
+        results = [measure_arch(arch, data_root, args) for arch in args.archs]
+    for r in results:
+        print(
+            f"{r['arch']}: real {r['real']['images_per_s']:.1f} img/s, model-only {r['model_only']['images_per_s']:.1f}"
+            f" img/s (real / model-only {r['real_over_model_only']:.2f}), fp32 eager "
+            f"{r['fp32_eager']['images_per_s']:.1f} img/s (bf16 autocast speed-up {r['amp_over_fp32']:.2f}x)"
+        )
+    payload = {
+        "machine": {"cpu": cpu_description(), "cpu_count": os.cpu_count(), "torch": torch.__version__},
+        "platform": platform.platform(),
+        "threads": args.threads,
+        "size": {"height": args.height, "width": args.width, "batch_size": args.batch_size},
+        "source": args.source,
+        "data_root": "generated tiny benchmark" if args.data_root is None else str(args.data_root),
+        "results": results,
+    }
+    write_json_atomically(args.out, payload)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
