@@ -67,6 +67,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--launcher", default="", help="command prefix for each job (e.g. /work/bin/cpujob)")
     parser.add_argument("--parallel", type=int, default=1, help="jobs at a time")
     parser.add_argument("--out-json", type=Path, help="default: RUNS_DIR/benchmark_gap.json")
+    parser.add_argument(
+        "--collect",
+        action="store_true",
+        help="run nothing: write the JSON and table from the runs finished so far (null for the others)",
+    )
     return parser.parse_args(argv)
 
 
@@ -109,7 +114,8 @@ def generate(args: argparse.Namespace, translator_root: Path) -> None:
 
 
 def run_one(args: argparse.Namespace, row: str, seed: int, translator_root: Path) -> dict:
-    """One pretrain.py job; returns its last-epoch target_val result (percent)."""
+    """One pretrain.py job; returns its last-epoch target_val result (percent). With --collect: the finished
+    result or, if there is none, {"row", "seed"} without numbers."""
     logs_dir = args.runs_dir / f"{row}-seed{seed}"
     command = [sys.executable, str(REPO / "pretrain.py"), "--preset", args.preset, "--seed", str(seed)]
     command += [*row_flags(row, args.data_root, translator_root), "--logs-dir", str(logs_dir)]
@@ -119,7 +125,10 @@ def run_one(args: argparse.Namespace, row: str, seed: int, translator_root: Path
         saved = json.loads(result_file.read_text())
         if saved.get("command") == command:
             return saved
-        print(f"[calibrate] {row} seed {seed}: finished with a different command, running again", flush=True)
+        if not args.collect:
+            print(f"[calibrate] {row} seed {seed}: finished with a different command, running again", flush=True)
+    if args.collect:
+        return {"row": row, "seed": seed}
     logs_dir.mkdir(parents=True, exist_ok=True)
     start = time.time()
     with open(logs_dir / "stdout.log", "a") as log:
@@ -144,7 +153,10 @@ def run_one(args: argparse.Namespace, row: str, seed: int, translator_root: Path
     return saved
 
 
-def mean_spread(values: list[float]) -> str:
+def mean_spread(values: list[float | None]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "not run yet"
     mean = sum(values) / len(values)
     return f"{mean:.1f} ± {(max(values) - min(values)) / 2:.1f}"
 
@@ -159,8 +171,11 @@ def markdown_table(table: dict) -> str:
     ]
     for row in rows:
         maps, top1 = table[row]["mAP"], table[row]["top1"]
-        ratio = f"{sum(maps) / sum(bound['mAP']):.2f}" if bound else "-"
-        per_seed = " / ".join(f"{v:.1f}" for v in maps)
+        ratio = "-"
+        pairs = [(v, b) for v, b in zip(maps, bound["mAP"], strict=True) if v is not None and b] if bound else []
+        if pairs:  # over the seeds where both are finished
+            ratio = f"{sum(v for v, _ in pairs) / sum(b for _, b in pairs):.2f}"
+        per_seed = " / ".join("–" if v is None else f"{v:.1f}" for v in maps)
         lines.append(f"| `{row}` | {mean_spread(maps)} | {mean_spread(top1)} | {per_seed} | {ratio} |")
     return "\n".join(lines)
 
@@ -204,8 +219,8 @@ def main(argv: list[str] | None = None) -> dict:
     for row in args.rows:
         by_seed = {r["seed"]: r for r in results if r["row"] == row}
         table[row] = {
-            "mAP": [by_seed[s]["mAP"] for s in args.seeds],
-            "top1": [by_seed[s]["top1"] for s in args.seeds],
+            "mAP": [by_seed[s].get("mAP") for s in args.seeds],
+            "top1": [by_seed[s].get("top1") for s in args.seeds],
         }
     out_json = args.out_json or args.runs_dir / "benchmark_gap.json"
     write_json_atomic(out_json, table)

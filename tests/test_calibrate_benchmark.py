@@ -82,3 +82,19 @@ def test_json_rows_and_table(tmp_path, monkeypatch):
 def test_missing_benchmark_is_reported(tmp_path):
     with pytest.raises(SystemExit, match="no finished benchmark"):
         calibrate_benchmark.main(["--data-root", str(tmp_path / "d"), "--runs-dir", str(tmp_path / "r")])
+
+
+def test_collect_reports_finished_runs_only(tmp_path, monkeypatch):
+    calls: list = []
+    monkeypatch.setattr(calibrate_benchmark.subprocess, "run", fake_run(calls))
+    for root in ("d", "d_translator"):
+        (tmp_path / root / "diagnostics").mkdir(parents=True)
+        (tmp_path / root / "diagnostics" / "summary.json").write_text(json.dumps({"seed": 0, "config": {}}))
+    calibrate_benchmark.run_one(args_for(tmp_path), "source_only", 1, tmp_path / "d_translator")
+    table = calibrate_benchmark.main(
+        ["--data-root", str(tmp_path / "d"), "--runs-dir", str(tmp_path / "r"), "--collect"]
+    )
+    assert len(calls) == 1  # nothing more was run
+    assert table["source_only"] == {"mAP": [25.0, None], "top1": [50.0, None]}
+    assert table["target_label_bound"] == {"mAP": [None, None], "top1": [None, None]}
+    assert "not run yet" in calibrate_benchmark.markdown_table(table)
