@@ -157,6 +157,8 @@ def mean_spread(values: list[float | None]) -> str:
     values = [v for v in values if v is not None]
     if not values:
         return "not run yet"
+    if len(values) == 1:
+        return f"{values[0]:.1f} (one seed)"
     mean = sum(values) / len(values)
     return f"{mean:.1f} ± {(max(values) - min(values)) / 2:.1f}"
 
