@@ -182,6 +182,18 @@ def markdown_table(table: dict) -> str:
     return "\n".join(lines)
 
 
+def code_commit() -> str:
+    """The commit of the pretrain.py that ran (a COMMIT file beside a copied tree, else git)."""
+    if (REPO / "COMMIT").is_file():
+        return (REPO / "COMMIT").read_text().strip()
+    try:
+        return subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -216,6 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
             initialisation="from scratch (random weights, the pretrain.py --seed), the same for every row",
             seeds=args.seeds,
             cpu=cpu_name(),
+            code_commit=code_commit(),
         )
     }
     for row in args.rows:
