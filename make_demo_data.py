@@ -24,7 +24,7 @@ would absorb:
 * colour: each target camera rotates hues, mixes channels and bends a tone curve of its own, so colours do
   not match across target cameras even after normalisation;
 * geometry: loose, jittered detection boxes, truncated people, elevated cameras (foreshortening);
-* image quality: 0.3-0.6 of the source resolution, motion blur, sensor noise, JPEG;
+* image quality: 0.5-0.72 of the source resolution, motion blur, sensor noise, JPEG;
 * clutter: busy scenes, partial passers-by and occluders inside the box.
 
 The source domain is flat-shaded on clean backgrounds with tight boxes. --target-style-strength scales every
@@ -123,16 +123,16 @@ PRESETS: dict[str, dict] = {
         contrast=0.125,
         shading=0.15,
         texture=0.05,
-        downscale=0.7,
-        motion_blur=1.5,
+        downscale=0.5,
+        motion_blur=0.75,
         blur=0.15,
         noise=0.015,
         jpeg_quality_min=68,
-        loose_box=0.2,
-        box_jitter=0.08,
-        truncation=0.15,
-        elevation=0.2,
-        passerby=0.35,
+        loose_box=0.1,
+        box_jitter=0.04,
+        truncation=0.075,
+        elevation=0.1,
+        passerby=0.175,
         clutter=0.5,
         occlusion_prob=0.125,
     ),
@@ -440,7 +440,7 @@ def camera_style(seed: int, domain: str, camera: int, config: dict) -> dict:
         "shading": float(min(0.9, config["shading"] * s * fractions[3])),
         "shading_direction": float(rng.uniform(-1.0, 1.0)),
         "texture": float(config["texture"] * s * fractions[4]),
-        # resolution: u in [0.57, 1] for this knob, so the default 0.7 gives cameras at 0.3-0.6 of the size
+        # resolution: u in [0.57, 1] for this knob (the default 0.5 gives cameras at 0.5-0.72 of the size)
         "resolution": float(max(0.15, 1.0 - config["downscale"] * s * (0.57 + 0.43 * (more[3] - 0.4) / 0.6))),
         "motion_blur": float(config["motion_blur"] * s * more[4]),
         "blur_sigma": float(config["blur"] * s * fractions[6]),
