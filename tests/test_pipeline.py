@@ -166,7 +166,8 @@ def test_pipeline_end_to_end_with_interruption(tmp_path):
     # images rendered by the target cameras
     if "--translator-out" in (REPO / "make_demo_data.py").read_text():
         assert report["perfect_translator"]["kind"] == "diagnostic"
-        assert report["perfect_translator"]["initialised_from"] == report["sda_pretrain"]["initialised_from"]
+        # the first two seeds: a claim group may get a third seed automatically, the diagnostic does not
+        assert report["perfect_translator"]["initialised_from"][:2] == report["sda_pretrain"]["initialised_from"][:2]
         args = json.loads((work / "pretrain-perfect-translator-resnet18-1" / "args.json").read_text())
         assert Path(args["data_root"]) == work / "data_translator" and Path(args["target_root"]) == work / "data"
     assert report["stage_seconds"]["eval-ensemble-2"] >= 0 and "baseline" in report["stage_seconds"]
