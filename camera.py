@@ -60,6 +60,7 @@ from reid import (
     set_rng_state,
     set_seed,
     setup_distributed,
+    split_global_batch,
     wrap_ddp,
 )
 
@@ -218,9 +219,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     bad = sorted({camid for _, _, camid in val_items if not 0 <= camid < num_cameras})
     if bad:
         raise SystemExit(f"--val {args.val}: camera ids {bad} unseen in --target {args.target}")
-    if args.batch_size % world_size:
-        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by {world_size} processes")
-    per_process_batch = args.batch_size // world_size
+    per_process_batch = split_global_batch(args.batch_size)
     if len(train_items) < per_process_batch * world_size:
         raise SystemExit(f"{len(train_items)} training images < one batch of {args.batch_size}")
 

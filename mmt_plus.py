@@ -88,6 +88,7 @@ from reid import (
     setup_distributed,
     soft_triplet_loss,
     softmax_triplet_loss,
+    split_global_batch,
     wrap_ddp,
 )
 
@@ -820,9 +821,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     set_seed(args.seed)  # the same head initialisation and MoCo queues on every process
     logs_dir = prepare_run_dir(args.logs_dir, args, write=is_main_process())
     checkpoint_path, best_path = logs_dir / "checkpoint.pth", logs_dir / "model_best.pth"
-    if args.batch_size % (4 * world_size):
-        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by 4 instances x {world_size} processes")
-    per_process_batch = args.batch_size // world_size
+    per_process_batch = split_global_batch(args.batch_size, 4)
 
     # data: target training set in a fixed (path) order; the source only for MMT+
     datasets = resolve_datasets(args, ("source", "target", "val") if args.mode == "mmt+" else ("target", "val"))

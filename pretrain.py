@@ -58,6 +58,7 @@ from reid import (
     set_seed,
     setup_distributed,
     softmax_triplet_loss,
+    split_global_batch,
     wrap_ddp,
 )
 
@@ -127,7 +128,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--height", type=int, default=256)
     parser.add_argument("--width", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=64, help="source images per step (per process)")
+    parser.add_argument(
+        "--batch-size", type=int, default=64, help="source images per step, all processes together (P x K)"
+    )
     parser.add_argument("--num-instances", type=int, default=4, help="K images per identity in a batch")
     parser.add_argument("--epochs", type=int, default=120)
     parser.add_argument("--iters", type=int, default=200, help="iterations per epoch")
@@ -185,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     distributed = setup_distributed()
     rank, world_size = rank_and_world_size()
     device = select_device(args.device)
+    per_process_batch = split_global_batch(args.batch_size, args.num_instances)
     set_seed(args.seed)
     logs_dir = Path(args.logs_dir)
     checkpoint_path, best_path = logs_dir / "checkpoint.pth", logs_dir / "model_best.pth"
@@ -215,14 +219,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     query, gallery = datasets.val.query, datasets.val.gallery
 
     train_transform = build_train_transform(args.height, args.width, args.autoaugment, args.random_erasing)
-    samples_per_epoch = args.iters * args.batch_size
+    samples_per_epoch = args.iters * per_process_batch
     source_sampler = RandomIdentitySampler(source_items, args.num_instances, args.seed, samples_per_epoch, True)
     source_dataset = ImageDataset(source_items, train_transform, args.skip_bad_images)
-    source_loader = make_loader(source_dataset, source_sampler, args.batch_size, args.workers)
+    source_loader = make_loader(source_dataset, source_sampler, per_process_batch, args.workers)
     if use_target:
         target_sampler = SeededRandomSampler(len(target_items), args.seed + 1000, samples_per_epoch, True)
         target_dataset = ImageDataset(target_items, train_transform, args.skip_bad_images)
-        target_loader = make_loader(target_dataset, target_sampler, args.batch_size, args.workers)
+        target_loader = make_loader(target_dataset, target_sampler, per_process_batch, args.workers)
 
     # ---- model and optimisation ----
     model = build_model(args.arch, num_classes, args.pretrained, allow_partial_weights=args.allow_partial_weights)
@@ -262,8 +266,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             {
                 "event": "start",
                 "world_size": world_size,
-                "bn_batch_source": args.batch_size,
-                "bn_batch_target": args.batch_size if use_target else 0,
+                "bn_batch_source": per_process_batch,
+                "bn_batch_target": per_process_batch if use_target else 0,
                 "num_classes": num_classes,
                 "source_images": len(source_items),
                 "target_images": len(target_items),
@@ -272,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         )
         print(
             f"[pretrain] {args.arch}: {len(source_items)} source images / {num_classes} ids, "
-            f"{len(target_items)} target images; {world_size} process(es), {args.batch_size} images per BN per domain"
+            f"{len(target_items)} target images; {world_size} process(es), {per_process_batch} images per BN per domain"
         )
 
     def checkpoint_state(epoch: int, iteration: int, epoch_sums: dict | None = None) -> dict:
@@ -300,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     total_done = 0
     result: dict[str, Any] = {}
     for epoch in range(start_epoch, args.epochs):
-        skip = start_iter * args.batch_size if epoch == start_epoch else 0
+        skip = start_iter * per_process_batch if epoch == start_epoch else 0
         source_sampler.set_epoch(epoch, skip)
         source_iter = iter(source_loader)
         if use_target:

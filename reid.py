@@ -1892,6 +1892,17 @@ def make_loader(
     )
 
 
+def split_global_batch(batch_size: int, group: int = 1) -> int:
+    """This process's share of --batch-size, which in every stage counts the images of one domain per step over all
+    DDP processes together (with one process nothing changes). Each share must hold whole groups (the K images of an
+    identity in a P x K batch); otherwise the run ends with a one-line error before any data is read."""
+    world_size = rank_and_world_size()[1]
+    if batch_size % (group * world_size):
+        parts = f"{group} instances x {world_size} processes" if group > 1 else f"{world_size} processes"
+        raise SystemExit(f"--batch-size {batch_size} is not divisible by {parts}")
+    return batch_size // world_size
+
+
 def select_device(requested: str | None) -> torch.device:
     """--device if given, else this process's GPU (LOCAL_RANK under torchrun) when CUDA is available, else the CPU."""
     if requested:

@@ -666,6 +666,7 @@ def train(args: argparse.Namespace) -> None:
     rank = reid.rank_and_world_size()[0]
     main_process = reid.is_main_process()
     device = reid.select_device(args.device)
+    per_process_batch = reid.split_global_batch(args.batch_size, args.num_instances)
     reid.set_seed(args.seed + rank)
     out_dir = Path(args.out)
     checkpoint_path = out_dir / CHECKPOINT_NAME
@@ -689,7 +690,7 @@ def train(args: argparse.Namespace) -> None:
     # iters x batch samples per rank and epoch, with per-sample augmentation seeds, so that a resumed run sees
     # the same images as an uninterrupted one. The release shuffles images inside each P x K batch; every op
     # here is per sample and mining uses the labels, so the order inside a batch cannot matter.
-    samples_per_epoch = args.iters * args.batch_size
+    samples_per_epoch = args.iters * per_process_batch
     source_sampler = reid.RandomIdentitySampler(
         source.train, args.num_instances, args.seed, num_samples=samples_per_epoch, seed_samples=True
     )
@@ -699,8 +700,8 @@ def train(args: argparse.Namespace) -> None:
     # not persistent: a new iterator per epoch picks up the sampler's new epoch
     source_dataset = reid.ImageDataset(source.train, transform, args.skip_bad_images)
     target_dataset = reid.ImageDataset(target.train, transform, args.skip_bad_images)
-    source_loader = reid.make_loader(source_dataset, source_sampler, args.batch_size, args.workers, persistent=False)
-    target_loader = reid.make_loader(target_dataset, target_sampler, args.batch_size, args.workers, persistent=False)
+    source_loader = reid.make_loader(source_dataset, source_sampler, per_process_batch, args.workers, persistent=False)
+    target_loader = reid.make_loader(target_dataset, target_sampler, per_process_batch, args.workers, persistent=False)
     # Identity-fidelity probe (identity_fidelity): two un-augmented crops of every source identity, translated at
     # every sample grid; the score goes into the log and beside the grid.
     probe = fidelity_items(source.train)
@@ -810,7 +811,7 @@ def train(args: argparse.Namespace) -> None:
         for optimizer in (optimizer_g, optimizer_d):
             for group in optimizer.param_groups:
                 group["lr"] = lr
-        skip = start_iteration * args.batch_size
+        skip = start_iteration * per_process_batch
         source_sampler.set_epoch(epoch, skip)
         target_sampler.set_epoch(epoch, skip)
         source_batches, target_batches = iter(source_loader), iter(target_loader)
@@ -1140,7 +1141,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs-constant", type=int, default=50, help="epochs at the initial learning rate")
     t.add_argument("--epochs-decay", type=int, default=50, help="epochs of linear learning-rate decay")
     t.add_argument("--iters", type=int, default=200, help="iterations per epoch")
-    t.add_argument("--batch-size", type=int, default=32, help="source and target images per batch and process")
+    t.add_argument(
+        "--batch-size", type=int, default=32, help="source and target images per step each, all processes together"
+    )
     t.add_argument("--num-instances", type=int, default=4, help="images per identity in a source batch (K of PxK)")
     # runtime
     t.add_argument(
@@ -1175,7 +1178,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="where to write: OUT/personX_sda/image_train/ for --source personx (usually OUT = --data-root), else "
         "OUT/<source>_sda/ with images/ and list_train.txt (then: --source list --source-root OUT/<source>_sda)",
     )
-    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--batch-size", type=int, default=32, help="images per translation batch (one process)")
     s.add_argument("--workers", type=int, default=reid.default_workers(), help="data-loading processes")
     s.add_argument("--device", help="torch device (default cpu)")
     s.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")

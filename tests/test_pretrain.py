@@ -521,6 +521,18 @@ def test_target_labels_upper_bound_reads_diagnostics(tiny_data_root, tmp_path):
     assert start["source_images"] == len(several)
 
 
+def test_batch_size_is_global_and_split_into_whole_identities(monkeypatch):
+    monkeypatch.setattr(reid, "rank_and_world_size", lambda: (1, 2))
+    assert reid.split_global_batch(16, 4) == 8
+    with pytest.raises(SystemExit, match="--batch-size 12 is not divisible by 4 instances x 2 processes"):
+        reid.split_global_batch(12, 4)  # 6 images per process: not whole identities of 4
+    assert reid.split_global_batch(6) == 3
+    with pytest.raises(SystemExit, match="--batch-size 7 is not divisible by 2 processes"):
+        reid.split_global_batch(7)
+    monkeypatch.setattr(reid, "rank_and_world_size", lambda: (0, 1))
+    assert reid.split_global_batch(12, 4) == 12
+
+
 def test_torchrun_two_processes(tiny_data_root, tmp_path):
     logs = tmp_path / "ddp"
     command = [
@@ -530,13 +542,13 @@ def test_torchrun_two_processes(tiny_data_root, tmp_path):
         "--nproc_per_node=2",
         "--standalone",  # a free port: a fixed one can collide with other runs
         str(ROOT / "pretrain.py"),
-        *_train_args(tiny_data_root, logs, "--epochs", "1", "--eval-every", "1"),
+        *_train_args(tiny_data_root, logs, "--epochs", "1", "--eval-every", "1", "--batch-size", "16"),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
     start = json.loads((logs / "log.jsonl").read_text().splitlines()[0])
-    assert start["world_size"] == 2 and start["bn_batch_source"] == 8
+    assert start["world_size"] == 2 and start["bn_batch_source"] == 8  # --batch-size 16: all processes together
     assert (logs / "model_best.pth").is_file()
 
 

@@ -495,7 +495,8 @@ def test_ddp_with_torchrun_two_processes(tmp_path, tiny_data_root, encoder_check
     command += ["train", "--data-root", str(tiny_data_root), "--out", str(out), "--source-encoder"]
     command += [str(encoder_checkpoint), "--online-relation", "--epochs-constant", "1", "--epochs-decay", "0"]
     environment = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(command + TINY, capture_output=True, text=True, timeout=300, env=environment)
+    command += TINY + ["--batch-size", "16"]  # all processes together: 8 images (2 identities) per process
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
     assert result.returncode == 0, result.stderr[-3000:]
     records = read_log(out / "log.jsonl")
     assert [r["step"] for r in records] == [1, 2]  # only rank 0 logs
