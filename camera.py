@@ -62,6 +62,7 @@ from reid import (
     setup_distributed,
     split_global_batch,
     wrap_ddp,
+    write_curves,
 )
 
 # --preset demo: the embedded synthetic benchmark on 2 CPU cores in minutes. Explicit flags still win.
@@ -312,6 +313,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 record["best_val_camera_accuracy"] = best_accuracy
                 print(f"[camera] epoch {epoch + 1}: val camera accuracy {accuracy:.3f} (best {best_accuracy:.3f})")
             logger.log(record)  # before the checkpoint: a run killed in between redoes the epoch
+            if "val_camera_accuracy" in record:
+                write_curves(logger.path, title=f"camera: {logs_dir}")
             state = model_state(epoch)
             state.update(
                 optimizer=optimizer.state_dict(),

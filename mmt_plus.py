@@ -90,6 +90,7 @@ from reid import (
     softmax_triplet_loss,
     split_global_batch,
     wrap_ddp,
+    write_curves,
 )
 
 # --preset demo: the embedded synthetic benchmark on 2 CPU cores in a few minutes. Explicit flags still win.
@@ -943,6 +944,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.eval_initial and start_epoch == 0 and is_main_process():
         initial = evaluate_teachers()
         logger.log({"epoch": 0, "event": "initial", "val": initial})
+        write_curves(logger.path, title=f"mmt_plus: {logs_dir}")
         print("[mmt] initial teachers: " + ", ".join(f"mAP {r['mAP']:.3f} top-1 {r['top1']:.3f}" for r in initial))
 
     summary: dict = {}
@@ -1063,6 +1065,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 )
             record.update(best_mAP=best_map, best_epoch=best_epoch, seconds=round(time.time() - start, 1))
             logger.log(record)  # before the checkpoint: a run killed in between redoes the epoch
+            write_curves(logger.path, title=f"mmt_plus: {logs_dir}")
             save_checkpoint(
                 {
                     "state_dict": plain_state(teachers[0]),

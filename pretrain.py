@@ -60,6 +60,7 @@ from reid import (
     softmax_triplet_loss,
     split_global_batch,
     wrap_ddp,
+    write_curves,
 )
 
 PRESETS = {
@@ -408,6 +409,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if is_main_process():
             if logger:
                 logger.log(record)  # before the checkpoint: a run killed in between redoes the epoch's end
+                if "val_mAP" in record:
+                    write_curves(logger.path, title=f"pretrain: {logs_dir}", iters_per_epoch=args.iters)
             save_checkpoint(checkpoint_state(epoch + 1, 0), checkpoint_path, "pretrain")
         if distributed:
             dist.barrier()

@@ -1752,6 +1752,154 @@ def _text_fields(record: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
+# Training curves: every training stage redraws `curves.png` from its log.jsonl at each evaluation
+
+CURVES_NAME = "curves.png"
+# Log fields that are positions, times or counts, not curves.
+_NOT_CURVES = {"time", "epoch", "iteration", "step", "global_step", "seconds", "clustering_seconds", "lr", "clusters"}
+_DIAGNOSTIC_GROUPS = {"pseudo_labels": "pseudo-label ", "teachers": "teachers "}  # nested records of mmt_plus.py
+
+
+def read_log_records(path: str | Path) -> list[dict]:
+    """The records of a log.jsonl, in order; a torn last line (a run killed while writing it) is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def curve_series(records: Sequence[dict], iters_per_epoch: int | None = None) -> dict[str, dict[str, tuple]]:
+    """The curves in a stage's log records, as {panel: {name: (x, y)}} with x in epochs and the panels "losses"
+    (training losses), "accuracy" (training accuracy and every validation score) and "diagnostics" (MMT+'s
+    pseudo-label quality and outlier fraction, SDA's translation fidelity).
+
+    Per-iteration records (an "iteration" field: pretrain.py, sda.py) sit at epoch + (iteration + 1) / iters and give
+    the training curves; epoch records (mmt_plus.py, camera.py, pretrain.py's "epoch_end") sit at the number of
+    epochs finished and give the training curves only when the log has no per-iteration records."""
+    iterations = [int(r["iteration"]) for r in records if "iteration" in r and "epoch" in r]
+    if iters_per_epoch is None:
+        iters_per_epoch = max(iterations, default=0) + 1
+    panels: dict[str, dict[str, tuple[list, list]]] = {"losses": {}, "accuracy": {}, "diagnostics": {}}
+
+    def add(panel: str, name: str, x: float, y: Any) -> None:
+        if _number(y):
+            xs, ys = panels[panel].setdefault(name, ([], []))
+            xs.append(float(x))
+            ys.append(float(y))
+
+    def add_training(key: str, value: Any, x: float) -> None:
+        if "accuracy" in key or "precision" in key:
+            add("accuracy", "train " + key.removeprefix("train_").replace("_", " "), x, value)
+        else:
+            add("losses", key.replace("_", " "), x, value)
+
+    for record in records:
+        if record.get("event") in ("start", "done"):
+            continue
+        per_iteration = "iteration" in record and "epoch" in record
+        if per_iteration:
+            x = int(record["epoch"]) + (int(record["iteration"]) + 1) / iters_per_epoch
+        elif "epoch" in record:
+            # pretrain.py numbers its epoch records from 0 (the epoch just trained); the others count epochs done
+            x = int(record["epoch"]) + (record.get("event") == "epoch_end")
+        else:
+            continue
+        for key, value in record.items():
+            if key in _NOT_CURVES or key.startswith("best_") or key == "event":
+                continue
+            if key.startswith("val_"):
+                add("accuracy", "val " + key[4:].replace("_", " "), x, value)
+            elif key == "val" and isinstance(value, list):  # mmt_plus.py: one result per mean teacher
+                for index, result in enumerate(value):
+                    for metric, score in result.items():
+                        add("accuracy", f"val {metric} (teacher {index + 1})", x, score)
+            elif key.startswith("fidelity_"):
+                add("diagnostics", key.removeprefix("fidelity_").replace("_", " "), x, value)
+            elif key == "outlier_fraction":
+                add("diagnostics", "outlier fraction", x, value)
+            elif key in _DIAGNOSTIC_GROUPS and isinstance(value, dict):
+                for name, number in value.items():
+                    add("diagnostics", _DIAGNOSTIC_GROUPS[key] + name.replace("_", " "), x, number)
+            elif key == "losses" and isinstance(value, dict):
+                for name, number in value.items():
+                    add_training(name, number, x)
+            elif per_iteration or not iterations:
+                add_training(key, value, x)
+    return {panel: series for panel, series in panels.items() if series or panel != "diagnostics"}
+
+
+def _moving_mean(x: list[float], y: list[float], points: int = 60) -> tuple[np.ndarray, np.ndarray, int]:
+    """A trailing mean over about len/points values, so that a per-iteration curve is readable."""
+    window = max(1, len(y) // points)
+    kernel = np.ones(window) / window
+    return np.asarray(x[window - 1 :]), np.convolve(np.asarray(y), kernel, mode="valid"), window
+
+
+def write_curves(
+    log_path: str | Path, out_path: str | Path | None = None, title: str = "", iters_per_epoch: int | None = None
+) -> Path | None:
+    """Draws the run's curves (see `curve_series`) from its log.jsonl into `curves.png` beside it (or `out_path`),
+    atomically, and returns the path; a log with no evaluation yet gives a picture saying so. Returns None (after a
+    note) when matplotlib is not installed: the curves are an aid, the run goes on without them."""
+    log_path = Path(log_path)
+    out_path = Path(out_path) if out_path is not None else log_path.with_name(CURVES_NAME)
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import FuncFormatter, NullFormatter
+    except ImportError:
+        print("[curves] matplotlib is not installed: no curves.png (pip install matplotlib)", file=sys.stderr)
+        return None
+    panels = curve_series(read_log_records(log_path), iters_per_epoch)
+    titles = {"losses": "training losses", "accuracy": "accuracy and validation", "diagnostics": "diagnostics"}
+    empty = {"losses": "no training records yet", "accuracy": "no evaluation yet"}
+    figure = Figure(figsize=(4.6 * len(panels), 3.4), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    if "losses" in panels:  # a loss that is switched off (zero throughout) would only force a linear scale
+        panels["losses"] = {name: xy for name, xy in panels["losses"].items() if any(xy[1])}
+    for axes, (panel, series) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels.items(), strict=True):
+        axes.set_title(titles[panel], fontsize=10)
+        axes.set_xlabel("epoch")
+        axes.grid(alpha=0.3)
+        if not series:
+            axes.text(0.5, 0.5, empty[panel], transform=axes.transAxes, ha="center", va="center", color="grey")
+            continue
+        for name, (x, y) in series.items():
+            if len(y) > 120:  # per-iteration values: their moving mean
+                x, y, window = _moving_mean(x, y)
+                axes.plot(x, y, linewidth=1.2, label=f"{name} (mean of {window})")
+            else:
+                axes.plot(x, y, marker="o" if len(y) < 40 else None, markersize=3, linewidth=1.2, label=name)
+        if panel == "losses" and all(min(y) > 0 for _, y in series.values()):
+            axes.set_yscale("log")  # losses of very different sizes (cross-entropy vs triplet) stay readable
+            axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))  # 0.5, not 5x10^-1
+            decades = np.log10(max(max(y) for _, y in series.values()) / min(min(y) for _, y in series.values()))
+            axes.yaxis.set_minor_formatter(  # within a decade or so, 2, 3 and 5 labelled too
+                FuncFormatter(lambda value, _: f"{value:g}" if f"{value:.0e}"[0] in "235" else "")
+                if decades < 1.5
+                else NullFormatter()
+            )
+            axes.tick_params(axis="y", which="minor", labelsize=7)
+        axes.legend(fontsize=7, loc="best")
+    if title:
+        figure.suptitle(title, fontsize=11)
+    atomic_write(out_path, lambda temporary: figure.savefig(temporary, format="png"))
+    return out_path
+
+
+# ------------------------------------------------------------------------------------------------
 # The run directory: a stage never overwrites another run's results, and resumes only the same run
 
 # Settings that may change when a run is resumed: how fast or where it runs, and `epochs`, the length of the run (the

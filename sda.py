@@ -908,6 +908,8 @@ def train(args: argparse.Namespace) -> None:
                     terms.update({f"fidelity_{k}": v for k, v in fidelity.items()})
                     write_json(sample_path.with_suffix(".json"), {"step": global_step, **fidelity})
                 logger.log(terms)
+                if "fidelity_style_gap" in terms:  # the translation was evaluated at this step
+                    reid.write_curves(logger.path, title=f"sda: {out_dir}", iters_per_epoch=args.iters)
                 progress.set_postfix(
                     g=f"{terms['g_total']:.3f}",
                     d=f"{loss_d.item():.3f}",
