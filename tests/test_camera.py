@@ -13,15 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import camera  # noqa: E402
 import reid  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on the shared 2-core CI machine OpenMP spin-waiting makes these small runs many
-    times slower with 2 threads (measured: 17 s vs 133 s for this file and test_postprocess.py)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def tiny_args(data_root: Path, logs_dir: Path, epochs: int) -> list[str]:

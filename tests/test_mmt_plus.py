@@ -22,6 +22,8 @@ sys.path.insert(0, str(REPO))
 
 import mmt_plus  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
+
 # ---------------------------------------------------------------------------------------------------------------
 # Domain-specific BatchNorm
 
@@ -426,15 +428,6 @@ def tiny_args(data_root: Path, logs_dir: Path, inits, epochs: int) -> list[str]:
 
 def read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on the shared 2-core CPU, OpenMP spin-waits make small convolutions many times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

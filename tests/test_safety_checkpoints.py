@@ -25,13 +25,7 @@ import postprocess  # noqa: E402
 import pretrain  # noqa: E402
 import sda  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -20,15 +20,7 @@ from PIL import Image
 import reid
 import sda
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The tensors here are tiny; one intra-op thread avoids OpenMP spin-waits when the 2 CPU cores are shared
-    (measured on this machine under load: 6.6 s with one thread vs 68 s with two for this file)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 MEAN = np.array([0.485, 0.456, 0.406]).reshape(1, 3, 1, 1)
