@@ -57,6 +57,7 @@ from torch import nn
 
 import reid_ops
 from reid import (
+    PROGRESS_MIN_ITEMS,
     ImageDataset,
     IterLoader,
     JsonlLogger,
@@ -333,8 +334,16 @@ def cluster_features(
     features = torch.as_tensor(features).float().contiguous()
     if features.ndim != 2 or len(features) == 0:
         raise ValueError(f"cluster_features: expected an (N, D) feature matrix, got shape {tuple(features.shape)}")
+    # two long calls, shown as the two phases of a progress display (plain lines with rate and ETA in a log file)
+    bar = progress(total=2, desc="clustering", unit="phase", disable=len(features) < PROGRESS_MIN_ITEMS)
     graph = reid_ops.jaccard_graph(features, k1=k1, k2=k2, max_distance=min(1.0, eps + 1e-4))
-    return DBSCAN(eps=eps, min_samples=min_samples, metric="precomputed").fit_predict(graph)
+    bar.set_postfix(done=f"Jaccard graph of {len(features)} images")
+    bar.update()
+    labels = DBSCAN(eps=eps, min_samples=min_samples, metric="precomputed").fit_predict(graph)
+    bar.set_postfix(done=f"DBSCAN, {int(labels.max()) + 1} clusters")
+    bar.update()
+    bar.close()
+    return labels
 
 
 def cluster_centroids(features: torch.Tensor, labels: np.ndarray) -> torch.Tensor:

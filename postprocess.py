@@ -40,6 +40,7 @@ from PIL import Image, ImageDraw, ImageOps
 
 import reid_ops
 from reid import (
+    PROGRESS_MIN_ITEMS,
     REID_MODEL_KINDS,
     add_dataset_arguments,
     atomic_write,
@@ -49,6 +50,7 @@ from reid import (
     default_workers,
     extract_features,
     load_model,
+    progress,
     read_checkpoint,
     resolve_datasets,
     run_cli,
@@ -556,14 +558,22 @@ def run_variant(
     distance_qg = camera_corrected_distance(
         query_features, gallery_features, camera_query, camera_gallery, weight, formula
     )
-    if use_rerank:
+    if use_rerank:  # three long steps, shown as the phases of a progress display (plain lines in a log file)
+        bar = progress(total=3, desc=f"re-ranking {name}", unit="phase", disable=len(features) < PROGRESS_MIN_ITEMS)
         distance_qq = camera_corrected_distance(
             query_features, query_features, camera_query, camera_query, weight, formula
         )
+        bar.set_postfix(done="query-query distances")
+        bar.update()
         distance_gg = camera_corrected_distance(
             gallery_features, gallery_features, camera_gallery, camera_gallery, weight, formula
         )
+        bar.set_postfix(done="gallery-gallery distances")
+        bar.update()
         distance_qg = rerank(distance_qg, distance_qq, distance_gg, args.k1, args.k2, args.lambda_value, formula)
+        bar.set_postfix(done=f"k-reciprocal re-ranking of {len(features)} images")
+        bar.update()
+        bar.close()
     row = {
         "name": name,
         "models": [],

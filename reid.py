@@ -1638,7 +1638,7 @@ class PlainProgress:
         self.iterable = iterable
         self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
         self.desc, self.unit, self.interval = desc, unit, interval
-        self.count, self.postfix = 0, ""
+        self.count, self.postfix, self.printed = 0, "", None
         self.start = self.last = time.monotonic()
 
     def _line(self) -> str:
@@ -1656,7 +1656,11 @@ class PlainProgress:
         now = time.monotonic()
         if now - self.last >= self.interval:
             self.last = now
-            print(self._line(), file=sys.stderr, flush=True)
+            self._print()
+
+    def _print(self) -> None:
+        self.printed = (self.count, self.postfix)
+        print(self._line(), file=sys.stderr, flush=True)
 
     def set_postfix(self, ordered_dict=None, refresh: bool = True, **values) -> None:
         values = {**(ordered_dict or {}), **values}
@@ -1666,8 +1670,8 @@ class PlainProgress:
         self.desc = desc
 
     def close(self) -> None:
-        if self.count:
-            print(self._line(), file=sys.stderr, flush=True)
+        if self.count and self.printed != (self.count, self.postfix):  # the final state, once
+            self._print()
         self.count = 0
 
     def __iter__(self):
@@ -1690,6 +1694,9 @@ def format_seconds(seconds: float) -> str:
         if seconds >= 3600
         else f"{seconds // 60}:{seconds % 60:02d}"
     )
+
+
+PROGRESS_MIN_ITEMS = 2000  # a step over fewer images is quick: callers pass disable=n < PROGRESS_MIN_ITEMS
 
 
 def progress(iterable=None, total: int | None = None, desc: str = "", unit: str = "it", disable: bool = False):

@@ -14,6 +14,8 @@ import reid
 
 pytest.importorskip("matplotlib")
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
+
 
 def write_log(path, records, torn_tail: bool = False):
     with path.open("w") as handle:
