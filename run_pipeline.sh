@@ -37,7 +37,7 @@ usage() {
     cat <<EOF
 usage: $0 [--data-root DIR] [--work-dir DIR] [--tiny] [--preset NAME|none] [--archs "A B ..."]
           [--sda-arch ARCH] [--seeds "1 2"] [--workers N] [--ap-topk N|full] [--no-test-submission]
-          [--ablation] [--ablation-seeds "1 2"] [--ensemble-arch ARCH]
+          [--ablation] [--ablation-seeds "1 2"] [--ensemble-arch ARCH] [--prune-resume-state]
           [--source NAME] [--source-root DIR] [--target NAME] [--target-root DIR] [--val NAME] [--val-root DIR]
 
   --data-root DIR   VisDA-2020 layout root (personX/, target_training/, target_validation/, target_test/, index
@@ -72,6 +72,10 @@ usage: $0 [--data-root DIR] [--work-dir DIR] [--tiny] [--preset NAME|none] [--ar
                     WORK/data/<source>_sda/ (a list dataset) and pre-trained on from there; outside VisDA-2020
                     there is no challenge submission and no --ablation.
   --ensemble-arch ARCH     the ablation's second backbone when --archs names one (default: resnet18_ibn)
+  --prune-resume-state     delete a training stage's resume state (checkpoint.pth: students, teachers, optimizer)
+                    once the stage has finished and written model_best.pth, its result. A finished stage is never
+                    resumed, so nothing the pipeline reads is lost; an MMT+ resume state of ResNet-18 is ~400 MB
+                    and --ablation writes about twenty. SDA's checkpoint (the translator) is always kept.
 Environment: PYTHON (interpreter, default .venv/bin/python), EXTRA_<STAGE>_ARGS (extra flags for one stage:
   EXTRA_ENCODER_ARGS, EXTRA_BASELINE_ARGS, EXTRA_SDA_ARGS, EXTRA_TRANSLATE_ARGS, EXTRA_PRETRAIN_ARGS,
   EXTRA_MMT_ARGS, EXTRA_CAMERA_ARGS, EXTRA_POST_ARGS).
@@ -91,6 +95,7 @@ TEST_SUBMISSION=1
 ABLATION=0
 ABLATION_SEEDS=""
 ENSEMBLE_ARCH="resnet18_ibn"
+PRUNE_RESUME_STATE=0
 SOURCE="personx"
 TARGET="target_train"
 VAL="target_val"
@@ -110,6 +115,7 @@ while [[ $# -gt 0 ]]; do
         --ablation) ABLATION=1; shift ;;
         --ablation-seeds) ABLATION_SEEDS="$2"; shift 2 ;;
         --ensemble-arch) ENSEMBLE_ARCH="$2"; shift 2 ;;
+        --prune-resume-state) PRUNE_RESUME_STATE=1; shift ;;
         --source) SOURCE="$2"; shift 2 ;;
         --target) TARGET="$2"; shift 2 ;;
         --val) VAL="$2"; shift 2 ;;
@@ -249,6 +255,10 @@ run_stage() {
         echo "command:$command_text"
     } > "$out_dir/.DONE.tmp"
     mv "$out_dir/.DONE.tmp" "$out_dir/DONE"
+    # --prune-resume-state: a finished training stage keeps its result (model_best.pth), not its resume state
+    if [[ $PRUNE_RESUME_STATE -eq 1 && -f "$out_dir/model_best.pth" && -f "$out_dir/checkpoint.pth" ]]; then
+        rm -f "$out_dir/checkpoint.pth"
+    fi
     echo "[pipeline] $name: done in $((SECONDS - start)) s"
 }
 

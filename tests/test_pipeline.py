@@ -118,10 +118,15 @@ def test_pipeline_end_to_end_with_interruption(tmp_path):
 
     # 4. --ablation on the same work folder: the pipeline's stages are reused; the extra trainings and one
     #    evaluation per model and seed run; the report's rows are the evaluations' own numbers
-    fourth = subprocess.run([*pipeline_command(work), "--ablation"], cwd=REPO, env=environment(),
-                            capture_output=True, text=True, timeout=1800)  # fmt: skip
+    #    (--prune-resume-state: the stages it runs keep model_best.pth and drop their resume state)
+    fourth = subprocess.run([*pipeline_command(work), "--ablation", "--prune-resume-state"], cwd=REPO,
+                            env=environment(), capture_output=True, text=True, timeout=1800)  # fmt: skip
     output = fourth.stdout + fourth.stderr
     assert fourth.returncode == 0, output[-5000:]
+    for folder in ["mmt-original-resnet18-seed1", "pretrain-personx-resnet18-2", "mmt-oracle-resnet18-seed2"]:
+        assert (work / folder / "model_best.pth").is_file() and not (work / folder / "checkpoint.pth").exists()
+    assert (work / "mmt-resnet18" / "checkpoint.pth").is_file()  # finished before this run: left as it was
+    assert (work / "sda" / "checkpoint.pth").is_file()  # the translator is a result, never pruned
     assert output.count("finished before") >= len(STAGE_FOLDERS), output[-3000:]
     for stage in ["pretrain-raw-resnet18-1", "pretrain-raw-resnet18-2", "mmt-original-resnet18-seed1",
                   "mmt-original-resnet18-seed2", "mmt-resnet18-seed2", "encoder-resnet18_ibn",
