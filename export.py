@@ -9,6 +9,8 @@ images and the largest absolute difference is written to `export.json`.
     python export.py --checkpoint logs/mmt/model_best.pth --check-images data/demo/target_validation/image_query \
         --out exported/mmt
     # -> exported/mmt/model.onnx, model.pt2, export.json
+    # or checked on a dataset's split, named by the dataset arguments every stage takes:
+    python export.py --checkpoint logs/mmt/model_best.pth --check-split query --data-root data/demo --out exported/mmt
 
 Loading them elsewhere:
     onnxruntime.InferenceSession("model.onnx").run(None, {"images": batch})[0]
@@ -40,9 +42,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="output folder (model.onnx, model.pt2, export.json)")
     parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS), help="what to write")
     parser.add_argument(
-        "--check-images",
-        required=True,
-        help="folder (searched recursively) of real images the exports are compared on",
+        "--check-images", help="folder (searched recursively) of real images the exports are compared on"
+    )
+    parser.add_argument(
+        "--check-split",
+        choices=reid.DATASET_SPLITS,
+        help="instead of --check-images: compare on a dataset's split, named by the dataset arguments below",
     )
     parser.add_argument("--num-check-images", type=int, default=32, help="how many of them (sorted by path)")
     parser.add_argument("--height", type=int, help="input height (default: the checkpoint's)")
@@ -50,15 +55,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset version")
     parser.add_argument("--tolerance", type=float, default=1e-3, help="largest accepted |export - PyTorch|")
     parser.add_argument("--overwrite", action="store_true", help="replace existing files in --out")
+    reid.add_dataset_arguments(parser, ("source", "target", "val"))
     args = parser.parse_args(argv)
     if args.num_check_images < 2:
         parser.error("--num-check-images must be at least 2 (the exports take a dynamic batch)")
+    if (args.check_images is None) == (args.check_split is None):
+        parser.error("give --check-images (a folder) or --check-split (a dataset's split), not both")
     return args
 
 
-def check_batch(folder: str, count: int, height: int, width: int) -> torch.Tensor:
-    """(count, 3, H, W) normalised real images, the way the toolkit feeds its models at test time."""
-    items = reid.read_dataset("folder", folder).train[:count]
+def check_batch(args: argparse.Namespace, height: int, width: int) -> torch.Tensor:
+    """(count, 3, H, W) normalised real images (the first by path), the way the toolkit feeds its models at test
+    time."""
+    if args.check_split:
+        items = sorted(reid.read_split(args, args.check_split)[0])
+    else:
+        items = reid.read_dataset("folder", args.check_images).train
+    items = items[: args.num_check_images]
     dataset = reid.ImageDataset(items, reid.build_test_transform(height, width))
     return torch.stack([dataset[i][0] for i in range(len(items))])
 
@@ -111,9 +124,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     width = args.width or reid.checkpoint_setting(checkpoint, "width")
     if not height or not width:
         raise SystemExit(f"export.py: {args.checkpoint} stores no input size; pass --height and --width")
-    images = check_batch(args.check_images, args.num_check_images, height, width)
+    images = check_batch(args, height, width)
     if len(images) < 2:
-        raise SystemExit(f"export.py: --check-images {args.check_images}: fewer than 2 images found")
+        where = f"--check-images {args.check_images}" if args.check_images else f"--check-split {args.check_split}"
+        raise SystemExit(f"export.py: {where}: fewer than 2 images found")
     with torch.no_grad():
         expected = model(images)
 

@@ -6,14 +6,18 @@ row: the image path relative to the input root, then pid and camid when a list f
 
     python extract.py --checkpoint logs/mmt/model_best.pth --images data/demo/target_test/image_query --out feats/query
     python extract.py --checkpoint model.pth --images my_list.txt --root /data/private --out feats/private --flip --bf16
+    python extract.py --checkpoint model.pth --split gallery --val market1501 --val-root data/market --out feats/g
 
 A list file has one image per line, `relative/path [pid camid]`, paths relative to --root (default: the list file's
-folder); a path that leaves the root is refused.
+folder); a path that leaves the root is refused. Instead of --images, --split reads a dataset through the same
+dataset arguments as every stage (query/gallery of --val, the training images of --source or --target); the index
+then holds the path relative to the dataset root, pid and camid (pid -1 for the unlabelled target).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,8 +33,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("--checkpoint", required=True, help="re-ID checkpoint of pretrain.py, mmt_plus.py or camera.py")
-    parser.add_argument("--images", required=True, help="a folder (searched recursively) or a list file of images")
+    parser.add_argument("--images", help="a folder (searched recursively) or a list file of images")
     parser.add_argument("--root", help="folder the list file's paths are relative to (default: the list's folder)")
+    parser.add_argument(
+        "--split",
+        choices=reid.DATASET_SPLITS,
+        help="instead of --images: a dataset's split, named by the dataset arguments below (query/gallery: --val)",
+    )
     parser.add_argument("--out", required=True, help="output prefix: OUT.npy and OUT.txt")
     parser.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
     parser.add_argument("--batch-size", type=int, default=128, help="images per forward pass")
@@ -40,9 +49,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--height", type=int, help="input height (default: the checkpoint's)")
     parser.add_argument("--width", type=int, help="input width (default: the checkpoint's)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing OUT.npy / OUT.txt")
+    reid.add_dataset_arguments(parser, ("source", "target", "val"))
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
+    if (args.images is None) == (args.split is None):
+        parser.error("give --images (a folder or list file) or --split (a dataset's split), not both")
     return args
 
 
@@ -74,8 +86,11 @@ def main(argv: Sequence[str] | None = None) -> np.ndarray:
     existing = [str(p) for p in (features_path, index_path) if p.exists()]
     if existing and not args.overwrite:
         raise SystemExit(f"extract.py: {', '.join(existing)} already exist; pass --overwrite to replace them")
-    source = Path(args.images)
-    if source.is_dir():
+    source = Path(args.images or "")
+    if args.split:
+        items, root = reid.read_split(args, args.split)
+        names = [f"{os.path.relpath(path, root)} {pid} {camid}" for path, pid, camid in items]
+    elif source.is_dir():
         root = source.resolve()
         items = reid.read_dataset("folder", root).train
         names = [str(Path(path).relative_to(root)) for path, _, _ in items]

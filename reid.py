@@ -687,6 +687,27 @@ def resolve_datasets(args: argparse.Namespace, used: Sequence[str]) -> Datasets:
     return datasets
 
 
+# The image sets a tool outside training reads (extract.py, export.py): split -> the dataset role it comes from.
+DATASET_SPLITS = {"query": "val", "gallery": "val", "source": "source", "target": "target"}
+
+
+def read_split(args: argparse.Namespace, split: str) -> tuple[list[Item], str]:
+    """The images of one split (DATASET_SPLITS) named by the shared dataset arguments (`add_dataset_arguments`), read
+    and checked like a stage's (`resolve_datasets`), and the dataset root they lie under. The target's images carry
+    pid -1 (unlabelled)."""
+    role = DATASET_SPLITS[split]
+    datasets = resolve_datasets(args, (role,))
+    if role == "source":
+        items = datasets.source.train
+    elif role == "target":
+        if datasets.target is None:
+            raise SystemExit("error: --split target: --target is 'none'")
+        items = [(path, -1, camid) for path, _, camid in datasets.target]
+    else:
+        items = getattr(datasets.val, split)
+    return items, datasets.roots[role]
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Items -> (transformed image, pid, camid, index).
 

@@ -184,3 +184,52 @@ def test_plain_progress_lines_have_no_carriage_returns(capsys, monkeypatch):
     lines = err.strip().splitlines()
     assert lines[0].startswith("[extract] 1/5 img") and "ETA" in lines[0]
     assert lines[-1].startswith("[train] 4/4 it") and lines[-1].endswith("loss=0.5")
+
+
+def test_extract_and_export_read_a_dataset_through_the_shared_arguments(tmp_path, tiny_data_root, reid_checkpoint):
+    import export
+    import extract
+
+    # extract.py --split: the same images, features and labels as the dataset reader gives
+    data = reid.read_dataset("target_val", tiny_data_root)
+    array = extract.main(
+        ["--checkpoint", str(reid_checkpoint), "--split", "gallery", "--data-root", str(tiny_data_root)]
+        + ["--out", str(tmp_path / "g"), "--workers", "0"]
+    )
+    lines = [line.split() for line in (tmp_path / "g.txt").read_text().splitlines()]
+    assert [(str(Path(data.root) / path), int(pid), int(cam)) for path, pid, cam in lines] == data.gallery
+    model, _ = reid.load_model(reid_checkpoint)
+    with torch.no_grad():
+        expected = reid.extract_features(model, data.gallery, 64, 32, workers=0)
+    np.testing.assert_allclose(array, expected.numpy(), rtol=1e-5, atol=1e-5)
+    # the unlabelled target: pid -1; --target-root overrides --data-root
+    extract.main(
+        ["--checkpoint", str(reid_checkpoint), "--split", "target", "--target-root", str(tiny_data_root)]
+        + ["--out", str(tmp_path / "t"), "--workers", "0"]
+    )
+    target = reid.read_dataset("target_train", tiny_data_root).train
+    lines = [line.split() for line in (tmp_path / "t.txt").read_text().splitlines()]
+    assert len(lines) == len(target) and {pid for _, pid, _ in lines} == {"-1"}
+    assert [int(cam) for _, _, cam in lines] == [cam for _, _, cam in target]
+    for argv in ([], ["--images", str(tmp_path), "--split", "query"]):  # exactly one of --images / --split
+        with pytest.raises(SystemExit):
+            extract.main(["--checkpoint", str(reid_checkpoint), "--out", str(tmp_path / "x"), *argv])
+    with pytest.raises(SystemExit, match="--val market1501"):  # a dataset that is not there: one line naming it
+        extract.main(
+            ["--checkpoint", str(reid_checkpoint), "--split", "query", "--val", "market1501"]
+            + ["--val-root", str(tmp_path), "--out", str(tmp_path / "x")]
+        )
+
+    # export.py --check-split: checked on the first images of the split by path
+    args = export.parse_args(
+        ["--checkpoint", str(reid_checkpoint), "--check-split", "query", "--data-root", str(tiny_data_root)]
+        + ["--num-check-images", "4", "--out", str(tmp_path / "e")]
+    )
+    batch = export.check_batch(args, 64, 32)
+    dataset = reid.ImageDataset(sorted(data.query)[:4], reid.build_test_transform(64, 32))
+    torch.testing.assert_close(batch, torch.stack([dataset[i][0] for i in range(4)]), rtol=0, atol=0)
+    report = export.main(
+        ["--checkpoint", str(reid_checkpoint), "--check-split", "query", "--data-root", str(tiny_data_root)]
+        + ["--num-check-images", "4", "--formats", "torch_export", "--out", str(tmp_path / "e")]
+    )
+    assert report["check_images"] == 4 and report["max_abs_difference"]["torch_export"] < 1e-3
