@@ -10,7 +10,8 @@ of mmt_plus.py.
     python pretrain.py --preset demo --data-root data/demo --logs-dir logs/pretrain-demo-1 --seed 1
     torchrun --nproc_per_node=2 pretrain.py --preset demo --data-root data/demo --logs-dir logs/ddp
 
-Read top to bottom: presets and arguments, then `main` (set-up, the training loop, evaluation, save).
+Read top to bottom: presets and arguments, the set-up steps (`read_training_data`, `build_loaders`,
+`build_training`, `resume_position`), then `main`: set-up, the training loop, evaluation, save.
 The model, data and checkpoint code it uses is shared with the other stages and lives in `reid.py`.
 """
 
@@ -30,6 +31,7 @@ from reid import (
     ImageDataset,
     JsonlLogger,
     RandomIdentitySampler,
+    ReIDData,
     SeededRandomSampler,
     add_dataset_arguments,
     add_preset_argument,
@@ -97,6 +99,8 @@ PRESETS = {
         workers=4,
     ),
 }
+
+Loader = torch.utils.data.DataLoader
 
 # `--resume` accepts these changes besides reid.RESUMABLE_CHANGES: they change when the run stops or saves, not what
 # it computes
@@ -182,54 +186,52 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    distributed = setup_distributed()
-    rank, world_size = rank_and_world_size()
-    device = select_device(args.device)
-    per_process_batch = split_global_batch(args.batch_size, args.num_instances)
-    set_seed(args.seed)
-    logs_dir = Path(args.logs_dir)
-    checkpoint_path, best_path = logs_dir / "checkpoint.pth", logs_dir / "model_best.pth"
-    prepare_run_dir(logs_dir, args, CHANGEABLE_ON_RESUME, write=is_main_process())
-
-    # ---- data ----
-    if args.target_labels_upper_bound:
-        datasets = resolve_datasets(args, ("target", "val"))
-        if datasets.target_identities is None:
-            raise SystemExit(f"--target-labels-upper-bound: --target {args.target} has no ground-truth identities")
-        target = [(p, datasets.target_identities[p], c) for p, _, c in datasets.target]
-        # one-image identities (the benchmark's passers-by) give no positive pair: a labelled re-ID training set
-        # would not contain them, and the P x K sampler would fill batches with K copies of one image
-        images_per_pid = defaultdict(int)
-        for _, pid, _ in target:
-            images_per_pid[pid] += 1
-        source_items = relabel_pids([item for item in target if images_per_pid[item[1]] > 1])
-        print(
-            f"[pretrain] DIAGNOSTICS ONLY: training on target identities (upper bound); "
-            f"{len(target) - len(source_items)} one-image identities left out"
-        )
-    else:
+def read_training_data(args: argparse.Namespace) -> tuple[list, list | None, ReIDData]:
+    """The labelled training images, the unlabelled target images for BN adaptation (None: no adaptation) and the
+    validation set. --target-labels-upper-bound trains on the target's true identities instead (diagnostics)."""
+    if not args.target_labels_upper_bound:
         datasets = resolve_datasets(args, ("source", "target", "val"))
-        source_items = datasets.source.train
-    num_classes = len({pid for _, pid, _ in source_items})
-    use_target = datasets.target is not None and not args.target_labels_upper_bound
-    target_items = datasets.target if use_target else []
-    query, gallery = datasets.val.query, datasets.val.gallery
+        return datasets.source.train, datasets.target, datasets.val
+    datasets = resolve_datasets(args, ("target", "val"))
+    if datasets.target_identities is None:
+        raise SystemExit(f"--target-labels-upper-bound: --target {args.target} has no ground-truth identities")
+    target = [(p, datasets.target_identities[p], c) for p, _, c in datasets.target]
+    # one-image identities (the benchmark's passers-by) give no positive pair: a labelled re-ID training set
+    # would not contain them, and the P x K sampler would fill batches with K copies of one image
+    images_per_pid = defaultdict(int)
+    for _, pid, _ in target:
+        images_per_pid[pid] += 1
+    source_items = relabel_pids([item for item in target if images_per_pid[item[1]] > 1])
+    print(
+        f"[pretrain] DIAGNOSTICS ONLY: training on target identities (upper bound); "
+        f"{len(target) - len(source_items)} one-image identities left out"
+    )
+    return source_items, None, datasets.val
 
+
+def build_loaders(
+    args: argparse.Namespace, source_items: list, target_items: list | None, per_process_batch: int
+) -> tuple[RandomIdentitySampler, Loader, SeededRandomSampler | None, Loader | None]:
+    """P x K source batches and random target batches, `args.iters` per epoch: samplers seeded per (seed, epoch)
+    with per-sample augmentation seeds, so that a resumed run sees the same images (set_epoch(epoch, skip))."""
     train_transform = build_train_transform(args.height, args.width, args.autoaugment, args.random_erasing)
     samples_per_epoch = args.iters * per_process_batch
     source_sampler = RandomIdentitySampler(source_items, args.num_instances, args.seed, samples_per_epoch, True)
     source_dataset = ImageDataset(source_items, train_transform, args.skip_bad_images)
     source_loader = make_loader(source_dataset, source_sampler, per_process_batch, args.workers)
-    if use_target:
-        target_sampler = SeededRandomSampler(len(target_items), args.seed + 1000, samples_per_epoch, True)
-        target_dataset = ImageDataset(target_items, train_transform, args.skip_bad_images)
-        target_loader = make_loader(target_dataset, target_sampler, per_process_batch, args.workers)
+    if target_items is None:
+        return source_sampler, source_loader, None, None
+    target_sampler = SeededRandomSampler(len(target_items), args.seed + 1000, samples_per_epoch, True)
+    target_dataset = ImageDataset(target_items, train_transform, args.skip_bad_images)
+    target_loader = make_loader(target_dataset, target_sampler, per_process_batch, args.workers)
+    return source_sampler, source_loader, target_sampler, target_loader
 
-    # ---- model and optimisation ----
+
+def build_training(
+    args: argparse.Namespace, num_classes: int, device: torch.device
+) -> tuple[torch.nn.Module, torch.optim.Adam, torch.optim.lr_scheduler.LambdaLR, torch.amp.GradScaler]:
+    """The model (channels_last under --amp), Adam with coupled L2 decay, the warm-up/step schedule per epoch and
+    the fp16 gradient scaler (CUDA only)."""
     model = build_model(args.arch, num_classes, args.pretrained, allow_partial_weights=args.allow_partial_weights)
     model = model.to(device)
     if args.amp:
@@ -240,27 +242,66 @@ def main(argv: Sequence[str] | None = None) -> dict:
         optimizer, lambda e: lr_factor(e, args.warmup_epochs, args.milestones)
     )
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp and device.type == "cuda")
-    start_epoch, start_iter, best_map, best_epoch = 0, 0, -1.0, -1
-    log_position, resumed_sums = None, None
-    if args.resume and checkpoint_path.is_file():
-        state = read_checkpoint(checkpoint_path, kinds=("pretrain",), what="--resume")
-        if state.get("arch") != args.arch or state.get("num_classes") != num_classes:
-            raise ValueError(
-                f"{checkpoint_path}: saved for {state.get('arch')} with {state.get('num_classes')} "
-                f"classes, not {args.arch} with {num_classes}"
-            )
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, start_iter = state["epoch"], state["iteration"]
-        best_map, best_epoch = state["best_mAP"], state["best_epoch"]
-        set_rng_state(state["rng"])
-        log_position, resumed_sums = state.get("log_position"), state.get("epoch_sums")
-        print(f"[pretrain] resumed from {checkpoint_path}: epoch {start_epoch}, iteration {start_iter}")
-    elif args.resume:
+    return model, optimizer, scheduler, scaler
+
+
+def resume_position(
+    args: argparse.Namespace,
+    checkpoint_path: Path,
+    num_classes: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> dict[str, Any]:
+    """Where training starts: the beginning, or (--resume with a checkpoint) the saved epoch and iteration, with
+    the model, optimiser, scheduler and random generators restored."""
+    position = dict(epoch=0, iteration=0, best_mAP=-1.0, best_epoch=-1, log_position=None, epoch_sums=None)
+    if not args.resume:
+        return position
+    if not checkpoint_path.is_file():
         print(f"[pretrain] --resume: no {checkpoint_path} yet, starting from scratch")
+        return position
+    state = read_checkpoint(checkpoint_path, kinds=("pretrain",), what="--resume")
+    if state.get("arch") != args.arch or state.get("num_classes") != num_classes:
+        raise ValueError(
+            f"{checkpoint_path}: saved for {state.get('arch')} with {state.get('num_classes')} "
+            f"classes, not {args.arch} with {num_classes}"
+        )
+    model.load_state_dict(state["state_dict"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    position.update({key: state[key] for key in ("epoch", "iteration", "best_mAP", "best_epoch")})
+    position.update(log_position=state.get("log_position"), epoch_sums=state.get("epoch_sums"))
+    print(f"[pretrain] resumed from {checkpoint_path}: epoch {position['epoch']}, iteration {position['iteration']}")
+    return position
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    distributed = setup_distributed()
+    world_size = rank_and_world_size()[1]
+    device = select_device(args.device)
+    per_process_batch = split_global_batch(args.batch_size, args.num_instances)
+    set_seed(args.seed)
+    logs_dir = Path(args.logs_dir)
+    checkpoint_path, best_path = logs_dir / "checkpoint.pth", logs_dir / "model_best.pth"
+    prepare_run_dir(logs_dir, args, CHANGEABLE_ON_RESUME, write=is_main_process())
+
+    source_items, target_items, val = read_training_data(args)
+    num_classes = len({pid for _, pid, _ in source_items})
+    use_target = target_items is not None
+    source_sampler, source_loader, target_sampler, target_loader = build_loaders(
+        args, source_items, target_items, per_process_batch
+    )
+    model, optimizer, scheduler, scaler = build_training(args, num_classes, device)
+    start = resume_position(args, checkpoint_path, num_classes, model, optimizer, scheduler)
+    start_epoch, start_iter = start["epoch"], start["iteration"]
+    best_map, best_epoch = start["best_mAP"], start["best_epoch"]
     training_model = wrap_ddp(model, device)
-    logger = JsonlLogger(logs_dir / "log.jsonl", log_position) if is_main_process() else None
+    logger = JsonlLogger(logs_dir / "log.jsonl", start["log_position"]) if is_main_process() else None
     if logger and start_epoch == 0 and start_iter == 0:
         # per-BatchNorm batch: each BN layer normalises one process's batch of one domain at a time
         logger.log(
@@ -271,13 +312,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 "bn_batch_target": per_process_batch if use_target else 0,
                 "num_classes": num_classes,
                 "source_images": len(source_items),
-                "target_images": len(target_items),
+                "target_images": len(target_items or []),
                 "args": vars(args),
             }
         )
         print(
             f"[pretrain] {args.arch}: {len(source_items)} source images / {num_classes} ids, "
-            f"{len(target_items)} target images; {world_size} process(es), {per_process_batch} images per BN per domain"
+            f"{len(target_items or [])} target images; {world_size} process(es), {per_process_batch} images per BN "
+            "per domain"
         )
 
     def checkpoint_state(epoch: int, iteration: int, epoch_sums: dict | None = None) -> dict:
@@ -320,9 +362,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         )
         sums = defaultdict(float)
         counted = 0  # iterations of this epoch in `sums`
-        if resumed_sums and epoch == start_epoch:
-            sums.update(resumed_sums["sums"])
-            counted = resumed_sums["iterations"]
+        if start["epoch_sums"] and epoch == start_epoch:
+            sums.update(start["epoch_sums"]["sums"])
+            counted = start["epoch_sums"]["iterations"]
         for iteration in bar:
             images, labels, _, _ = next(source_iter)
             images = images.to(device, non_blocking=True)
@@ -390,8 +432,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             if is_main_process():
                 result = evaluate(
                     model,
-                    query,
-                    gallery,
+                    val.query,
+                    val.gallery,
                     args.height,
                     args.width,
                     workers=args.workers,
