@@ -212,6 +212,18 @@ read -r -a EXTRA_POST <<< "${EXTRA_POST_ARGS:-}"
 # the command; with RERUN_IF_CHANGED=1 (the cheap evaluation stages) a marker written by a different command does
 # not count, so e.g. a new --archs list re-evaluates the ensemble instead of showing the old table.
 RERUN_IF_CHANGED=0
+
+# epoch_fraction LOG FIRST_LINE: how far the stage is, in thousandths, from the latest "[... epoch E/N] i/T" progress
+# line (pretrain, mmt_plus, camera, sda) from line FIRST_LINE of its log on; nothing if there is none yet.
+epoch_fraction() {
+    local line
+    line="$(tail -n "+$2" "$1" | grep -aoE 'epoch [0-9]+/[0-9]+\] [0-9]+/[0-9]+ ' | tail -n 1)"
+    if [[ $line =~ epoch\ ([0-9]+)/([0-9]+)\]\ ([0-9]+)/([0-9]+) ]]; then
+        local epoch=${BASH_REMATCH[1]} epochs=${BASH_REMATCH[2]} done=${BASH_REMATCH[3]} iters=${BASH_REMATCH[4]}
+        echo $(( ((epoch - 1) * iters + done) * 1000 / (epochs * iters) ))
+    fi
+}
+
 run_stage() {
     local name="$1" out_dir="$2"
     shift 2
@@ -234,13 +246,23 @@ run_stage() {
     } >> "$log"
     # The stage runs in the background; every PROGRESS_SECONDS (default 60) the pipeline prints its latest progress
     # line (stages write plain lines with rate and ETA when their output is a file, see reid.progress).
+    local log_start waited=0 first_fraction="" first_time=0 fraction left
+    log_start=$(wc -l < "$log")  # this run's lines start here (the log keeps those of an interrupted run)
     REID_PROGRESS_SECONDS="${REID_PROGRESS_SECONDS:-20}" "$@" >> "$log" 2>&1 &
-    local pid=$! waited=0
+    local pid=$!
     while kill -0 "$pid" 2> /dev/null; do
         sleep 2
         waited=$((waited + 2))
         if (( waited % ${PROGRESS_SECONDS:-60} == 0 )); then
-            echo "[pipeline] $name: $((SECONDS - start)) s | $(grep -a '^\[' "$log" | tail -n 1 | cut -c1-150)"
+            # the training stage's time left: its pace since the first epoch progress line seen (so neither the
+            # set-up nor the epochs of an interrupted run before a resume count), over the fraction still to do
+            fraction="$(epoch_fraction "$log" "$log_start")" left=""
+            if [[ -n $fraction && -z $first_fraction ]]; then
+                first_fraction=$fraction first_time=$SECONDS
+            elif [[ -n $fraction ]] && (( fraction > first_fraction )); then
+                left=" (stage: ~$(( (SECONDS - first_time) * (1000 - fraction) / (fraction - first_fraction) )) s left)"
+            fi
+            echo "[pipeline] $name: $((SECONDS - start)) s$left | $(grep -a '^\[' "$log" | tail -n 1 | cut -c1-150)"
         fi
     done
     wait "$pid" || status=$?

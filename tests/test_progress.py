@@ -3,6 +3,8 @@
 terminal, nothing for small inputs, and the results unchanged (compared with the same calls made directly)."""
 
 import argparse
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,3 +89,38 @@ def test_rerank_reports_its_phases_and_distances_are_unchanged(capsys, monkeypat
     small = postprocess.run_variant("model 1", [features[:300]], camera[:300], 100, True, args)[1]
     assert small.shape == (100, 200)
     assert plain_lines(capsys.readouterr().err, "[re-ranking") == []
+
+
+def shell_function(script: str, name: str) -> str:
+    """The text of one bash function of a script (from `name() {` to the first line that is `}`)."""
+    lines = script.splitlines()
+    start = lines.index(f"{name}() {{")
+    return "\n".join(lines[start : lines.index("}", start) + 1])
+
+
+def test_run_pipeline_reads_the_stage_fraction_from_its_epoch_progress_lines(tmp_path):
+    """run_pipeline.sh's epoch_fraction (the basis of its 'stage: ~N s left'): thousandths done, from the latest
+    '[... epoch E/N] i/T' line at or after the given log line, as the definition ((E - 1) * T + i) / (N * T) gives."""
+    function = shell_function((Path(__file__).parents[1] / "run_pipeline.sh").read_text(), "epoch_fraction")
+    rng = np.random.default_rng(5)
+    lines = ["# 2026-12-02 10:00:00 UTC", "[pretrain] resnet18: 62 source images", "[features] 3/9 batch in 0:01"]
+    expected = []
+    for _ in range(6):
+        epochs, iters = int(rng.integers(1, 50)), int(rng.integers(1, 400))
+        epoch, done = int(rng.integers(1, epochs + 1)), int(rng.integers(1, iters + 1))
+        desc = rng.choice(["epoch", "mmt+ epoch", "camera epoch", "sda epoch"])
+        lines.append(f"[{desc} {epoch}/{epochs}] {done}/{iters} it in 0:03 (2.9 it/s, ETA 0:01), loss=3.2")
+        lines.append("[clustering] 2/2 phase in 0:01 (2 phase/s), done=DBSCAN, 4 clusters")
+        expected.append(((epoch - 1) * iters + done) * 1000 // (epochs * iters))
+    log = tmp_path / "stage.log"
+    log.write_text("\n".join(lines) + "\n")
+
+    def fraction(first_line: int) -> str:
+        code = f'{function}\nepoch_fraction "{log}" {first_line}'
+        return subprocess.run(["bash", "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+
+    assert fraction(1) == str(expected[-1])
+    assert fraction(len(lines) - 2) == str(expected[-1])
+    assert fraction(len(lines)) == ""  # no epoch line from there on: no estimate
+    log.write_text("\n".join(lines[: 3 + 2 * 3]) + "\n")
+    assert fraction(1) == str(expected[2])
