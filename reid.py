@@ -1171,8 +1171,22 @@ def require_reid_ops():
 
 def gem_pytorch(x: torch.Tensor, p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """GeM in plain PyTorch, (mean_hw max(x, eps)^p)^(1/p) -> (N, C) float32: the portable twin of reid_ops.gem
-    (same result up to rounding), used when the extension is absent and when a model is traced or exported."""
-    return x.float().clamp(min=eps).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
+    (same result up to rounding, NaN and Inf included), used when the extension is absent and when a model is traced
+    or exported. Computed in float32 (float64 for float64 inputs)."""
+    values = (x if x.dtype == torch.float64 else x.float()).clamp(min=eps)
+    largest = values.detach().amax(dim=(-2, -1), keepdim=True)
+    finite = torch.isfinite(largest)  # False for a plane holding NaN or +Inf
+    # Finite planes: in the log domain and divided by their largest value M (GeM is homogeneous, y(x) = M y(x / M)),
+    # so x^p neither overflows (1e30^3 in float32) nor underflows (an all-zero plane's eps^6.5), as in reid_ops.
+    # Autograd's intermediates stay below about |dL/dy| * y * HW / p.
+    log_largest = torch.where(finite, largest, 1.0).log()
+    log_scaled = torch.where(finite, values, 1.0).log() - log_largest
+    log_mean = (p * log_scaled).exp().mean(dim=(-2, -1)).log()
+    from_logs = (log_largest.flatten(-3) + log_mean / p).exp()
+    # Planes holding NaN or +Inf: the plain expression, whose NaN / Inf (and autograd's gradients) are the rule. Each
+    # branch sees the value 1 where it is not selected, so no NaN leaks through torch.where's backward.
+    plain = torch.where(finite, 1.0, values).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
+    return torch.where(finite.flatten(-3), from_logs, plain).float()
 
 
 def _exporting() -> bool:

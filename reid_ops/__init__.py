@@ -349,11 +349,17 @@ def jaccard_graph(
 # GeM pooling
 
 
+_FLOAT32_SMALLEST_NORMAL = float(torch.finfo(torch.float32).tiny)
+
+
 def gem(x: torch.Tensor, p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Generalized-mean pooling (Radenovic et al.): (mean_hw max(x, eps)^p)^(1/p) -> (N, C).
 
     x: (N, C, H, W), contiguous or channels_last; p: a one-element tensor (learnable). Fused
     forward and backward kernels; gradients flow to x and p. The output has x's dtype.
+    Finite inputs give the definition's value even where x^p overflows or underflows the accumulation type (such
+    planes are recomputed in float64, scaled by their largest value); a plane holding NaN or +Inf gives what
+    x.clamp(min=eps).pow(p).mean((-2, -1)).pow(1 / p) gives (NaN, +Inf), with autograd's gradients for it.
     """
     if not isinstance(x, torch.Tensor) or not isinstance(p, torch.Tensor):
         raise TypeError("gem expects torch tensors for x and p")
@@ -361,8 +367,8 @@ def gem(x: torch.Tensor, p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
         raise ValueError(f"gem: x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
     if p.numel() != 1:
         raise ValueError(f"gem: p must hold exactly one value, got shape {tuple(p.shape)}")
-    if not eps > 0:
-        raise ValueError(f"gem: eps must be > 0, got {eps}")
+    if not eps >= _FLOAT32_SMALLEST_NORMAL:  # the kernels' float log2 expects normal numbers after the clamp
+        raise ValueError(f"gem: eps must be >= {_FLOAT32_SMALLEST_NORMAL:.3g} (float32's smallest normal), got {eps}")
     return _ops.gem(x, p, float(eps))
 
 

@@ -31,7 +31,9 @@ inline void check_gem_inputs(const at::Tensor& x, const at::Tensor& p, double ep
   TORCH_CHECK(p.numel() == 1, "gem: p must hold exactly one value, got shape ", p.sizes());
   TORCH_CHECK(at::isFloatingType(p.scalar_type()), "gem: p must be floating point, got ", p.scalar_type());
   TORCH_CHECK(p.device() == x.device(), "gem: p is on ", p.device(), " but x is on ", x.device());
-  TORCH_CHECK(eps > 0, "gem: eps must be > 0, got ", eps);
+  // eps >= float32's smallest normal number: the float kernels' log2 assumes normal numbers after the clamp
+  TORCH_CHECK(eps >= 1.1754943508222875e-38, "gem: eps must be >= 1.18e-38 (float32's smallest normal number), got ",
+              eps);
 }
 
 }  // namespace reid_ops

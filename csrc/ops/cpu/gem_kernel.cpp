@@ -101,6 +101,29 @@ REID_GEM_OVERLOADS(double, double, f64)
 REID_GEM_OVERLOADS(c10::BFloat16, float, bf16)
 REID_GEM_OVERLOADS(c10::Half, float, f16)
 
+// ---- exact path (gem_math.h): planes read and written through a stride (1, or C for channels_last) ----
+
+template <typename T>
+struct StridedPlaneReader {
+  const T* base;
+  int64_t stride;
+  double operator()(int64_t i) const { return static_cast<double>(base[i * stride]); }
+};
+
+template <typename T>
+struct StridedPlaneWriter {
+  T* base;
+  int64_t stride;
+  void operator()(int64_t i, double value) const {
+    base[i * stride] = static_cast<T>(static_cast<at::opmath_type<T>>(value));
+  }
+};
+
+template <typename T>
+T exact_output(StridedPlaneReader<T> plane, int64_t num_elements, double p, double eps) {
+  return static_cast<T>(static_cast<at::opmath_type<T>>(gem_plane_forward_exact(plane, num_elements, p, eps)));
+}
+
 // ---- drivers ----
 
 at::Tensor layout_of(const at::Tensor& x, bool& channels_last) {
@@ -140,7 +163,9 @@ std::tuple<at::Tensor, at::Tensor> gem_forward_cpu(const at::Tensor& x_in, const
         for (int64_t plane = begin; plane < end; ++plane) {
           const acc_t s = loop_plane_sum(xp + plane * HW, HW, pv, ev);
           sp[plane] = s;
-          yp[plane] = static_cast<scalar_t>(gem_output<acc_t>(s, count, pv));
+          yp[plane] = gem_sum_is_safe(s, count)
+                          ? static_cast<scalar_t>(gem_output<acc_t>(s, count, pv))
+                          : exact_output<scalar_t>({xp + plane * HW, 1}, HW, p_value, eps);
         }
       });
     } else {
@@ -149,7 +174,11 @@ std::tuple<at::Tensor, at::Tensor> gem_forward_cpu(const at::Tensor& x_in, const
           acc_t* acc = sp + n * C;
           for (int64_t c = 0; c < C; ++c) acc[c] = 0;
           for (int64_t hw = 0; hw < HW; ++hw) loop_channels_accumulate(xp + (n * HW + hw) * C, acc, C, pv, ev);
-          for (int64_t c = 0; c < C; ++c) yp[n * C + c] = static_cast<scalar_t>(gem_output<acc_t>(acc[c], count, pv));
+          for (int64_t c = 0; c < C; ++c) {
+            yp[n * C + c] = gem_sum_is_safe(acc[c], count)
+                                ? static_cast<scalar_t>(gem_output<acc_t>(acc[c], count, pv))
+                                : exact_output<scalar_t>({xp + n * HW * C + c, C}, HW, p_value, eps);
+          }
         }
       });
     }
@@ -189,7 +218,13 @@ std::tuple<at::Tensor, at::Tensor> gem_backward_cpu(const at::Tensor& grad_in, c
     if (!channels_last) {
       at::parallel_for(0, N * C, 16, [&](int64_t begin, int64_t end) {
         for (int64_t plane = begin; plane < end; ++plane) {
-          const acc_t coeff = sp[plane] > acc_t(0) ? gp[plane] * yp[plane] / sp[plane] : acc_t(0);
+          if (!gem_sum_is_safe(sp[plane], count)) {
+            grad_p_planes[plane] = gem_plane_backward_exact(StridedPlaneReader<scalar_t>{xp + plane * HW, 1},
+                                                            StridedPlaneWriter<scalar_t>{gxp + plane * HW, 1}, HW,
+                                                            p_value, eps, static_cast<double>(gp[plane]));
+            continue;
+          }
+          const acc_t coeff = gp[plane] * yp[plane] / sp[plane];
           const acc_t t = loop_plane_backward(xp + plane * HW, gxp + plane * HW, HW, pv, ev, coeff);
           grad_p_planes[plane] = gem_grad_p_plane<acc_t>(gp[plane], yp[plane], sp[plane], t, count, pv);
         }
@@ -200,7 +235,7 @@ std::tuple<at::Tensor, at::Tensor> gem_backward_cpu(const at::Tensor& grad_in, c
         for (int64_t n = begin; n < end; ++n) {
           for (int64_t c = 0; c < C; ++c) {
             const int64_t plane = n * C + c;
-            coeff[c] = sp[plane] > acc_t(0) ? gp[plane] * yp[plane] / sp[plane] : acc_t(0);
+            coeff[c] = gem_sum_is_safe(sp[plane], count) ? gp[plane] * yp[plane] / sp[plane] : acc_t(0);
             t[c] = 0;
           }
           for (int64_t hw = 0; hw < HW; ++hw) {
@@ -209,7 +244,15 @@ std::tuple<at::Tensor, at::Tensor> gem_backward_cpu(const at::Tensor& grad_in, c
           }
           for (int64_t c = 0; c < C; ++c) {
             const int64_t plane = n * C + c;
-            grad_p_planes[plane] = gem_grad_p_plane<acc_t>(gp[plane], yp[plane], sp[plane], t[c], count, pv);
+            if (gem_sum_is_safe(sp[plane], count)) {
+              grad_p_planes[plane] = gem_grad_p_plane<acc_t>(gp[plane], yp[plane], sp[plane], t[c], count, pv);
+            } else {  // the vectorised pass wrote placeholders for this channel: overwrite them
+              const int64_t offset = n * HW * C + c;
+              grad_p_planes[plane] =
+                  gem_plane_backward_exact(StridedPlaneReader<scalar_t>{xp + offset, C},
+                                           StridedPlaneWriter<scalar_t>{gxp + offset, C}, HW, p_value, eps,
+                                           static_cast<double>(gp[plane]));
+            }
           }
         }
       });

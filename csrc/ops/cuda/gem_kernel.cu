@@ -15,9 +15,28 @@ namespace {
 
 struct PlaneStrides {
   int64_t n, c, h, w, C, W, HW;
-  __device__ int64_t offset(int64_t plane, int64_t hw) const {
+  __host__ __device__ int64_t offset(int64_t plane, int64_t hw) const {
     const int64_t ni = plane / C, ci = plane % C;
     return ni * n + ci * c + (hw / W) * h + (hw % W) * w;
+  }
+};
+
+// Element access for the exact path of gem_math.h (planes whose fast sum is not safe).
+template <typename scalar_t>
+struct PlaneReader {
+  const scalar_t* x;
+  PlaneStrides s;
+  int64_t plane;
+  __host__ __device__ double operator()(int64_t hw) const { return static_cast<double>(x[s.offset(plane, hw)]); }
+};
+
+template <typename scalar_t>
+struct PlaneWriter {
+  scalar_t* grad_x;
+  PlaneStrides s;
+  int64_t plane;
+  __host__ __device__ void operator()(int64_t hw, double value) const {
+    grad_x[s.offset(plane, hw)] = static_cast<scalar_t>(static_cast<at::opmath_type<scalar_t>>(value));
   }
 };
 
@@ -29,7 +48,11 @@ __global__ void gem_forward_kernel(const scalar_t* x, PlaneStrides s, int64_t pl
   acc_t sum = 0;
   for (int64_t hw = 0; hw < s.HW; ++hw) sum += gem_power<acc_t>(static_cast<acc_t>(x[s.offset(plane, hw)]), p, eps);
   sum_pow[plane] = sum;
-  y[plane] = static_cast<scalar_t>(gem_output<acc_t>(sum, static_cast<acc_t>(s.HW), p));
+  const acc_t count = static_cast<acc_t>(s.HW);
+  y[plane] = gem_sum_is_safe(sum, count)
+                 ? static_cast<scalar_t>(gem_output<acc_t>(sum, count, p))
+                 : static_cast<scalar_t>(static_cast<acc_t>(gem_plane_forward_exact(
+                       PlaneReader<scalar_t>{x, s, plane}, s.HW, static_cast<double>(p), static_cast<double>(eps))));
 }
 
 template <typename scalar_t, typename acc_t>
@@ -38,7 +61,13 @@ __global__ void gem_backward_kernel(const acc_t* grad, const scalar_t* x, PlaneS
                                     acc_t* grad_p_planes) {
   const int64_t plane = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (plane >= planes) return;
-  const acc_t coeff = sum_pow[plane] > acc_t(0) ? grad[plane] * y[plane] / sum_pow[plane] : acc_t(0);
+  if (!gem_sum_is_safe(sum_pow[plane], static_cast<acc_t>(s.HW))) {
+    grad_p_planes[plane] = static_cast<acc_t>(gem_plane_backward_exact(
+        PlaneReader<scalar_t>{x, s, plane}, PlaneWriter<scalar_t>{grad_x, s, plane}, s.HW, static_cast<double>(p),
+        static_cast<double>(eps), static_cast<double>(grad[plane])));
+    return;
+  }
+  const acc_t coeff = grad[plane] * y[plane] / sum_pow[plane];
   acc_t t = 0;
   for (int64_t hw = 0; hw < s.HW; ++hw) {
     const int64_t o = s.offset(plane, hw);
