@@ -91,7 +91,8 @@ def make_input(case: str, dtype: torch.dtype, generator: torch.Generator) -> tor
 def run(function, x: torch.Tensor, p_value: float, grad_y: torch.Tensor):
     """Output, dL/dx and dL/dp for L = sum(grad_y * y)."""
     x = x.detach().clone().requires_grad_(True)
-    p = torch.tensor([p_value], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, requires_grad=True)
+    p_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    p = torch.tensor([p_value], dtype=p_dtype, device=x.device, requires_grad=True)
     y = function(x, p, EPS)
     (y.double() * grad_y).sum().backward()
     return y.detach(), x.grad, p.grad
@@ -182,3 +183,23 @@ def test_gem_refuses_an_eps_below_float32_normal_range():
     with pytest.raises(ValueError, match="eps"):
         reid_ops.gem(x, torch.tensor([3.0]), 1e-40)
     reid_ops.gem(x, torch.tensor([3.0]), float(torch.finfo(torch.float32).tiny))  # the smallest accepted
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and reid_ops.compiled_with_cuda()), reason="needs the CUDA kernels")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gem_cuda_matches_the_definition_on_the_same_cases(dtype):
+    """The CUDA kernel shares gem_math.h with the CPU one: same reference, same cases (one p per case, both layouts)."""
+    for index, case in enumerate(CASES):
+        p_value = P_VALUES[index % len(P_VALUES)]
+        generator = seeded("gem-cuda", str(dtype), case)
+        x = make_input(case, dtype, generator)
+        grad_y = torch.randn(3, 4, generator=generator, dtype=torch.float64)
+        y_ref, grad_x_ref, grad_p_ref = run(gem_definition, x.double(), p_value, grad_y)
+        for layout in (torch.contiguous_format, torch.channels_last):
+            xd = x.cuda().contiguous(memory_format=layout)
+            y, grad_x, grad_p = run(reid_ops.gem, xd, p_value, grad_y.cuda())
+            tol = TOLERANCE[dtype]
+            torch.testing.assert_close(y.cpu().double(), y_ref.to(dtype).double(), rtol=tol, atol=0, equal_nan=True)
+            scale = float(grad_x_ref[torch.isfinite(grad_x_ref)].abs().max())
+            torch.testing.assert_close(grad_x.cpu().double(), grad_x_ref, rtol=tol, atol=tol * scale, equal_nan=True)
+            assert torch.isnan(grad_p).item() == torch.isnan(grad_p_ref).item()
