@@ -178,11 +178,14 @@ def test_gem_gradcheck_with_overflowing_and_underflowing_planes(p_value, channel
     assert torch.autograd.gradcheck(scaled_gem, (z, p))
 
 
-def test_gem_refuses_an_eps_below_float32_normal_range():
+def test_gem_refuses_an_eps_below_float32_normal_range_and_a_non_finite_p():
     x = torch.rand(1, 2, 3, 3)
     with pytest.raises(ValueError, match="eps"):
         reid_ops.gem(x, torch.tensor([3.0]), 1e-40)
     reid_ops.gem(x, torch.tensor([3.0]), float(torch.finfo(torch.float32).tiny))  # the smallest accepted
+    for p_value in (float("inf"), float("nan"), -1.0):
+        with pytest.raises(RuntimeError, match="p must be a finite number > 0"):
+            reid_ops.gem(x, torch.tensor([p_value]))
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and reid_ops.compiled_with_cuda()), reason="needs the CUDA kernels")

@@ -145,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor> gem_forward_cpu(const at::Tensor& x_in, const
   const auto x = layout_of(x_in, channels_last);
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   const double p_value = p.item<double>();
-  TORCH_CHECK(p_value > 0, "gem: p must be > 0, got ", p_value);
+  TORCH_CHECK(p_value > 0 && p_value < INFINITY, "gem: p must be a finite number > 0, got ", p_value);
   auto y = at::empty({N, C}, x.options());
   const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto sum_pow = at::empty({N, C}, x.options().dtype(acc_type));

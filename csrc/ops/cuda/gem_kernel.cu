@@ -92,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor> gem_forward_cuda(const at::Tensor& x, const a
   auto sum_pow = at::empty({x.size(0), x.size(1)}, x.options().dtype(acc_type));
   if (planes == 0) return {y, sum_pow};
   const double p_value = p.item<double>();
-  TORCH_CHECK(p_value > 0, "gem: p must be > 0, got ", p_value);
+  TORCH_CHECK(p_value > 0 && p_value < INFINITY, "gem: p must be a finite number > 0, got ", p_value);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gem_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     gem_forward_kernel<scalar_t, acc_t><<<blocks_for(planes), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
