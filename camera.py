@@ -39,10 +39,10 @@ from reid import (
     add_dataset_arguments,
     add_preset_argument,
     add_run_dir_arguments,
+    add_runtime_arguments,
     autocast_context,
     build_model,
     build_train_transform,
-    default_workers,
     extract_features,
     is_main_process,
     lr_factor,
@@ -50,17 +50,15 @@ from reid import (
     parse_with_preset,
     prepare_run_dir,
     progress,
-    rank_and_world_size,
     read_checkpoint,
+    require_positive,
     resolve_datasets,
     rng_state,
     run_cli,
     save_checkpoint,
-    select_device,
     set_rng_state,
-    set_seed,
-    setup_distributed,
     split_global_batch,
+    start_run,
     wrap_ddp,
     write_curves,
 )
@@ -77,7 +75,7 @@ PRESETS = {
         warmup_epochs=2,
         milestones=[6],
         eval_step=2,
-    ),
+    )
 }
 
 
@@ -113,10 +111,7 @@ def train_one_epoch(
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
     bar = progress(
-        loader,
-        total=args.iters,
-        desc=f"camera epoch {epoch + 1}/{args.epochs}",
-        disable=not is_main_process(),
+        loader, total=args.iters, desc=f"camera epoch {epoch + 1}/{args.epochs}", disable=not is_main_process()
     )
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     for images, _, camids, _ in bar:
@@ -173,41 +168,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup-epochs", type=int, default=10, help="linear warm-up from 0.01 x lr (epochs)")
     parser.add_argument("--milestones", type=int, nargs="*", default=[40, 70], help="x0.1 at these epochs")
     parser.add_argument("--eval-step", type=int, default=10, help="validate every N epochs (and the last)")
-    # runtime
-    parser.add_argument("--seed", type=int, default=1, help="random seed")
-    parser.add_argument(
-        "--workers", type=int, default=default_workers(), help="data-loading processes (0 on <= 2 CPU cores, else 2)"
-    )
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument(
-        "--amp",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="autocast for training (bf16 on CPU, fp16 on CUDA); evaluation is fp32",
-    )
-    parser.add_argument(
-        "--channels-last",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="NHWC memory format for training",
-    )
+    add_runtime_arguments(parser)
     add_run_dir_arguments(parser, "LOGS_DIR")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     args = parse_with_preset(parser, PRESETS, argv)
-    for name in ("epochs", "iters", "eval_step", "batch_size", "height", "width"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    require_positive(parser, args, ("epochs", "iters", "eval_step", "batch_size", "height", "width"))
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    distributed = setup_distributed()
-    world_size = rank_and_world_size()[1]
-    device = select_device(args.device)
-    set_seed(args.seed)
+    distributed, _, world_size, device = start_run(args)
     logs_dir = prepare_run_dir(args.logs_dir, args, write=is_main_process())
     checkpoint_path, best_path = logs_dir / "checkpoint.pth", logs_dir / "model_best.pth"
 
@@ -240,8 +210,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda epoch: lr_factor(epoch, args.warmup_epochs, args.milestones),
+        optimizer, lambda epoch: lr_factor(epoch, args.warmup_epochs, args.milestones)
     )
     start_epoch, best_accuracy, best_epoch, log_position = 0, -1.0, -1, None
     if args.resume and checkpoint_path.exists():
@@ -254,11 +223,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best_accuracy, best_epoch = (
-            state["epoch"] + 1,
-            state["best_accuracy"],
-            state["best_epoch"],
-        )
+        start_epoch, best_accuracy, best_epoch = (state["epoch"] + 1, state["best_accuracy"], state["best_epoch"])
         set_rng_state(state["rng"])
         log_position = state.get("log_position")
         if is_main_process():
@@ -326,11 +291,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if distributed:
             torch.distributed.barrier()
 
-    summary = {
-        "best_val_camera_accuracy": best_accuracy,
-        "best_epoch": best_epoch,
-        "model_best": str(best_path),
-    }
+    summary = {"best_val_camera_accuracy": best_accuracy, "best_epoch": best_epoch, "model_best": str(best_path)}
     if logger is not None:
         logger.log({"event": "done", **summary})
         print(f"[camera] done: best val camera accuracy {best_accuracy:.3f} at epoch {best_epoch} -> {best_path}")

@@ -36,10 +36,10 @@ from reid import (
     add_dataset_arguments,
     add_preset_argument,
     add_run_dir_arguments,
+    add_runtime_arguments,
     autocast_context,
     build_model,
     build_train_transform,
-    default_workers,
     evaluate,
     is_main_process,
     label_smoothed_ce,
@@ -48,19 +48,17 @@ from reid import (
     parse_with_preset,
     prepare_run_dir,
     progress,
-    rank_and_world_size,
     read_checkpoint,
     relabel_pids,
+    require_positive,
     resolve_datasets,
     rng_state,
     run_cli,
     save_checkpoint,
-    select_device,
     set_rng_state,
-    set_seed,
-    setup_distributed,
     softmax_triplet_loss,
     split_global_batch,
+    start_run,
     wrap_ddp,
     write_curves,
 )
@@ -156,21 +154,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ap-topk", type=int, help="VisDA truncated AP (100) for model selection")
     parser.add_argument("--save-every", type=int, default=0, help="also checkpoint every N iterations (0: per epoch)")
     add_run_dir_arguments(parser, "--logs-dir", CHANGEABLE_ON_RESUME)
-    parser.add_argument(
-        "--amp",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="bf16 autocast + channels_last on CPU, fp16 on CUDA",
-    )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=default_workers(),
-        help="data-loading processes per loader (0 on <= 2 CPU cores, else 2)",
-    )
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--device", help="cpu / cuda[:i] (default: cuda if available)")
-    parser.add_argument("--seed", type=int, default=1)
+    add_runtime_arguments(parser, "bf16 autocast + channels_last on CPU, fp16 on CUDA", channels_last=None)
     parser.add_argument(
         "--max-iters",
         type=int,
@@ -178,9 +162,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="stop after this many iterations in total (testing interruptions; 0: no limit)",
     )
     args = parse_with_preset(parser, PRESETS, argv)
-    for name in ("height", "width", "batch_size", "num_instances", "epochs", "iters", "eval_every"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    require_positive(parser, args, ("height", "width", "batch_size", "num_instances", "epochs", "iters", "eval_every"))
     if args.batch_size % args.num_instances:
         parser.error(f"--batch-size {args.batch_size} must be a multiple of --num-instances {args.num_instances}")
     return args
@@ -279,13 +261,8 @@ def resume_position(
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    distributed = setup_distributed()
-    world_size = rank_and_world_size()[1]
-    device = select_device(args.device)
+    distributed, _, world_size, device = start_run(args)
     per_process_batch = split_global_batch(args.batch_size, args.num_instances)
-    set_seed(args.seed)
     logs_dir = Path(args.logs_dir)
     checkpoint_path, best_path = logs_dir / "checkpoint.pth", logs_dir / "model_best.pth"
     prepare_run_dir(logs_dir, args, CHANGEABLE_ON_RESUME, write=is_main_process())

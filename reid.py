@@ -2102,6 +2102,46 @@ def select_device(requested: str | None) -> torch.device:
     return torch.device("cpu")
 
 
+def add_runtime_arguments(
+    parser: argparse.ArgumentParser,
+    amp_help: str = "autocast for training (bf16 on CPU, fp16 on CUDA); evaluation is fp32",
+    channels_last: bool | None = True,
+) -> None:
+    """The run-time flags of every training stage: --seed, --workers, --threads, --device, --amp and --channels-last
+    (its default; None: no such flag). They change where and how fast a run goes, not what it computes (but --seed)."""
+    parser.add_argument("--seed", type=int, default=1, help="random seed")
+    parser.add_argument(
+        "--workers", type=int, default=default_workers(), help="data-loading processes (0 on <= 2 CPU cores, else 2)"
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--device", help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help=amp_help)
+    if channels_last is not None:
+        parser.add_argument(
+            "--channels-last", action=argparse.BooleanOptionalAction, default=channels_last, help="NHWC memory format"
+        )
+
+
+def require_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, names: Sequence[str]) -> None:
+    """parser.error naming the first of the integer settings `names` that is below 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+
+
+def start_run(args: argparse.Namespace, seed_per_rank: bool = False) -> tuple[bool, int, int, torch.device]:
+    """The opening of every training stage: torch threads (--threads), the process group under torchrun, this
+    process's device (--device) and the seed (--seed, plus the rank with `seed_per_rank`). Returns (distributed,
+    rank, world size, device)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    distributed = setup_distributed()
+    rank, world_size = rank_and_world_size()
+    device = select_device(args.device)
+    set_seed(args.seed + (rank if seed_per_rank else 0))
+    return distributed, rank, world_size, device
+
+
 def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     """DistributedDataParallel around `model` when torch.distributed runs (torchrun), else the model itself.
     Checkpoints always store the unwrapped model (`unwrap_ddp`), so their keys never carry 'module.'."""
