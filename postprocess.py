@@ -25,6 +25,7 @@ Example (the release's ensemble test, on target_val):
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -42,6 +43,7 @@ import reid_ops
 from reid import (
     PROGRESS_MIN_ITEMS,
     REID_MODEL_KINDS,
+    Item,
     add_dataset_arguments,
     atomic_write,
     atomic_write_text,
@@ -52,12 +54,11 @@ from reid import (
     load_model,
     progress,
     read_checkpoint,
+    require_positive,
     resolve_datasets,
     run_cli,
     save_checkpoint,
 )
-
-Item = tuple[str, int, int]
 
 CAMERA_FORMULAS = ("slides", "squared", "release")
 CAMERA_FORMULA_HELP = """\
@@ -76,15 +77,12 @@ how d = d_reid - w * d_cam is formed (features of both terms are L2-normalised):
       only to reproduce the release's numbers. Without re-ranking 'release' and 'squared' rank identically."""
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Pure post-processing steps (numpy / torch only, no models)
-# ----------------------------------------------------------------------------------------------------------
+# ---- Pure post-processing steps (numpy / torch only, no models)
 
 
 def l2_normalize(features: torch.Tensor | np.ndarray) -> torch.Tensor:
     """Row-wise L2 normalisation in float32 (zero rows stay zero)."""
-    features = torch.as_tensor(features, dtype=torch.float32)
-    return F.normalize(features, p=2.0, dim=1)
+    return F.normalize(torch.as_tensor(features, dtype=torch.float32), p=2.0, dim=1)
 
 
 def ensemble_features(per_model_features: Sequence[torch.Tensor | np.ndarray]) -> torch.Tensor:
@@ -162,22 +160,13 @@ def rerank(
             f"the camera correction ({formula!r}); lower --camera-weight or use another --camera-formula"
         )
     reranked = reid_ops.re_ranking_from_distances(
-        inputs_qg,
-        inputs_qq,
-        inputs_gg,
-        k1=k1,
-        k2=k2,
-        lambda_value=lambda_value,
+        inputs_qg, inputs_qq, inputs_gg, k1=k1, k2=k2, lambda_value=lambda_value
     )
     return np.asarray(reranked, dtype=np.float32)
 
 
 def evaluate_distances(
-    distance: np.ndarray,
-    query: Sequence[Item],
-    gallery: Sequence[Item],
-    max_rank: int = 50,
-    ap_topk: int | None = None,
+    distance: np.ndarray, query: Sequence[Item], gallery: Sequence[Item], max_rank: int = 50, ap_topk: int | None = None
 ) -> dict:
     """mAP / CMC / mINP through reid_ops.evaluate_rank (Market protocol: same pid and same camera removed).
     ap_topk=100 gives the VisDA-2020 top-100 truncated AP (docs/differences.md#validation-metric)."""
@@ -196,15 +185,12 @@ def evaluate_distances(
         "num_valid_queries": int(result["num_valid_queries"]),
         "ap_topk": ap_topk,
     }
-    for rank in (1, 5, 10, 20, 50):
-        if rank <= len(cmc):
-            metrics[f"top{rank}"] = float(cmc[rank - 1])
+    metrics.update({f"top{rank}": float(cmc[rank - 1]) for rank in (1, 5, 10, 20, 50) if rank <= len(cmc)})
     return metrics
 
 
 def ranked_gallery_indices(distance: np.ndarray, topk: int) -> np.ndarray:
     """Per query row, the `topk` closest gallery columns, closest first (ties: smaller index first)."""
-    topk = min(topk, distance.shape[1])
     return np.argsort(distance, axis=1, kind="stable")[:, :topk]
 
 
@@ -301,25 +287,16 @@ def markdown_table(rows: Sequence[dict]) -> str:
 
     for row in rows:
         camera = f"w={row['camera_weight']:g} ({row['camera_formula']})" if row["camera"] else "off"
-        values = [
-            row["name"],
-            str(len(row["models"])),
-            "on" if row["flip"] else "off",
-            camera,
+        values = [row["name"], str(len(row["models"])), "on" if row["flip"] else "off", camera]
+        values += [
             "on" if row["rerank"] else "off",
-            percent(row, "mAP"),
-            percent(row, "mINP"),
-            percent(row, "top1"),
-            percent(row, "top5"),
-            percent(row, "top10"),
+            *(percent(row, k) for k in ("mAP", "mINP", "top1", "top5", "top10")),
         ]
         lines.append("| " + " | ".join(values) + " |")
     return "\n".join(lines) + "\n"
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Models and cached feature extraction
-# ----------------------------------------------------------------------------------------------------------
+# ---- Models and cached feature extraction
 
 
 def load_model_for_inference(
@@ -328,12 +305,8 @@ def load_model_for_inference(
     """The checkpoint's network without its classifier, in eval mode (reid.load_model; `kinds` are the checkpoint
     kinds accepted: re-ID models for --checkpoints, camera.py's for --camera-checkpoint), and its settings."""
     model, checkpoint = load_model(path, kinds=kinds, arch=arch, what=what)
-    info = {
-        "path": str(path),
-        "arch": model.arch,
-        "height": checkpoint_setting(checkpoint, "height"),
-        "width": checkpoint_setting(checkpoint, "width"),
-    }
+    info = {"path": str(path), "arch": model.arch}
+    info.update({key: checkpoint_setting(checkpoint, key) for key in ("height", "width")})
     return model.eval(), info
 
 
@@ -425,21 +398,17 @@ def cached_features(
             info["cached"] = True
             return features, info
     start = time.time()
-    features = extract_features(
+    features = extract_features(  # (N, D) float32 on the CPU
         model, list(items), height, width, batch_size=args.batch_size, flip=args.flip, workers=args.workers
     )
-    features = features.float().cpu()
-    info["extract_seconds"] = round(time.time() - start, 2)
-    info["cached"] = False
+    info.update(extract_seconds=round(time.time() - start, 2), cached=False)
     print(f"[postprocess] extracted {tuple(features.shape)} features of {checkpoint} in {info['extract_seconds']} s")
     if not args.no_cache:
         save_checkpoint({"features": features, "paths": paths, "info": dict(info)}, cache_path, "features")
     return features, info
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Main
-# ----------------------------------------------------------------------------------------------------------
+# ---- Main
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -451,7 +420,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--archs",
         nargs="+",
-        default=None,
         help="override the architecture stored in each checkpoint (one per checkpoint, or one for all)",
     )
     parser.add_argument("--camera-checkpoint", default=None, help="camera model from camera.py (omit: no camera term)")
@@ -465,9 +433,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=True,
         help="average features of the image and its mirror (release: on in the ensemble test)",
     )
-    parser.add_argument(
-        "--height", type=int, default=None, help="input height (default: from the checkpoint, else 256)"
-    )
+    parser.add_argument("--height", type=int, help="input height (default: from the checkpoint, else 256)")
     parser.add_argument("--width", type=int, default=None, help="input width (default: from the checkpoint, else 128)")
     parser.add_argument("--batch-size", type=int, default=128, help="feature-extraction batch size")
     parser.add_argument(
@@ -493,7 +459,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--ap-topk",
         type=int,
-        default=None,
         help="truncate AP to the top-k ranks (100 = the VisDA-2020 server's metric); default: full AP",
     )
     parser.add_argument("--max-rank", type=int, default=50, help="longest CMC rank reported")
@@ -526,12 +491,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"checkpoint not found: {path}")
     if args.camera_weight < 0:
         parser.error(f"--camera-weight must be >= 0, got {args.camera_weight}")
-    if args.k1 < 1 or args.k2 < 1:
-        parser.error(f"--k1/--k2 must be >= 1, got {args.k1}/{args.k2}")
+    require_positive(parser, args, ("k1", "k2", "index_digits", "submission_topk"))
     if not 0.0 <= args.lambda_value <= 1.0:
         parser.error(f"--lambda-value must be in [0, 1], got {args.lambda_value}")
-    if args.index_digits < 1 or args.submission_topk < 1:
-        parser.error("--index-digits and --submission-topk must be >= 1")
     # evaluation conventions per dataset: re-ranking and the submission file are VisDA-2020's
     visda = canonical_dataset_name(args.val) in ("target_val", "target_test") if args.val else False
     args.rerank = visda if args.rerank is None else args.rerank
@@ -551,23 +513,17 @@ def run_variant(
     features = ensemble_features(model_features).numpy()
     query_features, gallery_features = features[:num_query], features[num_query:]
     camera = camera_features.numpy() if camera_features is not None else None
-    camera_query = camera[:num_query] if camera is not None else None
-    camera_gallery = camera[num_query:] if camera is not None else None
+    camera_query, camera_gallery = (camera[:num_query], camera[num_query:]) if camera is not None else (None, None)
     weight, formula = args.camera_weight, args.camera_formula
+    distance = functools.partial(camera_corrected_distance, camera_weight=weight, formula=formula)
     start = time.time()
-    distance_qg = camera_corrected_distance(
-        query_features, gallery_features, camera_query, camera_gallery, weight, formula
-    )
+    distance_qg = distance(query_features, gallery_features, camera_query, camera_gallery)
     if use_rerank:  # three long steps, shown as the phases of a progress display (plain lines in a log file)
         bar = progress(total=3, desc=f"re-ranking {name}", unit="phase", disable=len(features) < PROGRESS_MIN_ITEMS)
-        distance_qq = camera_corrected_distance(
-            query_features, query_features, camera_query, camera_query, weight, formula
-        )
+        distance_qq = distance(query_features, query_features, camera_query, camera_query)
         bar.set_postfix(done="query-query distances")
         bar.update()
-        distance_gg = camera_corrected_distance(
-            gallery_features, gallery_features, camera_gallery, camera_gallery, weight, formula
-        )
+        distance_gg = distance(gallery_features, gallery_features, camera_gallery, camera_gallery)
         bar.set_postfix(done="gallery-gallery distances")
         bar.update()
         distance_qg = rerank(distance_qg, distance_qq, distance_gg, args.k1, args.k2, args.lambda_value, formula)
@@ -600,12 +556,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     data = resolve_datasets(args, ("val",)).val
     query, gallery = list(data.query), list(data.gallery)
     items = query + gallery
-    if args.rerank or args.ablation:  # checked before any model is loaded or feature extracted
-        if args.k1 > len(items) - 1 or args.k2 > len(items):
-            raise SystemExit(
-                f"--k1 {args.k1} / --k2 {args.k2}: re-ranking needs k1 <= {len(items) - 1} and k2 <= {len(items)} "
-                f"(the {len(query)} query + {len(gallery)} gallery images of --val {args.val})"
-            )
+    # checked before any model is loaded or feature extracted
+    if (args.rerank or args.ablation) and (args.k1 > len(items) - 1 or args.k2 > len(items)):
+        raise SystemExit(
+            f"--k1 {args.k1} / --k2 {args.k2}: re-ranking needs k1 <= {len(items) - 1} and k2 <= {len(items)} "
+            f"(the {len(query)} query + {len(gallery)} gallery images of --val {args.val})"
+        )
     has_labels = data.name != "target_test" and len({pid for _, pid, _ in query}) > 1
     print(f"[postprocess] {args.val}: {len(query)} query, {len(gallery)} gallery images; labels: {has_labels}")
 
@@ -653,8 +609,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if has_labels and not args.rerank:  # the re-ranked result beside the plain one (reported first)
         variants.append((f"{ensemble_name} + re-ranking", all_models, camera_features, True))
 
-    rows = []
-    final_distance = None
+    rows, final_distance = [], None
     for name, model_indices, camera, use_rerank in variants:
         row, distance = run_variant(
             name, [model_features[i] for i in model_indices], camera, len(query), use_rerank, args
