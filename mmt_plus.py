@@ -18,12 +18,11 @@ Slides ("Improved Mutual Mean-Teaching (MMT+) framework") and docs/differences.m
 `--mode mmt` trains the original MMT (Ge et al., ICLR 2020) from the same script: target batches only, plain BN,
 no MoCo, linear head, the MMT paper's DBSCAN-script weights (soft CE 0.5, hard triplet 0.2, soft triplet 0.8).
 
-Where the slides and the release differ we follow the slides; the release's behaviour stays available as a flag:
+Where the slides and the release differ we follow the slides; the release's way is a flag (docs/differences.md#mmt):
   * Adam is reset at every re-clustering (slides); --keep-optimizer-state = the release's fp16 run;
   * the teachers' soft labels are their plain s*cos logits (slides' E[C](E[F](x))); --teacher-margin = release;
   * the pre-trained source classifier seeds the source rows of the head; --no-init-source-rows = release;
   * the BNNeck bias stays frozen after the DSBN conversion (the release's conversion unfreezes it).
-  Details: docs/differences.md#mmt
 Kept as in the release: teachers run in train mode (per-domain batch statistics, see train loop), the MoCo key is
 the own teacher's output on the same view, outliers are dropped for the epoch, triplet weights 0 in MMT+.
 
@@ -43,7 +42,7 @@ import argparse
 import copy
 import math
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -65,9 +64,9 @@ from reid import (
     add_dataset_arguments,
     add_preset_argument,
     add_run_dir_arguments,
+    add_runtime_arguments,
     autocast_context,
     build_train_transform,
-    default_workers,
     evaluate,
     extract_features,
     is_main_process,
@@ -79,41 +78,32 @@ from reid import (
     progress,
     rank_and_world_size,
     read_checkpoint,
+    require_positive,
     resolve_datasets,
     rng_state,
     run_cli,
     save_checkpoint,
-    select_device,
     set_rng_state,
     set_seed,
-    setup_distributed,
     soft_triplet_loss,
     softmax_triplet_loss,
     split_global_batch,
+    start_run,
+    unwrap_ddp,
     wrap_ddp,
     write_curves,
 )
 
 # --preset demo: the embedded synthetic benchmark on 2 CPU cores in a few minutes. Explicit flags still win.
-# lr: the release's 3.5e-4 with a fresh Adam after every re-clustering suits 40 x 200 iterations from an ImageNet
-# trunk; with 20-iteration epochs from a from-scratch ResNet-18 it wrecks the initialisation before it can recover.
-# Measured on the benchmark (inits 49.6 / 47.3 val mAP, teachers after epoch 1): 3.5e-4 -> 35.7 / 39.2,
-# 3.5e-5 -> 50.6 / 48.7; with ground-truth pseudo labels (older inits 38.6 / 31.3): 30.4 / 24.7 vs 39.3 / 33.8.
-# 96x48 as pretrain.py's demo preset (an epoch: 50 s instead of 88 s on 2 cores). 3 epochs, not 5: on this
-# benchmark the better teacher peaked after the first re-clustering in every measured 5-epoch run (MMT, MMT+,
-# from SDA and from raw pre-trainings), and the main job has to finish in 20 minutes on 2 cores without AMX.
-# Re-measured for issue #14 (README, "does MMT+ learn from its labels?"; inits 44.1 / 42.3 mAP, better teacher after
-# 3 epochs): with the true identities as labels lr 3.5e-5 -> 43.7, lr 3.5e-4 with --warmup-iters 10 and
-# --ema-alpha 0.95 -> 42.9 (with --margin 0: 13.7); with DBSCAN labels lr 1e-4 / warm-up 10 / EMA 0.95 -> 37.0.
-# Supervised training on the true target labels from the same init with the same 1,920 target images reaches
-# only 45.7 (lr 3.5e-5): at this budget the labels cannot move the network, so the preset keeps lr 3.5e-5, no
-# warm-up and EMA 0.999 (the release's ramp); --warmup-iters and --ema-alpha serve longer runs.
-PRESETS = {
-    "demo": dict(arch="resnet18", height=96, width=48, batch_size=32, epochs=3, iters=20, lr=3.5e-5),
-}
+# 96x48 as pretrain.py's demo preset (an epoch: 50 s instead of 88 s on 2 cores); 3 epochs: the better teacher peaked
+# after the first re-clustering in every measured 5-epoch run. lr 3.5e-5, not the release's 3.5e-4 (made for 40 x 200
+# iterations from an ImageNet trunk): with 20-iteration epochs from a from-scratch ResNet-18, 3.5e-4 wrecks the
+# initialisation (teachers 49.6 / 47.3 val mAP -> 35.7 / 39.2 after epoch 1; 3.5e-5: 50.6 / 48.7). At this budget even
+# the true target labels move the network little (README, "does MMT+ learn from its labels?": 44.1 -> 45.7 mAP), so
+# the preset keeps no warm-up and EMA 0.999 (the release's ramp); --warmup-iters and --ema-alpha serve longer runs.
+PRESETS = {"demo": dict(arch="resnet18", height=96, width=48, batch_size=32, epochs=3, iters=20, lr=3.5e-5)}
 
-# ---------------------------------------------------------------------------------------------------------------
-# Domain-specific BatchNorm
+# ---- Domain-specific BatchNorm
 
 
 class DomainSpecificBatchNorm(nn.Module):
@@ -189,8 +179,7 @@ def collapse_dsbn(model: nn.Module, branch: str = "target") -> nn.Module:
     return plain
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Classifier heads. forward(features, labels=None); only the first `num_active_classes` rows are used (source ids
+# ---- Classifier heads. forward(features, labels=None); only the first `num_active_classes` rows are used (source ids
 # followed by the current epoch's clusters; later rows are the upper bound C_max = #source ids + #target images).
 
 
@@ -253,8 +242,7 @@ def build_head(metric: str, in_features: int, num_classes: int, scale: float, ma
     return MarginHead(in_features, num_classes, metric, scale, margin)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Losses, MoCo memory, EMA
+# ---- Losses, MoCo memory, EMA
 
 
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -304,9 +292,7 @@ def warmup_factor(steps_since_reset: int, warmup_iters: int) -> float:
     warm-up (k + 1) / W for the first W steps, then 1 (W = 0: none). A fresh Adam's first update is about
     lr * sign(gradient) on every weight, whatever the gradient's size; ramping lr over W steps lets the moment
     estimates settle before the steps reach full size."""
-    if warmup_iters <= 0:
-        return 1.0
-    return min(1.0, (steps_since_reset + 1) / warmup_iters)
+    return 1.0 if warmup_iters <= 0 else min(1.0, (steps_since_reset + 1) / warmup_iters)
 
 
 @torch.no_grad()
@@ -319,8 +305,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, alpha: float, global_step
     return decay
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Pseudo labels
+# ---- Pseudo labels
 
 
 def cluster_features(
@@ -467,8 +452,7 @@ def teacher_agreement(teacher_features: Sequence[torch.Tensor], camids: np.ndarr
     }
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Data and distributed helpers
+# ---- Data and distributed helpers
 
 
 class TwoViews:
@@ -482,17 +466,16 @@ class TwoViews:
         return self.transform(image), self.transform(image)
 
 
-def make_two_view_loader(
-    items, transform, batch_size: int, iters: int, workers: int, seed: int, epoch: int, skip_bad_images: bool = False
-) -> IterLoader:
-    """`iters` P x 4 batches of two-view samples. The sampler shards identities across DDP processes, and its stream
-    and every sample's augmentation seed are functions of (seed, epoch), so a resumed run sees the same batches."""
-    sampler = RandomIdentitySampler(
-        items, num_instances=4, seed=seed, num_samples=iters * batch_size, seed_samples=True
-    )
+def make_two_view_loader(items, transform, batch_size: int, seed: int, epoch: int, args) -> IterLoader:
+    """`args.iters` P x 4 batches of two-view samples, ready to read. The sampler shards identities across DDP
+    processes, and its stream and every sample's augmentation seed are functions of (seed, epoch), so a resumed run
+    sees the same batches."""
+    sampler = RandomIdentitySampler(items, 4, seed, num_samples=args.iters * batch_size, seed_samples=True)
     sampler.set_epoch(epoch)
-    dataset = ImageDataset(items, TwoViews(transform), skip_bad_images)
-    return IterLoader(make_loader(dataset, sampler, batch_size, workers, persistent=False), iters)
+    dataset = ImageDataset(items, TwoViews(transform), args.skip_bad_images)
+    loader = IterLoader(make_loader(dataset, sampler, batch_size, args.workers, persistent=False), args.iters)
+    loader.new_epoch()
+    return loader
 
 
 def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
@@ -530,8 +513,7 @@ def distributed_features(model: nn.Module, items, args, device) -> torch.Tensor:
     return ordered
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Training
+# ---- Training
 
 
 def load_init(path: str, arch: str, head_args: dict, num_source_classes: int, use_source_rows: bool) -> nn.Module:
@@ -567,11 +549,9 @@ def train_one_epoch(
     rank, world_size = rank_and_world_size()
     use_source = args.mode == "mmt+"
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    sums: dict[str, float] = {}
+    sums: dict[str, float] = defaultdict(float)
     bar = progress(
-        range(args.iters),
-        desc=f"{args.mode} epoch {epoch + 1}/{args.epochs}",
-        disable=not is_main_process(),
+        range(args.iters), desc=f"{args.mode} epoch {epoch + 1}/{args.epochs}", disable=not is_main_process()
     )
     for iteration in bar:
         steps_since_reset = global_step if args.keep_optimizer_state else iteration
@@ -624,21 +604,12 @@ def train_one_epoch(
         loss.backward()
         optimizer.step()
         for i in range(2):
-            ema_update(
-                teachers[i],
-                students[i].module if hasattr(students[i], "module") else students[i],
-                args.ema_alpha,
-                global_step,
-            )
+            ema_update(teachers[i], unwrap_ddp(students[i]), args.ema_alpha, global_step)
         global_step += 1
         for name, value in [("loss", loss), *terms.items()]:
-            sums[name] = sums.get(name, 0.0) + float(value.detach() if torch.is_tensor(value) else value)
-        sums["soft_target_entropy"] = sums.get("soft_target_entropy", 0.0) + sum(
-            soft_target_entropy(teacher_outputs[i][2]) / 2 for i in range(2)
-        )
-        sums["precision"] = sums.get("precision", 0.0) + float(
-            sum((outputs[i][2].argmax(1) == labels).float().mean() for i in range(2)) / 2
-        )
+            sums[name] += float(value.detach() if torch.is_tensor(value) else value)
+        sums["soft_target_entropy"] += sum(soft_target_entropy(teacher_outputs[i][2]) / 2 for i in range(2))
+        sums["precision"] += float(sum((outputs[i][2].argmax(1) == labels).float().mean() for i in range(2)) / 2)
         bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
     return {name: value / args.iters for name, value in sums.items()}, global_step
 
@@ -670,7 +641,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--metric",
         choices=["arc", "cos", "linear"],
-        default=None,
         help="head: ArcFace, CosFace or bias-free linear (default: arc for mmt+, linear for mmt)",
     )
     parser.add_argument("--scale", type=float, default=64.0, help="s of the margin heads (official script: 64)")
@@ -708,30 +678,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     # losses
     parser.add_argument("--label-smoothing", type=float, default=0.1, help="epsilon of the label-smoothed CE")
+    parser.add_argument("--soft-ce-weight", type=float, help="w: (1-w) LSCE + w soft CE from the other teacher (0.5)")
     parser.add_argument(
-        "--soft-ce-weight",
-        type=float,
-        default=None,
-        help="w: (1-w) LSCE + w soft CE from the other teacher (default 0.5)",
+        "--triplet-weight", type=float, help="hard softmax-triplet weight (default 0 as the release; mmt: 0.2)"
     )
     parser.add_argument(
-        "--triplet-weight",
-        type=float,
-        default=None,
-        help="hard softmax-triplet weight (default: 0 for mmt+ as the release, 0.2 for mmt)",
+        "--soft-triplet-weight", type=float, help="soft triplet weight (default 0 as the release; mmt: 0.8)"
     )
+    parser.add_argument("--moco-weight", type=float, help="MoCo loss weight (default 0.1; mmt: 0)")
     parser.add_argument(
-        "--soft-triplet-weight",
-        type=float,
-        default=None,
-        help="soft triplet weight (default: 0 for mmt+ as the release, 0.8 for mmt)",
-    )
-    parser.add_argument("--moco-weight", type=float, default=None, help="MoCo loss weight (default 0.1; mmt: 0)")
-    parser.add_argument(
-        "--moco-queue-size",
-        type=int,
-        default=None,
-        help="MoCo keys per queue (default: batch-size x iters, release 12,800)",
+        "--moco-queue-size", type=int, help="MoCo keys per queue (default: batch-size x iters, release 12,800)"
     )
     parser.add_argument("--moco-temperature", type=float, default=0.07, help="MoCo tau (code 0.07; report typo 0.7)")
     parser.add_argument(
@@ -765,10 +721,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="keep Adam moments across re-clusterings (the release's fp16 run); default: reset "
         "(slides: 'reset optimizers upon re-clustering')",
     )
-    # runtime
-    parser.add_argument("--seed", type=int, default=1, help="random seed")
-    parser.add_argument(
-        "--workers", type=int, default=default_workers(), help="data-loading processes (0 on <= 2 CPU cores, else 2)"
+    add_runtime_arguments(
+        parser, "autocast for training (bf16 on CPU, fp16 on CUDA); evaluation and clustering are fp32"
     )
     parser.add_argument("--test-batch-size", type=int, default=128, help="feature-extraction batch")
     parser.add_argument(
@@ -777,18 +731,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=True,
         help="evaluate the initial teachers (= pre-trained models) before epoch 1",
     )
-    parser.add_argument(
-        "--amp",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="autocast for training (bf16 on CPU, fp16 on CUDA); evaluation and clustering are fp32",
-    )
-    parser.add_argument(
-        "--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory format for training"
-    )
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     add_run_dir_arguments(parser, "LOGS_DIR")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     args = parse_with_preset(parser, PRESETS, argv)
     mmt = args.mode == "mmt"
     defaults = dict(
@@ -804,9 +747,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             setattr(args, name, value)
     if mmt and args.moco_weight:
         parser.error("--mode mmt has no MoCo loss; drop --moco-weight")
-    for name in ("epochs", "iters", "batch_size", "height", "width", "k1", "k2", "min_samples", "moco_queue_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    require_positive(
+        parser, args, ("epochs", "iters", "batch_size", "height", "width", "k1", "k2", "min_samples", "moco_queue_size")
+    )
     if args.batch_size % 4:
         parser.error(f"--batch-size {args.batch_size} must be a multiple of the 4 instances per identity")
     if not 0 <= args.soft_ce_weight <= 1:
@@ -823,12 +766,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
-    distributed = setup_distributed()
-    rank, world_size = rank_and_world_size()
-    device = select_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    set_seed(args.seed)  # the same head initialisation and MoCo queues on every process
+    distributed, rank, world_size, device = start_run(args)  # one seed: the same heads and MoCo queues everywhere
     logs_dir = prepare_run_dir(args.logs_dir, args, write=is_main_process())
     checkpoint_path, best_path = logs_dir / "checkpoint.pth", logs_dir / "model_best.pth"
     per_process_batch = split_global_batch(args.batch_size, 4)
@@ -848,12 +786,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         source_items, num_source_classes = list(datasets.source.train), int(datasets.source.num_train_pids)
     # True target identities where the data has them (a labelled target dataset, or the embedded benchmark's
     # diagnostics/), for the pseudo-label DIAGNOSTICS in the log only (never for training).
-    identities = datasets.target_identities
-    true_ids = None
-    if identities is not None:
-        true_ids = np.array([identities.get(path, -1) for path, _, _ in target_items])
-        if (true_ids < 0).any():
-            true_ids = None  # incomplete ground truth: no diagnostics rather than wrong ones
+    identities = datasets.target_identities or {}
+    true_ids = np.array([identities.get(path, -1) for path, _, _ in target_items])
+    if (true_ids < 0).any():
+        true_ids = None  # no or incomplete ground truth: no diagnostics rather than wrong ones
     if args.oracle_pseudo_labels and true_ids is None:
         raise SystemExit(
             f"--oracle-pseudo-labels needs ground-truth identities of every --target {args.target} image (a "
@@ -869,12 +805,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         student = load_init(init, args.arch, head_args, num_source_classes, args.init_source_rows)
         if args.mode == "mmt+":
             convert_dsbn(student)
-        student = student.to(device)
-        if args.channels_last:
-            student = student.to(memory_format=torch.channels_last)
+        student = student.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
         teacher = copy.deepcopy(student)  # the mean teacher starts as the student (EMA at t = 0 copies it anyway)
-        for param in teacher.parameters():
-            param.requires_grad_(False)
+        teacher.requires_grad_(False)
         students.append(student)
         teachers.append(teacher)
     feature_dim = students[0].feature_dim
@@ -908,17 +841,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if is_main_process():
             print(f"[mmt] resumed from {checkpoint_path} at epoch {start_epoch + 1} (global step {global_step})")
 
-    training_students = [wrap_ddp(student, device) for student in students]
+    ddp_students = [wrap_ddp(student, device) for student in students]
 
     transform = build_train_transform(args.height, args.width, autoaugment=False, random_erasing=args.random_erasing)
 
     logger = JsonlLogger(logs_dir / "log.jsonl", log_position) if is_main_process() else None
     if logger is not None:
-        per_bn = (
-            {"source": per_process_batch, "target": per_process_batch}
-            if args.mode == "mmt+"
-            else {"target": per_process_batch}
-        )
+        per_bn = {"source": per_process_batch, "target": per_process_batch} if args.mode == "mmt+" else {}
+        per_bn["target"] = per_process_batch
         logger.log(
             {
                 "event": "start",
@@ -935,20 +865,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
         )
 
     def evaluate_teachers() -> list[dict]:
-        results = []
-        for teacher in teachers:
-            result = evaluate(
-                teacher,
-                val_data.query,
-                val_data.gallery,
-                args.height,
-                args.width,
-                batch_size=args.test_batch_size,
-                workers=args.workers,
-                device=device,
-            )
-            results.append({"mAP": float(result["mAP"]), "top1": float(result["top1"])})
-        return results
+        settings = dict(batch_size=args.test_batch_size, workers=args.workers, device=device)
+        results = [evaluate(t, val_data.query, val_data.gallery, args.height, args.width, **settings) for t in teachers]
+        return [{"mAP": float(result["mAP"]), "top1": float(result["top1"])} for result in results]
+
+    def teacher_model(index: int) -> dict:
+        """Teacher `index` as a plain model (target BN branch, no head) with its settings: what --init, sda.py's
+        --target-encoder and postprocess.py read."""
+        settings = {key: getattr(args, key) for key in ("arch", "height", "width", "mode")}
+        return {"state_dict": plain_state(teachers[index]), "feature_dim": feature_dim, **settings, "args": vars(args)}
 
     if args.eval_initial and start_epoch == 0 and is_main_process():
         initial = evaluate_teachers()
@@ -956,7 +881,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
         write_curves(logger.path, title=f"mmt_plus: {logs_dir}")
         print("[mmt] initial teachers: " + ", ".join(f"mAP {r['mAP']:.3f} top-1 {r['top1']:.3f}" for r in initial))
 
-    summary: dict = {}
     for epoch in range(start_epoch, args.epochs):
         start = time.time()
         # 1. pseudo labels from the averaged mean-teacher features (eval mode: BN_T running statistics)
@@ -968,10 +892,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         features = F.normalize((teacher_features[0] + teacher_features[1]) / 2, dim=1)
         labels = torch.empty(len(target_items), dtype=torch.long)
         if rank == 0:
-            if args.oracle_pseudo_labels:
-                labels = torch.from_numpy(oracle_labels(true_ids))
-            else:
-                labels = torch.from_numpy(pseudo_labels(features, target_camids, args))
+            oracle = args.oracle_pseudo_labels
+            labels = torch.from_numpy(
+                oracle_labels(true_ids) if oracle else pseudo_labels(features, target_camids, args)
+            )
         if distributed:
             dist.broadcast(labels, src=0)
         labels_np = labels.numpy()
@@ -1005,23 +929,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
             for (path, _, camid), label in zip(target_items, labels_np, strict=True)
             if label >= 0
         ]
-        target_loader = make_two_view_loader(
-            pseudo_items, transform, per_process_batch, args.iters, args.workers, args.seed, epoch, args.skip_bad_images
-        )
-        target_loader.new_epoch()
+        target_loader = make_two_view_loader(pseudo_items, transform, per_process_batch, args.seed, epoch, args)
         source_loader = None
         if args.mode == "mmt+":
-            source_loader = make_two_view_loader(
-                source_items,
-                transform,
-                per_process_batch,
-                args.iters,
-                args.workers,
-                args.seed + 1,
-                epoch,
-                args.skip_bad_images,
-            )
-            source_loader.new_epoch()
+            source_loader = make_two_view_loader(source_items, transform, per_process_batch, args.seed + 1, epoch, args)
 
         # 3. train
         for student in students:
@@ -1034,20 +945,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
             # statistics of the EMA weights, rather than an average of the students' stale ones.
             teacher.train()
         losses, global_step = train_one_epoch(
-            training_students,
-            teachers,
-            queues,
-            optimizer,
-            source_loader,
-            target_loader,
-            epoch,
-            global_step,
-            args,
-            device,
+            ddp_students, teachers, queues, optimizer, source_loader, target_loader, epoch, global_step, args, device
         )
-        record["losses"] = losses
-        record["lr"] = optimizer.param_groups[0]["lr"]  # after the warm-up: the epoch's final rate
-        record["global_step"] = global_step
+        # lr after the warm-up: the epoch's final rate
+        record.update(losses=losses, lr=optimizer.param_groups[0]["lr"], global_step=global_step)
 
         # 4. validate both teachers, keep the best, checkpoint (rank 0)
         if is_main_process():
@@ -1056,33 +957,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
             better = 0 if results[0]["mAP"] >= results[1]["mAP"] else 1
             if results[better]["mAP"] > best_map:
                 best_map, best_epoch = results[better]["mAP"], epoch + 1
-                save_checkpoint(
-                    {
-                        "state_dict": plain_state(teachers[better]),
-                        "arch": args.arch,
-                        "feature_dim": feature_dim,
-                        "height": args.height,
-                        "width": args.width,
-                        "epoch": epoch + 1,
-                        "mAP": best_map,
-                        "teacher": better + 1,
-                        "mode": args.mode,
-                        "args": vars(args),
-                    },
-                    best_path,
-                    "mmt_plus",
-                )
+                best = {"epoch": epoch + 1, "mAP": best_map, "teacher": better + 1}
+                save_checkpoint({**teacher_model(better), **best}, best_path, "mmt_plus")
             record.update(best_mAP=best_map, best_epoch=best_epoch, seconds=round(time.time() - start, 1))
             logger.log(record)  # before the checkpoint: a run killed in between redoes the epoch
             write_curves(logger.path, title=f"mmt_plus: {logs_dir}")
             save_checkpoint(
                 {
-                    "state_dict": plain_state(teachers[0]),
-                    "arch": args.arch,
-                    "feature_dim": feature_dim,
-                    "height": args.height,
-                    "width": args.width,
-                    "mode": args.mode,
+                    **teacher_model(0),
                     "epoch": epoch,
                     "global_step": global_step,
                     "best_mAP": best_map,
@@ -1093,7 +975,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     "optimizer": optimizer.state_dict(),
                     "rng": rng_state(),
                     "log_position": logger.position(),
-                    "args": vars(args),
                 },
                 checkpoint_path,
                 "mmt_plus",
