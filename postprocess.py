@@ -46,6 +46,7 @@ from reid import (
     Item,
     add_dataset_arguments,
     atomic_write,
+    atomic_write_json,
     atomic_write_text,
     canonical_dataset_name,
     checkpoint_setting,
@@ -654,7 +655,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "figures": [str(path) for path in figures],
         "args": vars(args),
     }
-    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_json(out_dir / "results.json", results)
     table = markdown_table(rows)
     metric = "full AP" if args.ap_topk is None else f"AP over the top-{args.ap_topk} ranks"
     scope = f"metrics in %, mAP = {metric}" if has_labels else "no labels: submission only"

@@ -1485,6 +1485,11 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
 
 
+def atomic_write_json(path: str | Path, record: Any, indent: int = 2) -> None:
+    """`record` as indented JSON text (atomic_write_text)."""
+    atomic_write_text(path, json.dumps(record, indent=indent) + "\n")
+
+
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     """Deletes the `.NAME.tmpPID` files of `atomic_write` calls that never finished (a killed run)."""
     stale = [p for p in Path(folder).glob(".*.tmp*") if re.fullmatch(r"\..+\.tmp\d+", p.name) and p.is_file()]
@@ -2008,7 +2013,7 @@ def prepare_run_dir(
         # A run of an earlier version has no args.json: it is not written on its resume, so that an attempt the
         # stage then refuses (another architecture than its checkpoint's) cannot leave its settings behind.
         if not (args.resume and started and not args_path.is_file()):
-            atomic_write_text(args_path, json.dumps(settings, indent=2) + "\n")
+            atomic_write_json(args_path, settings)
     return logs_dir
 
 

@@ -16,14 +16,10 @@ what stage II (``pretrain.py -ds personx_sda``) trains on.
 Read top to bottom: networks, losses, image pool, encoders, one training iteration, the training loop, the
 translation command, the command line.
 
-Generator output space (a conscious choice, same as the official release): every image tensor in this file is
-in ImageNet-normalised space ((x - mean) / std), because that is what the re-ID encoders consume. The
-generators take a normalised image and end with Sigmoid (a [0, 1] image) followed by the ImageNet
-normalisation, so their output can be fed to the discriminators, the other generator and the re-ID encoders
-directly. The cycle/identity L1 losses are therefore measured in normalised space (about 4.4x pixel space),
-which is the scale the release's weights (10 and 5) were tuned for. A Tanh generator would need a [-1, 1] <->
-ImageNet conversion before every encoder call and a different effective L1 weight; we keep the release's
-convention.
+Image space (as in the official release): every image tensor here is ImageNet-normalised, what the re-ID encoders
+consume. The generators end with Sigmoid (a [0, 1] image) followed by that normalisation, so their outputs feed the
+discriminators, the other generator and the encoders directly, and the cycle/identity L1 losses are measured in
+normalised space (about 4.4x pixel space), the scale the release's weights 10 and 5 were tuned for.
 """
 
 from __future__ import annotations
@@ -49,7 +45,6 @@ from torchvision.utils import make_grid, save_image
 
 import reid
 
-IMAGENET_MEAN, IMAGENET_STD = reid.IMAGENET_MEAN, reid.IMAGENET_STD
 CHECKPOINT_NAME = "checkpoint.pth"
 LEGACY_CHECKPOINT_NAME = "checkpoint.pt"  # earlier versions; still resumed from
 # `train --resume` accepts these changes besides reid.RESUMABLE_CHANGES: they change outputs' timing, not training.
@@ -58,22 +53,20 @@ SETTINGS_CHANGEABLE_ON_RESUME = ("checkpoint_every", "sample_every", "sample_cou
 ARCHITECTURE_KEYS = ("ngf", "ndf", "n_blocks", "input_skip", "d_layers", "height", "width")
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Networks
-# ------------------------------------------------------------------------------------------------------------
+# ---- Networks
 
 
 def normalise_imagenet(images01: torch.Tensor) -> torch.Tensor:
     """[0, 1] images (N,3,H,W) -> ImageNet-normalised images."""
-    mean = images01.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = images01.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean = images01.new_tensor(reid.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = images01.new_tensor(reid.IMAGENET_STD).view(1, 3, 1, 1)
     return (images01 - mean) / std
 
 
 def denormalise_imagenet(images: torch.Tensor) -> torch.Tensor:
     """ImageNet-normalised images -> [0, 1] images (clamped)."""
-    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean = images.new_tensor(reid.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = images.new_tensor(reid.IMAGENET_STD).view(1, 3, 1, 1)
     return (images * std + mean).clamp(0.0, 1.0)
 
 
@@ -119,11 +112,7 @@ class ResnetGenerator(nn.Module):
         ]
         for i in range(2):  # downsampling: ngf -> 2 ngf -> 4 ngf
             c = ngf * 2**i
-            layers += [
-                nn.Conv2d(c, 2 * c, 3, stride=2, padding=1),
-                nn.InstanceNorm2d(2 * c),
-                nn.ReLU(inplace=True),
-            ]
+            layers += [nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), nn.InstanceNorm2d(2 * c), nn.ReLU(inplace=True)]
         layers += [ResidualBlock(4 * ngf) for _ in range(n_blocks)]
         for i in range(2):  # upsampling: 4 ngf -> 2 ngf -> ngf
             c = ngf * 2 ** (2 - i)
@@ -258,11 +247,7 @@ class Discriminators(nn.Module):
         self.source = PatchDiscriminator(ndf, n_layers)
 
     def forward(
-        self,
-        real_target: torch.Tensor,
-        fake_target: torch.Tensor,
-        real_source: torch.Tensor,
-        fake_source: torch.Tensor,
+        self, real_target: torch.Tensor, fake_target: torch.Tensor, real_source: torch.Tensor, fake_source: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return (
             discriminator_loss(self.target, real_target, fake_target),
@@ -270,9 +255,7 @@ class Discriminators(nn.Module):
         )
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Losses
-# ------------------------------------------------------------------------------------------------------------
+# ---- Losses
 
 
 def lsgan_loss(prediction: torch.Tensor, target_is_real: bool) -> torch.Tensor:
@@ -345,9 +328,7 @@ def linear_decay_multiplier(epoch: int, epochs_constant: int, epochs_decay: int)
     return 1.0 - max(0, epoch + 1 - epochs_constant) / float(epochs_decay + 1)
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Re-ID encoders for the relation term
-# ------------------------------------------------------------------------------------------------------------
+# ---- Re-ID encoders for the relation term
 
 
 # Encoder files: re-ID models of pretrain.py / mmt_plus.py, or a bare state dict of one (with --arch).
@@ -361,11 +342,7 @@ def classifier_weight(state: dict, shape: torch.Size) -> torch.Tensor | None:
 
 
 def build_relation_encoders(
-    source_path: str | Path,
-    target_path: str | Path | None,
-    arch: str | None,
-    online: bool,
-    num_source_pids: int,
+    source_path: str | Path, target_path: str | Path | None, arch: str | None, online: bool, num_source_pids: int
 ) -> tuple[nn.Module, nn.Module]:
     """(E_s, E_t) of the relation term. E_s: the source checkpoint, frozen (it measures the relations among the
     raw source images). E_t: the target checkpoint (a model adapted to the target domain without labels, e.g.
@@ -405,9 +382,7 @@ def set_batchnorm_eval(model: nn.Module) -> None:
             m.eval()
 
 
-# ------------------------------------------------------------------------------------------------------------
-# One training iteration
-# ------------------------------------------------------------------------------------------------------------
+# ---- One training iteration
 
 
 def generator_objective(
@@ -465,9 +440,7 @@ def set_requires_grad(parameters: Iterable[nn.Parameter], flag: bool) -> None:
         p.requires_grad_(flag)
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Identity fidelity: does the translation keep each person's colours?
-# ------------------------------------------------------------------------------------------------------------
+# ---- Identity fidelity: does the translation keep each person's colours?
 
 # Body bands as fractions of the person's height (top of the head = 0, soles = 1), following the proportions
 # of a standing pedestrian: head and hair (or cap), upper torso (clothing, backpack, straps), lower torso and
@@ -614,9 +587,7 @@ def fidelity_items(items: Sequence[tuple], per_identity: int = 2, max_images: in
     return chosen[:max_images]
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Training
-# ------------------------------------------------------------------------------------------------------------
+# ---- Training
 
 
 def check_image_size(height: int, width: int, d_layers: int = 3) -> None:
@@ -638,11 +609,6 @@ def save_sample_grid(path: Path, source: torch.Tensor, translated: torch.Tensor,
     reid.atomic_write(path, lambda temporary: save_image(grid, temporary, format="png"))
 
 
-def write_json(path: Path, record: dict) -> None:
-    """JSON file written to a temporary name, then renamed."""
-    reid.atomic_write_text(path, json.dumps(record, indent=1) + "\n")
-
-
 def architecture_of(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in ARCHITECTURE_KEYS}
 
@@ -662,12 +628,9 @@ def train(args: argparse.Namespace) -> None:
         if path and not Path(path).is_file():
             raise FileNotFoundError(f"{flag}: no such checkpoint file: {path}")
 
-    distributed = reid.setup_distributed()
-    rank = reid.rank_and_world_size()[0]
+    distributed, rank, _, device = reid.start_run(args, seed_per_rank=True)
     main_process = reid.is_main_process()
-    device = reid.select_device(args.device)
     per_process_batch = reid.split_global_batch(args.batch_size, args.num_instances)
-    reid.set_seed(args.seed + rank)
     out_dir = Path(args.out)
     checkpoint_path = out_dir / CHECKPOINT_NAME
     if args.resume and not checkpoint_path.exists() and (out_dir / LEGACY_CHECKPOINT_NAME).exists():
@@ -718,9 +681,9 @@ def train(args: argparse.Namespace) -> None:
     generators = Generators(args.ngf, args.n_blocks, args.input_skip)
     discriminators = Discriminators(args.ndf, args.d_layers)
     init_weights_normal(generators)
-    generators.source_to_target.start_as_identity()
-    generators.target_to_source.start_as_identity()
     init_weights_normal(discriminators)
+    generators.source_to_target.start_as_identity()  # (no-ops without --input-skip)
+    generators.target_to_source.start_as_identity()
     generators.to(device, memory_format=memory_format)
     discriminators.to(device, memory_format=memory_format)
 
@@ -740,14 +703,21 @@ def train(args: argparse.Namespace) -> None:
     # Only what build_model made trainable (its BNNeck bias stays frozen), toggled off during the G step.
     reid_parameters = [p for p in target_encoder.parameters() if p.requires_grad] if target_encoder is not None else []
     if args.online_relation and target_encoder is not None:
-        optimizer_reid = torch.optim.Adam(
-            reid_parameters,
-            lr=args.lr_reid,
-            weight_decay=args.weight_decay_reid,
-        )
+        optimizer_reid = torch.optim.Adam(reid_parameters, lr=args.lr_reid, weight_decay=args.weight_decay_reid)
     pool_target = ImagePool(args.pool_size, seed=args.seed + rank)  # translated source images for D_target
     pool_source = ImagePool(args.pool_size, seed=args.seed + 500 + rank)  # translated target images for D_source
 
+    # what a checkpoint holds of the run besides its position, by name
+    parts = {
+        "generators": generators,
+        "discriminators": discriminators,
+        "optimizer_g": optimizer_g,
+        "optimizer_d": optimizer_d,
+        "pool_target": pool_target,
+        "pool_source": pool_source,
+    }
+    if optimizer_reid is not None:
+        parts.update(target_encoder=target_encoder, optimizer_reid=optimizer_reid)
     start_epoch, start_iteration, global_step, log_position = 0, 0, 0, None
     if args.resume:
         state = reid.read_checkpoint(checkpoint_path, kinds=("sda",), what="--resume")
@@ -756,17 +726,10 @@ def train(args: argparse.Namespace) -> None:
             raise ValueError(
                 f"{checkpoint_path}: architecture {saved} differs from the arguments {architecture_of(args)}"
             )
-        generators.load_state_dict(state["generators"])
-        discriminators.load_state_dict(state["discriminators"])
-        optimizer_g.load_state_dict(state["optimizer_g"])
-        optimizer_d.load_state_dict(state["optimizer_d"])
-        pool_target.load_state_dict(state["pool_target"])
-        pool_source.load_state_dict(state["pool_source"])
-        if optimizer_reid is not None:
-            if "target_encoder" not in state:
-                raise ValueError(f"{checkpoint_path}: was trained without --online-relation")
-            target_encoder.load_state_dict(state["target_encoder"])
-            optimizer_reid.load_state_dict(state["optimizer_reid"])
+        if optimizer_reid is not None and "target_encoder" not in state:
+            raise ValueError(f"{checkpoint_path}: was trained without --online-relation")
+        for name, part in parts.items():
+            part.load_state_dict(state[name])
         reid.set_rng_state(state["rng"])
         log_position = state.get("log_position")
         start_epoch, start_iteration, global_step = state["epoch"], state["iteration"], state["global_step"]
@@ -787,23 +750,17 @@ def train(args: argparse.Namespace) -> None:
             "epoch": epoch,
             "iteration": iteration,  # iterations of `epoch` already done
             "global_step": global_step,
-            "generators": generators.state_dict(),
-            "discriminators": discriminators.state_dict(),
-            "optimizer_g": optimizer_g.state_dict(),
-            "optimizer_d": optimizer_d.state_dict(),
-            "pool_target": pool_target.state_dict(),
-            "pool_source": pool_source.state_dict(),
+            **{name: part.state_dict() for name, part in parts.items()},
             "rng": reid.rng_state(),
             "log_position": logger.position() if logger else None,
         }
-        if optimizer_reid is not None:
-            state["target_encoder"] = target_encoder.state_dict()
-            state["optimizer_reid"] = optimizer_reid.state_dict()
         reid.save_checkpoint(state, out_dir / CHECKPOINT_NAME, "sda")
 
     logger = reid.JsonlLogger(out_dir / "log.jsonl", log_position) if main_process else None
     autocast = lambda: reid.autocast_context(device, args.amp)  # noqa: E731
     epochs = args.epochs_constant + args.epochs_decay
+    encoders = (source_encoder, target_encoder)
+    weights = (args.lambda_cycle, args.lambda_identity, args.lambda_relation)  # of the cycle, identity, relation terms
     for epoch in range(start_epoch, epochs):
         # Learning rate set from the epoch alone (no scheduler state), so a resumed run with a changed
         # schedule gets the right rate immediately.
@@ -818,9 +775,7 @@ def train(args: argparse.Namespace) -> None:
         generators.train()
         discriminators.train()
         progress = reid.progress(
-            range(start_iteration, args.iters),
-            desc=f"sda epoch {epoch + 1}/{epochs}",
-            disable=not main_process,
+            range(start_iteration, args.iters), desc=f"sda epoch {epoch + 1}/{epochs}", disable=not main_process
         )
         for iteration in progress:
             tic = time.perf_counter()
@@ -832,22 +787,11 @@ def train(args: argparse.Namespace) -> None:
 
             # (1) generators; discriminators frozen (called unwrapped, so DDP does not expect their gradients)
             set_requires_grad(discriminators.parameters(), False)
-            relation_encoder = target_encoder
             if optimizer_reid is not None:
-                relation_encoder = target_encoder.eval()
+                target_encoder.eval()
                 set_requires_grad(reid_parameters, False)
             loss_g, terms, images = generator_objective(
-                generators_ddp,
-                discriminators,
-                real_source,
-                real_target,
-                source_pids,
-                source_encoder,
-                relation_encoder,
-                args.lambda_cycle,
-                args.lambda_identity,
-                args.lambda_relation,
-                autocast,
+                generators_ddp, discriminators, real_source, real_target, source_pids, *encoders, *weights, autocast
             )
             optimizer_g.zero_grad(set_to_none=True)
             loss_g.backward()
@@ -906,7 +850,9 @@ def train(args: argparse.Namespace) -> None:
                     fidelity = identity_fidelity(probe01, translated01.cpu(), probe_pids)
                     fidelity["style_gap"] = style_gap(probe01, translated01.cpu(), probe_target01)
                     terms.update({f"fidelity_{k}": v for k, v in fidelity.items()})
-                    write_json(sample_path.with_suffix(".json"), {"step": global_step, **fidelity})
+                    reid.atomic_write_json(
+                        sample_path.with_suffix(".json"), {"step": global_step, **fidelity}, indent=1
+                    )
                 logger.log(terms)
                 if "fidelity_style_gap" in terms:  # the translation was evaluated at this step
                     reid.write_curves(logger.path, title=f"sda: {out_dir}", iters_per_epoch=args.iters)
@@ -921,16 +867,12 @@ def train(args: argparse.Namespace) -> None:
         start_iteration = 0
         if main_process:
             save(epoch + 1, 0)
-    if logger is not None and hasattr(logger, "close"):
-        logger.close()
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Translation of the source training set
-# ------------------------------------------------------------------------------------------------------------
+# ---- Translation of the source training set
 
 
 def load_generator(path: str | Path) -> tuple[ResnetGenerator, dict]:
@@ -1050,13 +992,11 @@ def measure_fidelity(args: argparse.Namespace) -> dict:
     result = {"translated": str(translated_dir), "images": len(items), **result}
     print(json.dumps(result, indent=1))
     if args.out:
-        write_json(Path(args.out), result)
+        reid.atomic_write_json(Path(args.out), result, indent=1)
     return result
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Command line
-# ------------------------------------------------------------------------------------------------------------
+# ---- Command line
 
 # --preset demo: the embedded synthetic benchmark on 2 CPU cores in minutes. Explicit flags still override.
 PRESETS = {
@@ -1075,7 +1015,7 @@ PRESETS = {
         epochs_constant=3,
         epochs_decay=3,
         sample_every=50,
-    ),
+    )
 }
 
 
@@ -1084,20 +1024,15 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    add_command = functools.partial(commands.add_parser, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
-    t = commands.add_parser(
-        "train",
-        help="train the source<->target CycleGAN with relation consistency",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    t = add_command("train", help="train the source<->target CycleGAN with relation consistency")
     reid.add_preset_argument(t, PRESETS)
     reid.add_dataset_arguments(t, ("source", "target"))
     t.add_argument("--out", default="logs/sda", help="output folder: checkpoint.pth, log.jsonl, samples/")
     reid.add_run_dir_arguments(t, "--out", SETTINGS_CHANGEABLE_ON_RESUME)
     # relation consistency
-    t.add_argument(
-        "--arch", help="architecture of the re-ID encoders (default: the 'arch' their checkpoints name); checked"
-    )
+    t.add_argument("--arch", help="architecture of the re-ID encoders (default: the one their checkpoints name)")
     t.add_argument("--source-encoder", help="pretrain.py checkpoint trained on raw source images (E_s)")
     t.add_argument(
         "--target-encoder",
@@ -1147,32 +1082,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=int, default=32, help="source and target images per step each, all processes together"
     )
     t.add_argument("--num-instances", type=int, default=4, help="images per identity in a source batch (K of PxK)")
-    # runtime
-    t.add_argument(
-        "--workers", type=int, default=reid.default_workers(), help="data-loading processes (0 on <= 2 CPU cores)"
-    )
-    t.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's; 1 is faster on a shared CPU)")
-    t.add_argument("--seed", type=int, default=1, help="random seed (offset by the DDP rank)")
-    t.add_argument("--device", help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
-    t.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16/fp16 autocast")
-    t.add_argument(
-        "--channels-last",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="NHWC memory format (default off: measured ~10%% slower for these GAN nets on CPU)",
-    )
+    # the seed is offset by the DDP rank; NHWC is off by default (measured ~10 % slower for these GAN nets on CPU)
+    reid.add_runtime_arguments(t, "bf16/fp16 autocast", channels_last=False)
     t.add_argument("--sample-every", type=int, default=400, help="save a sample grid every N steps (and each epoch)")
     t.add_argument("--sample-count", type=int, default=8, help="images per sample grid")
     t.add_argument("--checkpoint-every", type=int, default=0, help="extra checkpoint every N steps (0: per epoch)")
 
-    s = commands.add_parser(
-        "translate",
-        help="write <out>/personX_sda/image_train/ with the trained source-to-target generator",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    s.add_argument(
-        "--checkpoint", required=True, help="checkpoint.pth (or an earlier version's .pt) written by `sda.py train`"
-    )
+    s = add_command("translate", help="write the source images translated by the trained source-to-target generator")
+    s.add_argument("--checkpoint", required=True, help="checkpoint.pth (or an earlier .pt) written by `sda.py train`")
     reid.add_dataset_arguments(s, ("source",))
     s.add_argument(
         "--out",
@@ -1187,11 +1104,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="autocast (default fp32)")
     s.add_argument("--jpeg-quality", type=int, default=95, help="quality of JPEG outputs")
 
-    f = commands.add_parser(
-        "fidelity",
-        help="identity fidelity of a translated copy of the source images (identity_fidelity)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    f = add_command("fidelity", help="identity fidelity of a translated copy of the source images (identity_fidelity)")
     reid.add_dataset_arguments(f, ("source", "target"))
     f.add_argument("--translated", required=True, help="folder of translated images named as the source ones")
     f.add_argument("--height", type=int, default=128, help="images are compared at this size")
