@@ -72,8 +72,7 @@ def check_batch(args: argparse.Namespace, height: int, width: int) -> torch.Tens
     else:
         items = reid.read_dataset("folder", args.check_images).train
     items = items[: args.num_check_images]
-    dataset = reid.ImageDataset(items, reid.build_test_transform(height, width))
-    return torch.stack([dataset[i][0] for i in range(len(items))])
+    return reid.load_test_images(items, height, width)
 
 
 def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:

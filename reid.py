@@ -1,5 +1,5 @@
 """The re-ID code every stage shares: data (readers, transforms, samplers), model (backbones, GeM, BNNeck),
-losses, evaluation, checkpoints, random state, logging and run set-up.
+losses, evaluation (of re-ID features and of sda.py's translations), checkpoints, random state, logging and run set-up.
 
 This is the one module the stage scripts (`sda.py`, `pretrain.py`, `mmt_plus.py`, `camera.py`, `postprocess.py`)
 import; they never import each other. Read top to bottom: data, model, losses, evaluation and checkpoints, run set-up.
@@ -804,6 +804,32 @@ def build_test_transform(height: int, width: int) -> T.Compose:
     )
 
 
+def make_test_loader(items: Sequence[Item], height: int, width: int, batch_size: int, workers: int):
+    """Batches (images, pids, camids, indices) of `items` in order through the test transform."""
+    dataset = ImageDataset(items, build_test_transform(height, width))
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+
+
+def load_test_images(items: Sequence[Item], height: int, width: int) -> torch.Tensor:
+    """(N, 3, height, width) images of `items` in order through the test transform (un-augmented, normalised)."""
+    dataset = ImageDataset(items, build_test_transform(height, width))
+    return torch.stack([dataset[i][0] for i in range(len(items))])
+
+
+def normalise_imagenet(images01: torch.Tensor) -> torch.Tensor:
+    """[0, 1] images (N,3,H,W) -> ImageNet-normalised images."""
+    mean = images01.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = images01.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (images01 - mean) / std
+
+
+def denormalise_imagenet(images: torch.Tensor) -> torch.Tensor:
+    """ImageNet-normalised images -> [0, 1] images (clamped)."""
+    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (images * std + mean).clamp(0.0, 1.0)
+
+
 # ------------------------------------------------------------------------------------------------
 # Samplers
 
@@ -1394,13 +1420,7 @@ def extract_features(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
-    loader = torch.utils.data.DataLoader(
-        ImageDataset(items, build_test_transform(height, width)),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        persistent_workers=False,
-    )
+    loader = make_test_loader(items, height, width, batch_size, workers)
     chunks = []
     for images, *_ in progress(loader, desc="features", unit="batch", disable=len(items) < 2 * batch_size):
         images = images.to(device).contiguous(memory_format=torch.channels_last)
@@ -1441,6 +1461,156 @@ def evaluate(
         ap_topk=ap_topk,
     )
     result["top1"], result["top5"] = float(result["cmc"][0]), float(result["cmc"][min(4, len(result["cmc"]) - 1)])
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation of an image translation (sda.py train and fidelity): does it keep each person's colours
+# (identity_fidelity), how much of the source's look does it leave (style_gap)?
+
+# Body bands as fractions of the person's height (top of the head = 0, soles = 1), following the proportions
+# of a standing pedestrian: head and hair (or cap), upper torso (clothing, backpack, straps), lower torso and
+# waist (two-tone tops, shoulder bags, handbags), legs (trousers, skirt, shorts).
+BODY_BANDS = {"head": (0.0, 0.13), "upper": (0.17, 0.35), "middle": (0.35, 0.53), "legs": (0.56, 0.92)}
+MIN_REGION_PIXELS = 4
+
+
+def person_masks(images01: torch.Tensor, tolerance: float = 0.12) -> torch.Tensor:
+    """(N,H,W) foreground of source crops on flat backgrounds: in every row the background is the colour of the
+    row's two outermost pixels on each side, and a pixel belongs to the person when some channel differs by
+    more than `tolerance` (in [0, 1]) from both the left and the right background colour."""
+    left = images01[..., :2].mean(-1, keepdim=True)
+    right = images01[..., -2:].mean(-1, keepdim=True)
+    return torch.minimum((images01 - left).abs().amax(1), (images01 - right).abs().amax(1)) > tolerance
+
+
+def body_region_weights(masks: torch.Tensor) -> torch.Tensor:
+    """(N,R,H,W) 0/1 weights of the BODY_BANDS regions: the person's pixels in each band of rows between the
+    first and the last row holding at least two person pixels."""
+    n, height, _ = masks.shape
+    rows = masks.sum(-1) >= 2  # (N,H)
+    row_index = torch.arange(height, device=masks.device).expand(n, height)
+    top = torch.where(rows, row_index, height).amin(1, keepdim=True)
+    bottom = torch.where(rows, row_index, -1).amax(1, keepdim=True)
+    fraction = (row_index - top + 0.5) / (bottom - top + 1).clamp(min=1)  # (N,H), centre of each row
+    bands = torch.stack([(fraction >= f0) & (fraction < f1) & rows for f0, f1 in BODY_BANDS.values()], 1)
+    return (bands[..., None] & masks[:, None]).float()
+
+
+def region_colours(images01: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean colour (N,R,3) of each region and whether it has at least MIN_REGION_PIXELS pixels (N,R)."""
+    counts = weights.sum((2, 3))
+    sums = torch.einsum("nchw,nrhw->nrc", images01.double(), weights.double())
+    return sums / counts.clamp(min=1)[..., None].double(), counts >= MIN_REGION_PIXELS
+
+
+def fidelity_from_region_colours(
+    source: torch.Tensor, translated: torch.Tensor, valid: torch.Tensor, pids: torch.Tensor
+) -> dict[str, float]:
+    """How far a translation moves each identity's region colours, relative to the spread between identities.
+
+    source/translated: (N,R,3) region colours of N images, valid (N,R), pids (N). Per identity i and region r,
+    S[i,r] and T[i,r] average the images of i where r is valid. A translation may change the style of the whole
+    domain, so the translated colours are first mapped back by the best camera-like correction, one gain and
+    offset per channel fitted over all (i, r) by least squares (S ~ a T + b); a global colour cast, exposure or
+    contrast change is undone exactly, a change that differs between identities (a red top turning yellow while
+    a blue one stays blue) is not. Then
+        z[i,r]   = |a T[i,r] + b - S[i,r]| / spread[r],  spread[r] = RMS over identities of |S[i,r] - mean_i S[i,r]|
+        drift[i] = sqrt(mean_r z[i,r]^2)        (0: colours kept; about 1: as far as another person's colours)
+    Returns identity_drift = mean_i drift[i], identity_kept = the share of identities whose corrected translated
+    colours are closest to their own source colours (mean over shared regions of z-scaled squared distances),
+    drift_<region> = RMS over identities of z[:, r], and the number of identities."""
+    identities = torch.unique(pids)
+    weights = (pids[None, :] == identities[:, None]).double()[:, :, None] * valid.double()[None]  # (I,N,R)
+    count = weights.sum(1)  # (I,R)
+    present = count > 0
+    mean_source = torch.einsum("inr,nrc->irc", weights, source.double()) / count.clamp(min=1)[..., None]
+    mean_translated = torch.einsum("inr,nrc->irc", weights, translated.double()) / count.clamp(min=1)[..., None]
+    s, t = mean_source[present], mean_translated[present]  # (M,3)
+    t_centred, s_centred = t - t.mean(0), s - s.mean(0)
+    gain = (t_centred * s_centred).sum(0) / (t_centred**2).sum(0).clamp(min=1e-12)
+    offset = s.mean(0) - gain * t.mean(0)
+    corrected = gain * mean_translated + offset  # (I,R,3)
+    region_mean = (mean_source * present[..., None]).sum(0) / present.sum(0).clamp(min=1)[:, None]  # (R,3)
+    spread = (((mean_source - region_mean) ** 2).sum(-1) * present).sum(0) / present.sum(0).clamp(min=1)
+    spread = spread.sqrt().clamp(min=1e-6)  # (R,)
+    z2 = ((corrected - mean_source) ** 2).sum(-1) / spread**2  # (I,R)
+    drift = ((z2 * present).sum(1) / present.sum(1).clamp(min=1)).sqrt()
+    # identification: corrected translation of i against the source colours of every j, over shared regions
+    shared = present[:, None, :] & present[None, :, :]
+    pair = ((corrected[:, None] - mean_source[None]) ** 2).sum(-1) / spread**2  # (I,J,R)
+    distance = (pair * shared).sum(-1) / shared.sum(-1).clamp(min=1)
+    distance = torch.where(shared.any(-1), distance, torch.inf)
+    kept = (distance.argmin(1) == torch.arange(len(identities))).double()
+    result = {"identity_drift": drift.mean().item(), "identity_kept": kept.mean().item()}
+    for r, name in enumerate(BODY_BANDS):
+        rows = present[:, r]
+        result[f"drift_{name}"] = z2[rows, r].mean().sqrt().item() if rows.any() else float("nan")
+    result["identities"] = len(identities)
+    return result
+
+
+def identity_fidelity(source01: torch.Tensor, translated01: torch.Tensor, pids: torch.Tensor) -> dict[str, float]:
+    """fidelity_from_region_colours of [0, 1] source crops (flat backgrounds) and their pixel-aligned
+    translations (a CycleGAN's are), with the regions found on the source crops (person_masks, BODY_BANDS). A
+    translation that moves or re-frames the person (e.g. the benchmark's perfect-translator control) reads other
+    pixels and cannot be scored this way."""
+    weights = body_region_weights(person_masks(source01.float()))
+    source, valid = region_colours(source01, weights)
+    translated, _ = region_colours(translated01, weights)
+    return fidelity_from_region_colours(source, translated, valid, pids)
+
+
+def image_statistics(images01: torch.Tensor) -> torch.Tensor:
+    """(N,9) low-level statistics of [0, 1] images, what a camera's style changes: per-channel mean and standard
+    deviation, mean saturation (max - min channel), and the mean absolute horizontal gradient and Laplacian of
+    the grey image (sharpness, blur, noise)."""
+    images01 = images01.double()
+    grey = images01.mean(1)
+    laplacian = (
+        4 * grey[:, 1:-1, 1:-1] - grey[:, :-2, 1:-1] - grey[:, 2:, 1:-1] - grey[:, 1:-1, :-2] - grey[:, 1:-1, 2:]
+    )
+    return torch.cat(
+        [
+            images01.mean((2, 3)),
+            images01.std((2, 3)),
+            (images01.amax(1) - images01.amin(1)).mean((1, 2))[:, None],
+            (grey[:, :, 1:] - grey[:, :, :-1]).abs().mean((1, 2))[:, None],
+            laplacian.abs().mean((1, 2))[:, None],
+        ],
+        1,
+    )
+
+
+def style_gap(source01: torch.Tensor, translated01: torch.Tensor, target01: torch.Tensor) -> float:
+    """How much of the source-target difference in image_statistics the translation leaves: with every
+    statistic scaled by its standard deviation over the source and target images, |mean(translated) -
+    mean(target)| / |mean(source) - mean(target)|; 1 = the source's look (e.g. the identity map), 0 = the
+    target's. Read beside identity_fidelity: the identity map keeps every identity and translates nothing."""
+    source, translated, target = (image_statistics(x) for x in (source01, translated01, target01))
+    scale = torch.cat([source, target]).std(0).clamp(min=1e-8)
+    source_mean, translated_mean, target_mean = (x.mean(0) / scale for x in (source, translated, target))
+    return ((translated_mean - target_mean).norm() / (source_mean - target_mean).norm().clamp(min=1e-12)).item()
+
+
+def fidelity_items(items: Sequence[tuple], per_identity: int = 2, max_images: int = 256) -> list[tuple]:
+    """A fixed probe set: the first `per_identity` images (sorted by path) of each identity, at most
+    `max_images` in all."""
+    by_pid: dict[int, list[tuple]] = {}
+    for item in sorted(items):
+        by_pid.setdefault(item[1], []).append(item)
+    chosen = [item for pid in sorted(by_pid) for item in by_pid[pid][:per_identity]]
+    return chosen[:max_images]
+
+
+def translation_fidelity(
+    source01: torch.Tensor, translated01: torch.Tensor, pids: torch.Tensor, target01: torch.Tensor | None = None
+) -> dict[str, float]:
+    """identity_fidelity of [0, 1] source images and their translations, and the style_gap to [0, 1] target images
+    when there are any."""
+    result = identity_fidelity(source01, translated01, pids)
+    if target01 is not None:
+        result["style_gap"] = style_gap(source01, translated01, target01)
     return result
 
 

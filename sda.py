@@ -13,8 +13,8 @@ what stage II (``pretrain.py -ds personx_sda``) trains on.
     python sda.py translate --checkpoint logs/sda/checkpoint.pth --data-root DATA --out DATA
     python sda.py train --preset demo ...       # small generator and images: minutes on 2 CPU cores
 
-Read top to bottom: networks, losses, image pool, encoders, one training iteration, the training loop, the
-translation command, the command line.
+Read top to bottom: networks, losses, image pool, encoders, one training iteration, the training loop (its
+translations scored by reid.translation_fidelity), the translate and fidelity commands, the command line.
 
 Image space (as in the official release): every image tensor here is ImageNet-normalised, what the re-ID encoders
 consume. The generators end with Sigmoid (a [0, 1] image) followed by that normalisation, so their outputs feed the
@@ -40,7 +40,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 
 import reid
@@ -54,20 +53,6 @@ ARCHITECTURE_KEYS = ("ngf", "ndf", "n_blocks", "input_skip", "d_layers", "height
 
 
 # ---- Networks
-
-
-def normalise_imagenet(images01: torch.Tensor) -> torch.Tensor:
-    """[0, 1] images (N,3,H,W) -> ImageNet-normalised images."""
-    mean = images01.new_tensor(reid.IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = images01.new_tensor(reid.IMAGENET_STD).view(1, 3, 1, 1)
-    return (images01 - mean) / std
-
-
-def denormalise_imagenet(images: torch.Tensor) -> torch.Tensor:
-    """ImageNet-normalised images -> [0, 1] images (clamped)."""
-    mean = images.new_tensor(reid.IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = images.new_tensor(reid.IMAGENET_STD).view(1, 3, 1, 1)
-    return (images * std + mean).clamp(0.0, 1.0)
 
 
 class ResidualBlock(nn.Module):
@@ -90,16 +75,15 @@ class ResidualBlock(nn.Module):
 
 
 class ResnetGenerator(nn.Module):
-    """CycleGAN ResNet generator: c7s1-ngf, two stride-2 downsamplings, n residual blocks at 4*ngf channels,
-    two transposed-conv upsamplings, c7s1-3. InstanceNorm without affine parameters or running statistics (so
-    the conv biases stay on), reflection padding, no dropout. Input and output are ImageNet-normalised (module
-    docstring); H and W must be multiples of 4 for the output to have the input's size.
+    """CycleGAN ResNet generator: c7s1-ngf, two stride-2 downsamplings, n residual blocks at 4*ngf channels, two
+    transposed-conv upsamplings, c7s1-3. InstanceNorm without affine parameters or running statistics (so the conv
+    biases stay on), reflection padding, no dropout. Input and output are ImageNet-normalised (module docstring); H
+    and W must be multiples of 4 for the output to have the input's size.
 
-    input_skip (not in the release): the network predicts a change of the input instead of a whole new image,
-    output = sigmoid(logit(input) + net(input)) in [0, 1] pixel space, and start_as_identity() zeroes the last
-    convolution so that training starts from the identity map. A translation then has to be learnt as an
-    edit of the person's own colours; the release's generator starts from a grey image and, with a budget of a
-    few hundred steps, never gets back to the source colours (measured with identity_fidelity)."""
+    input_skip (not in the release): the network predicts a change of the input, output = sigmoid(logit(input) +
+    net(input)) in [0, 1] pixel space, and start_as_identity() zeroes the last convolution so that training starts
+    from the identity map: a translation is learnt as an edit of the person's own colours. The release's generator
+    starts from a grey image and, in a few hundred steps, never gets back to the source colours (identity_fidelity)."""
 
     def __init__(self, ngf: int = 64, n_blocks: int = 9, input_skip: bool = False):
         super().__init__()
@@ -128,9 +112,9 @@ class ResnetGenerator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_skip:
-            return normalise_imagenet(self.net(x))
-        pixels = denormalise_imagenet(x.float()).clamp(1e-3, 1 - 1e-3)
-        return normalise_imagenet(torch.sigmoid(torch.logit(pixels) + self.net(x).float()))
+            return reid.normalise_imagenet(self.net(x))
+        pixels = reid.denormalise_imagenet(x.float()).clamp(1e-3, 1 - 1e-3)
+        return reid.normalise_imagenet(torch.sigmoid(torch.logit(pixels) + self.net(x).float()))
 
     def start_as_identity(self) -> None:
         """With input_skip: zero the last convolution, so the generator starts as the identity map."""
@@ -140,11 +124,10 @@ class ResnetGenerator(nn.Module):
             nn.init.zeros_(last.bias)
 
 
-# The release's PatchGAN (3 layers) scores 70x70-pixel patches of 384x128 images: each score sees 55 % of the
-# image width, so it judges local texture and colour, not the whole person. At the demo's 96x48 the same
-# discriminator would see 146 % of the width and judge whole images, which pushes the generator towards global
-# recolouring (identity changes). The depth is therefore scaled with the image: the deepest PatchGAN whose
-# receptive field is at most this share of the width (128 -> 3 layers, 70 px; 64 -> 2, 34 px; 48 -> 1, 16 px).
+# The release's PatchGAN (3 layers) scores 70x70-pixel patches of 384x128 images: each score sees 55 % of the image
+# width, so it judges local texture and colour, not the whole person. At the demo's 96x48 it would see 146 % of the
+# width and judge whole images, pushing the generator towards global recolouring (identity changes). So the depth
+# follows the image: the deepest PatchGAN seeing at most this share of the width (128 -> 3 layers, 70 px; 48 -> 1, 16).
 RELEASE_RECEPTIVE_FIELD_SHARE = 70 / 128
 
 
@@ -165,10 +148,9 @@ def discriminator_layers_for(width: int, max_layers: int = 5) -> int:
 
 
 class PatchDiscriminator(nn.Module):
-    """PatchGAN discriminator ("basic"): C64 (no norm) stride 2, then n_layers - 1 more stride-2 layers and one
-    stride-1 layer doubling the width up to 8 x ndf, then a 1-channel stride-1 conv; 4x4 kernels, padding 1,
-    InstanceNorm without affine, LeakyReLU 0.2. With the release's 3 layers a 384x128 input gives a 46x14 map of
-    real/fake scores, each seeing a 70x70 patch (patch_receptive_field)."""
+    """PatchGAN discriminator ("basic"): C64 (no norm) stride 2, then n_layers - 1 more stride-2 layers and one stride-1
+    layer doubling the width up to 8 x ndf, then a 1-channel stride-1 conv; 4x4 kernels, padding 1, InstanceNorm
+    without affine, LeakyReLU 0.2. With 3 layers a 384x128 input gives 46x14 scores, each seeing a 70x70 patch."""
 
     def __init__(self, ndf: int = 64, n_layers: int = 3):
         super().__init__()
@@ -200,10 +182,9 @@ def init_weights_normal(module: nn.Module, std: float = 0.02) -> None:
 
 
 class Generators(nn.Module):
-    """Both generators in one module, so one forward + one backward per step (what DDP wants).
-
-    Every generator call is per sample (convolutions and InstanceNorm never mix samples), so stacking the
-    source and target batches into one call gives exactly the outputs of separate calls, only faster."""
+    """Both generators in one module, so one forward + one backward per step (what DDP wants). Every generator call
+    is per sample (convolutions and InstanceNorm never mix samples): stacking the source and target batches into one
+    call gives exactly the outputs of separate calls, only faster."""
 
     def __init__(self, ngf: int, n_blocks: int, input_skip: bool = False):
         super().__init__()
@@ -230,16 +211,14 @@ class Generators(nn.Module):
             "cycled_target": self.source_to_target(fake_source),
         }
         if with_identity:
-            result["identity_target"] = identity_target
-            result["identity_source"] = identity_source
+            result.update(identity_target=identity_target, identity_source=identity_source)
         return result
 
 
 class Discriminators(nn.Module):
-    """D_target (real target vs translated source) and D_source (real source vs translated target).
-
-    forward() is the discriminator step's objective: 0.5 * [LSGAN(D(real), 1) + LSGAN(D(fake), 0)] for each,
-    with real and fake stacked into one call (per-sample InstanceNorm makes that exact)."""
+    """D_target (real target vs translated source) and D_source (real source vs translated target). forward() is the
+    discriminator step's objective: 0.5 * [LSGAN(D(real), 1) + LSGAN(D(fake), 0)] for each, with real and fake
+    stacked into one call (per-sample InstanceNorm makes that exact)."""
 
     def __init__(self, ndf: int, n_layers: int = 3):
         super().__init__()
@@ -273,21 +252,18 @@ def discriminator_loss(discriminator: nn.Module, real: torch.Tensor, fake: torch
 def relation_consistency_loss(
     translated_features: torch.Tensor, source_features: torch.Tensor, source_pids: torch.Tensor
 ) -> torch.Tensor:
-    """SDA relation consistency (release form, docs/differences.md#sda): for each anchor, mine the hardest positive and
-    hardest negative by source identity on the *translated* features, then soft cross-entropy between the
-    2-way softmax over (d_ap, d_an) of the source features (target, detached) and of the translated features
-    (prediction), at the same index pairs, Euclidean distances on un-normalised features. This is exactly
-    reid.soft_triplet_loss(features, labels, reference_features). Its minimum over the translated
-    features is the entropy of the source relations (not 0), reached when the translation reproduces the
-    source relations."""
+    """SDA relation consistency (release form, docs/differences.md#sda): per anchor, the hardest positive and negative
+    by source identity, mined on the *translated* features; soft cross-entropy between the 2-way softmax over (d_ap,
+    d_an) of the source features (target, detached) and of the translated features at the same pairs, Euclidean
+    distances on un-normalised features: reid.soft_triplet_loss(features, labels, reference_features). Its minimum is
+    the entropy of the source relations (not 0), reached when the translation reproduces them."""
     return reid.soft_triplet_loss(translated_features.float(), source_pids, source_features.float().detach())
 
 
 class ImagePool:
-    """History of generated images (Shrivastava et al. 2017, as in CycleGAN), one decision per image: while
-    fewer than `size` images are stored, store the new image and return it; afterwards, with probability 0.5
-    return a randomly chosen stored image and put the new one in its place, otherwise return the new image.
-    size 0 = off."""
+    """History of generated images (Shrivastava et al. 2017, as in CycleGAN), one decision per image: while fewer than
+    `size` images are stored, store the new image and return it; afterwards, with probability 0.5 return a randomly
+    chosen stored image and put the new one in its place, otherwise return the new image. size 0 = off."""
 
     def __init__(self, size: int = 50, seed: int = 0):
         self.size = size
@@ -315,24 +291,21 @@ class ImagePool:
         return {"size": self.size, "images": [t.cpu() for t in self.images], "rng": self.rng.getstate()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.size = state["size"]
-        self.images = list(state["images"])
+        self.size, self.images = state["size"], list(state["images"])
         self.rng.setstate(state["rng"])
 
 
 def linear_decay_multiplier(epoch: int, epochs_constant: int, epochs_decay: int) -> float:
-    """Learning-rate multiplier for 0-based `epoch`, stepped at the end of each epoch (the release's CycleGAN
-    policy): 1 - max(0, epoch + 1 - epochs_constant) / (epochs_decay + 1). With 50 + 50 epochs it is 1 up to
-    epoch 49, then decays linearly to 1/51 at epoch 99 (the technical report writes (epoch - 50)/50; we keep
-    the code's formula, which is what produced the reported numbers)."""
+    """Learning-rate multiplier for 0-based `epoch`, stepped at the end of each epoch (the release's CycleGAN policy):
+    1 - max(0, epoch + 1 - epochs_constant) / (epochs_decay + 1), with 50 + 50 epochs 1 up to epoch 49, then down to
+    1/51 at epoch 99 (the technical report writes (epoch - 50)/50; the code's formula produced the reported numbers)."""
     return 1.0 - max(0, epoch + 1 - epochs_constant) / float(epochs_decay + 1)
 
 
 # ---- Re-ID encoders for the relation term
 
 
-# Encoder files: re-ID models of pretrain.py / mmt_plus.py, or a bare state dict of one (with --arch).
-ENCODER_KINDS = ("weights", *reid.REID_MODEL_KINDS)
+ENCODER_KINDS = ("weights", *reid.REID_MODEL_KINDS)  # pretrain.py / mmt_plus.py models, or a bare state dict (--arch)
 
 
 def classifier_weight(state: dict, shape: torch.Size) -> torch.Tensor | None:
@@ -344,12 +317,11 @@ def classifier_weight(state: dict, shape: torch.Size) -> torch.Tensor | None:
 def build_relation_encoders(
     source_path: str | Path, target_path: str | Path | None, arch: str | None, online: bool, num_source_pids: int
 ) -> tuple[nn.Module, nn.Module]:
-    """(E_s, E_t) of the relation term. E_s: the source checkpoint, frozen (it measures the relations among the
-    raw source images). E_t: the target checkpoint (a model adapted to the target domain without labels, e.g.
-    mmt_plus.py's model_best.pth), or E_s's weights when there is none; frozen, or with `online` trainable with
-    BatchNorm on its running statistics and a source-identity classifier for its own re-ID loss: the target
-    checkpoint's if its shape fits, else the source encoder's (trained on the same identities), else
-    reid.build_model's fresh initialisation."""
+    """(E_s, E_t) of the relation term. E_s: the source checkpoint, frozen (it measures the relations among the raw
+    source images). E_t: the target checkpoint (a model adapted to the target domain without labels, e.g. mmt_plus.py's
+    model_best.pth), or E_s's weights when there is none; frozen, or with `online` trainable with BatchNorm on its
+    running statistics and a source-identity classifier for its own re-ID loss: the target checkpoint's if its shape
+    fits, else the source encoder's (trained on the same identities), else reid.build_model's fresh initialisation."""
     source_encoder, source_checkpoint = reid.load_model(source_path, ENCODER_KINDS, arch, what="--source-encoder")
     source_encoder = freeze(source_encoder)
     target_flag = "--target-encoder" if target_path else "--source-encoder"
@@ -369,10 +341,7 @@ def build_relation_encoders(
 
 def freeze(model: nn.Module) -> nn.Module:
     """Eval mode (BN running statistics) and no parameter gradients; inputs can still receive gradients."""
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+    return model.eval().requires_grad_(False)
 
 
 def set_batchnorm_eval(model: nn.Module) -> None:
@@ -440,151 +409,14 @@ def set_requires_grad(parameters: Iterable[nn.Parameter], flag: bool) -> None:
         p.requires_grad_(flag)
 
 
-# ---- Identity fidelity: does the translation keep each person's colours?
-
-# Body bands as fractions of the person's height (top of the head = 0, soles = 1), following the proportions
-# of a standing pedestrian: head and hair (or cap), upper torso (clothing, backpack, straps), lower torso and
-# waist (two-tone tops, shoulder bags, handbags), legs (trousers, skirt, shorts).
-BODY_BANDS = {"head": (0.0, 0.13), "upper": (0.17, 0.35), "middle": (0.35, 0.53), "legs": (0.56, 0.92)}
-MIN_REGION_PIXELS = 4
-
-
-def person_masks(images01: torch.Tensor, tolerance: float = 0.12) -> torch.Tensor:
-    """(N,H,W) foreground of source crops on flat backgrounds: in every row the background is the colour of the
-    row's two outermost pixels on each side, and a pixel belongs to the person when some channel differs by
-    more than `tolerance` (in [0, 1]) from both the left and the right background colour."""
-    left = images01[..., :2].mean(-1, keepdim=True)
-    right = images01[..., -2:].mean(-1, keepdim=True)
-    return torch.minimum((images01 - left).abs().amax(1), (images01 - right).abs().amax(1)) > tolerance
-
-
-def body_region_weights(masks: torch.Tensor) -> torch.Tensor:
-    """(N,R,H,W) 0/1 weights of the BODY_BANDS regions: the person's pixels in each band of rows between the
-    first and the last row holding at least two person pixels."""
-    n, height, _ = masks.shape
-    rows = masks.sum(-1) >= 2  # (N,H)
-    row_index = torch.arange(height, device=masks.device).expand(n, height)
-    top = torch.where(rows, row_index, height).amin(1, keepdim=True)
-    bottom = torch.where(rows, row_index, -1).amax(1, keepdim=True)
-    fraction = (row_index - top + 0.5) / (bottom - top + 1).clamp(min=1)  # (N,H), centre of each row
-    bands = torch.stack([(fraction >= f0) & (fraction < f1) & rows for f0, f1 in BODY_BANDS.values()], 1)
-    return (bands[..., None] & masks[:, None]).float()
-
-
-def region_colours(images01: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean colour (N,R,3) of each region and whether it has at least MIN_REGION_PIXELS pixels (N,R)."""
-    counts = weights.sum((2, 3))
-    sums = torch.einsum("nchw,nrhw->nrc", images01.double(), weights.double())
-    return sums / counts.clamp(min=1)[..., None].double(), counts >= MIN_REGION_PIXELS
-
-
-def fidelity_from_region_colours(
-    source: torch.Tensor, translated: torch.Tensor, valid: torch.Tensor, pids: torch.Tensor
-) -> dict[str, float]:
-    """How far a translation moves each identity's region colours, relative to the spread between identities.
-
-    source/translated: (N,R,3) region colours of N images, valid (N,R), pids (N). Per identity i and region r,
-    S[i,r] and T[i,r] average the images of i where r is valid. A translation may change the style of the whole
-    domain, so the translated colours are first mapped back by the best camera-like correction, one gain and
-    offset per channel fitted over all (i, r) by least squares (S ~ a T + b); a global colour cast, exposure or
-    contrast change is undone exactly, a change that differs between identities (a red top turning yellow while
-    a blue one stays blue) is not. Then
-        z[i,r]   = |a T[i,r] + b - S[i,r]| / spread[r],  spread[r] = RMS over identities of |S[i,r] - mean_i S[i,r]|
-        drift[i] = sqrt(mean_r z[i,r]^2)        (0: colours kept; about 1: as far as another person's colours)
-    Returns identity_drift = mean_i drift[i], identity_kept = the share of identities whose corrected translated
-    colours are closest to their own source colours (mean over shared regions of z-scaled squared distances),
-    drift_<region> = RMS over identities of z[:, r], and the number of identities."""
-    identities = torch.unique(pids)
-    weights = (pids[None, :] == identities[:, None]).double()[:, :, None] * valid.double()[None]  # (I,N,R)
-    count = weights.sum(1)  # (I,R)
-    present = count > 0
-    mean_source = torch.einsum("inr,nrc->irc", weights, source.double()) / count.clamp(min=1)[..., None]
-    mean_translated = torch.einsum("inr,nrc->irc", weights, translated.double()) / count.clamp(min=1)[..., None]
-    s, t = mean_source[present], mean_translated[present]  # (M,3)
-    t_centred, s_centred = t - t.mean(0), s - s.mean(0)
-    gain = (t_centred * s_centred).sum(0) / (t_centred**2).sum(0).clamp(min=1e-12)
-    offset = s.mean(0) - gain * t.mean(0)
-    corrected = gain * mean_translated + offset  # (I,R,3)
-    region_mean = (mean_source * present[..., None]).sum(0) / present.sum(0).clamp(min=1)[:, None]  # (R,3)
-    spread = (((mean_source - region_mean) ** 2).sum(-1) * present).sum(0) / present.sum(0).clamp(min=1)
-    spread = spread.sqrt().clamp(min=1e-6)  # (R,)
-    z2 = ((corrected - mean_source) ** 2).sum(-1) / spread**2  # (I,R)
-    drift = ((z2 * present).sum(1) / present.sum(1).clamp(min=1)).sqrt()
-    # identification: corrected translation of i against the source colours of every j, over shared regions
-    shared = present[:, None, :] & present[None, :, :]
-    pair = ((corrected[:, None] - mean_source[None]) ** 2).sum(-1) / spread**2  # (I,J,R)
-    distance = (pair * shared).sum(-1) / shared.sum(-1).clamp(min=1)
-    distance = torch.where(shared.any(-1), distance, torch.inf)
-    kept = (distance.argmin(1) == torch.arange(len(identities))).double()
-    result = {"identity_drift": drift.mean().item(), "identity_kept": kept.mean().item()}
-    for r, name in enumerate(BODY_BANDS):
-        rows = present[:, r]
-        result[f"drift_{name}"] = z2[rows, r].mean().sqrt().item() if rows.any() else float("nan")
-    result["identities"] = len(identities)
-    return result
-
-
-def identity_fidelity(source01: torch.Tensor, translated01: torch.Tensor, pids: torch.Tensor) -> dict[str, float]:
-    """fidelity_from_region_colours of [0, 1] source crops (flat backgrounds) and their pixel-aligned
-    translations (a CycleGAN's are), with the regions found on the source crops (person_masks, BODY_BANDS). A
-    translation that moves or re-frames the person (e.g. the benchmark's perfect-translator control) reads other
-    pixels and cannot be scored this way."""
-    weights = body_region_weights(person_masks(source01.float()))
-    source, valid = region_colours(source01, weights)
-    translated, _ = region_colours(translated01, weights)
-    return fidelity_from_region_colours(source, translated, valid, pids)
-
-
 @torch.no_grad()
 def translate_images(generator: nn.Module, images: torch.Tensor, autocast=nullcontext, batch: int = 64) -> torch.Tensor:
     """[0, 1] translations of ImageNet-normalised images, in batches."""
     outputs = []
     for start in range(0, len(images), batch):
         with autocast():
-            outputs.append(denormalise_imagenet(generator(images[start : start + batch]).float()))
+            outputs.append(reid.denormalise_imagenet(generator(images[start : start + batch]).float()))
     return torch.cat(outputs)
-
-
-def image_statistics(images01: torch.Tensor) -> torch.Tensor:
-    """(N,9) low-level statistics of [0, 1] images, what a camera's style changes: per-channel mean and standard
-    deviation, mean saturation (max - min channel), and the mean absolute horizontal gradient and Laplacian of
-    the grey image (sharpness, blur, noise)."""
-    images01 = images01.double()
-    grey = images01.mean(1)
-    laplacian = (
-        4 * grey[:, 1:-1, 1:-1] - grey[:, :-2, 1:-1] - grey[:, 2:, 1:-1] - grey[:, 1:-1, :-2] - grey[:, 1:-1, 2:]
-    )
-    return torch.cat(
-        [
-            images01.mean((2, 3)),
-            images01.std((2, 3)),
-            (images01.amax(1) - images01.amin(1)).mean((1, 2))[:, None],
-            (grey[:, :, 1:] - grey[:, :, :-1]).abs().mean((1, 2))[:, None],
-            laplacian.abs().mean((1, 2))[:, None],
-        ],
-        1,
-    )
-
-
-def style_gap(source01: torch.Tensor, translated01: torch.Tensor, target01: torch.Tensor) -> float:
-    """How much of the source-target difference in image_statistics the translation leaves: with every
-    statistic scaled by its standard deviation over the source and target images, |mean(translated) -
-    mean(target)| / |mean(source) - mean(target)|; 1 = the source's look (e.g. the identity map), 0 = the
-    target's. Read beside identity_fidelity: the identity map keeps every identity and translates nothing."""
-    source, translated, target = (image_statistics(x) for x in (source01, translated01, target01))
-    scale = torch.cat([source, target]).std(0).clamp(min=1e-8)
-    source_mean, translated_mean, target_mean = (x.mean(0) / scale for x in (source, translated, target))
-    return ((translated_mean - target_mean).norm() / (source_mean - target_mean).norm().clamp(min=1e-12)).item()
-
-
-def fidelity_items(items: Sequence[tuple], per_identity: int = 2, max_images: int = 256) -> list[tuple]:
-    """A fixed probe set: the first `per_identity` images (sorted by path) of each identity, at most
-    `max_images` in all."""
-    by_pid: dict[int, list[tuple]] = {}
-    for item in sorted(items):
-        by_pid.setdefault(item[1], []).append(item)
-    chosen = [item for pid in sorted(by_pid) for item in by_pid[pid][:per_identity]]
-    return chosen[:max_images]
 
 
 # ---- Training
@@ -602,9 +434,8 @@ def check_image_size(height: int, width: int, d_layers: int = 3) -> None:
 
 
 def save_sample_grid(path: Path, source: torch.Tensor, translated: torch.Tensor, cycled: torch.Tensor) -> None:
-    """PNG grid: top row source images, middle row their translations, bottom row the cycled
-    reconstructions."""
-    rows = [denormalise_imagenet(t.detach().float().cpu()) for t in (source, translated, cycled)]
+    """PNG grid: top row source images, middle row their translations, bottom row the cycled reconstructions."""
+    rows = [reid.denormalise_imagenet(t.detach().float().cpu()) for t in (source, translated, cycled)]
     grid = make_grid(torch.cat(rows), nrow=len(source), padding=2, pad_value=1.0)
     reid.atomic_write(path, lambda temporary: save_image(grid, temporary, format="png"))
 
@@ -621,8 +452,7 @@ def train(args: argparse.Namespace) -> None:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of --num-instances {args.num_instances}")
     if args.lambda_relation > 0 and not args.source_encoder:
         raise ValueError(
-            "--source-encoder is required for the relation-consistency term "
-            "(or pass --lambda-relation 0 for a plain CycleGAN)"
+            "--source-encoder is required for the relation-consistency term (--lambda-relation 0: CycleGAN)"
         )
     for flag, path in (("--source-encoder", args.source_encoder), ("--target-encoder", args.target_encoder)):
         if path and not Path(path).is_file():
@@ -646,35 +476,26 @@ def train(args: argparse.Namespace) -> None:
     source, target = datasets.source, reid.ReIDData(args.target, train=datasets.target)
     if len(target.train) < args.batch_size:
         raise ValueError(f"--batch-size {args.batch_size} exceeds the {len(target.train)} target training images")
-    # SDA pipeline (docs/differences.md#image-pipelines): resize, flip, pad (10 px at width 128), crop, normalise;
-    # no AutoAugment or erasing.
+    # SDA pipeline (docs/differences.md#image-pipelines): resize, flip, pad, crop, normalise; no AutoAugment or erasing
     transform = reid.build_train_transform(args.height, args.width, autoaugment=False, random_erasing=False)
-    # Samplers from reid.py: deterministic per (seed, epoch), sharded across DDP ranks, exactly
-    # iters x batch samples per rank and epoch, with per-sample augmentation seeds, so that a resumed run sees
-    # the same images as an uninterrupted one. The release shuffles images inside each P x K batch; every op
-    # here is per sample and mining uses the labels, so the order inside a batch cannot matter.
-    samples_per_epoch = args.iters * per_process_batch
-    source_sampler = reid.RandomIdentitySampler(
-        source.train, args.num_instances, args.seed, num_samples=samples_per_epoch, seed_samples=True
-    )
-    target_sampler = reid.SeededRandomSampler(
-        len(target.train), args.seed + 1000, num_samples=samples_per_epoch, seed_samples=True
-    )
+    # reid.py's samplers: a resumed run sees the same images and augmentations as an uninterrupted one. The release
+    # shuffles images inside each P x K batch; every op here is per sample and mining uses the labels, so the order
+    # inside a batch cannot matter.
+    stream = dict(num_samples=args.iters * per_process_batch, seed_samples=True)  # per process and epoch
+    source_sampler = reid.RandomIdentitySampler(source.train, args.num_instances, args.seed, **stream)
+    target_sampler = reid.SeededRandomSampler(len(target.train), args.seed + 1000, **stream)
     # not persistent: a new iterator per epoch picks up the sampler's new epoch
     source_dataset = reid.ImageDataset(source.train, transform, args.skip_bad_images)
     target_dataset = reid.ImageDataset(target.train, transform, args.skip_bad_images)
     source_loader = reid.make_loader(source_dataset, source_sampler, per_process_batch, args.workers, persistent=False)
     target_loader = reid.make_loader(target_dataset, target_sampler, per_process_batch, args.workers, persistent=False)
-    # Identity-fidelity probe (identity_fidelity): two un-augmented crops of every source identity, translated at
-    # every sample grid; the score goes into the log and beside the grid.
-    probe = fidelity_items(source.train)
-    probe_set = reid.ImageDataset(probe, reid.build_test_transform(args.height, args.width))
-    probe_images = torch.stack([probe_set[i][0] for i in range(len(probe))]).to(device)
+    # fidelity probe: two un-augmented crops of every source identity, scored at every sample grid (log, JSON beside)
+    probe = reid.fidelity_items(source.train)
+    probe_images = reid.load_test_images(probe, args.height, args.width).to(device)
     probe_pids = torch.tensor([item[1] for item in probe])
-    probe01 = denormalise_imagenet(probe_images).cpu()
+    probe01 = reid.denormalise_imagenet(probe_images).cpu()
     target_probe = sorted(target.train)[:: max(1, len(target.train) // len(probe))][: len(probe)]
-    target_probe_set = reid.ImageDataset(target_probe, reid.build_test_transform(args.height, args.width))
-    probe_target01 = denormalise_imagenet(torch.stack([target_probe_set[i][0] for i in range(len(target_probe))]))
+    probe_target01 = reid.denormalise_imagenet(reid.load_test_images(target_probe, args.height, args.width))
 
     # ---- networks
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -739,9 +560,7 @@ def train(args: argparse.Namespace) -> None:
             print(f"resumed {checkpoint_path} at epoch {start_epoch} iteration {start_iteration}")
 
     generators_ddp, discriminators_ddp = reid.wrap_ddp(generators, device), reid.wrap_ddp(discriminators, device)
-    target_encoder_ddp = target_encoder
-    if optimizer_reid is not None:
-        target_encoder_ddp = reid.wrap_ddp(target_encoder, device)
+    target_encoder_ddp = reid.wrap_ddp(target_encoder, device) if optimizer_reid is not None else target_encoder
 
     def save(epoch: int, iteration: int) -> None:
         state = {
@@ -765,9 +584,8 @@ def train(args: argparse.Namespace) -> None:
         # Learning rate set from the epoch alone (no scheduler state), so a resumed run with a changed
         # schedule gets the right rate immediately.
         lr = args.lr * linear_decay_multiplier(epoch, args.epochs_constant, args.epochs_decay)
-        for optimizer in (optimizer_g, optimizer_d):
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+        for group in (*optimizer_g.param_groups, *optimizer_d.param_groups):
+            group["lr"] = lr
         skip = start_iteration * per_process_batch
         source_sampler.set_epoch(epoch, skip)
         target_sampler.set_epoch(epoch, skip)
@@ -831,13 +649,8 @@ def train(args: argparse.Namespace) -> None:
 
             global_step += 1
             if main_process:
-                terms.update(
-                    epoch=epoch,
-                    iteration=iteration,
-                    step=global_step,
-                    lr=optimizer_g.param_groups[0]["lr"],
-                    seconds=time.perf_counter() - tic,
-                )
+                terms.update(epoch=epoch, iteration=iteration, step=global_step, lr=optimizer_g.param_groups[0]["lr"])
+                terms["seconds"] = time.perf_counter() - tic
                 last_iteration = iteration == args.iters - 1
                 if (args.sample_every and global_step % args.sample_every == 0) or last_iteration:
                     n = min(args.sample_count, len(real_source))
@@ -847,8 +660,7 @@ def train(args: argparse.Namespace) -> None:
                     )
                     generator = reid.unwrap_ddp(generators).source_to_target
                     translated01 = translate_images(generator, probe_images, autocast)
-                    fidelity = identity_fidelity(probe01, translated01.cpu(), probe_pids)
-                    fidelity["style_gap"] = style_gap(probe01, translated01.cpu(), probe_target01)
+                    fidelity = reid.translation_fidelity(probe01, translated01.cpu(), probe_pids, probe_target01)
                     terms.update({f"fidelity_{k}": v for k, v in fidelity.items()})
                     reid.atomic_write_json(
                         sample_path.with_suffix(".json"), {"step": global_step, **fidelity}, indent=1
@@ -920,8 +732,7 @@ def translate(args: argparse.Namespace) -> None:
     destination_of = {item[0]: destination for item, destination in zip(items, destinations, strict=True)}
     for folder in sorted({d.parent for d in destinations}):
         folder.mkdir(parents=True, exist_ok=True)
-        for leftover in folder.glob(".*.tmp*"):  # temp files of an interrupted run
-            leftover.unlink()
+        reid.remove_stale_temporaries(folder)  # of an interrupted run
     # Resumable: every output file is complete (temp name, then rename), so existing ones are simply skipped.
     todo = [item for item in items if not destination_of[item[0]].exists()]
     print(f"translate: {len(items)} source images, {len(items) - len(todo)} already done, writing to {out_dir}")
@@ -939,18 +750,13 @@ def translate(args: argparse.Namespace) -> None:
 def write_translations(generator, architecture: dict, todo, destination_of: dict, device, args) -> None:
     # The generator runs at its training resolution; the result is resized back to the source image's own
     # size.
-    loader = DataLoader(
-        reid.ImageDataset(todo, reid.build_test_transform(architecture["height"], architecture["width"])),
-        batch_size=args.batch_size,
-        shuffle=False,
-        num_workers=args.workers,
-    )
+    loader = reid.make_test_loader(todo, architecture["height"], architecture["width"], args.batch_size, args.workers)
     autocast = reid.autocast_context(device, args.amp)
     with reid.progress(total=len(todo), desc="translate") as progress:
         for images, _, _, indices in loader:
             with autocast:
                 translated = generator(images.to(device))
-            pixels = (denormalise_imagenet(translated.float()) * 255).round().to(torch.uint8).cpu()
+            pixels = (reid.denormalise_imagenet(translated.float()) * 255).round().to(torch.uint8).cpu()
             for image, index in zip(pixels, indices.tolist(), strict=True):
                 source_path = todo[index][0]
                 with Image.open(source_path) as original:
@@ -979,17 +785,14 @@ def measure_fidelity(args: argparse.Namespace) -> dict:
         raise FileNotFoundError(f"--translated {translated_dir}: {len(missing)} source images have no translation, "
                                 f"e.g. {Path(missing[0]).name}")  # fmt: skip
     translated_items = [(str(translated_dir / Path(path).name), pid, cam) for path, pid, cam in items]
-    transform = reid.build_test_transform(args.height, args.width)
-    source01, translated01 = [
-        denormalise_imagenet(torch.stack([reid.ImageDataset(chosen, transform)[i][0] for i in range(len(chosen))]))
-        for chosen in (items, translated_items)
+    # [0, 1] images at one size; the style gap's target images: none with --target none
+    source01, translated01, target01 = [
+        reid.denormalise_imagenet(reid.load_test_images(chosen, args.height, args.width)) if chosen else None
+        for chosen in (items, translated_items, datasets.target)
     ]
-    result = identity_fidelity(source01, translated01, torch.tensor([pid for _, pid, _ in items]))
-    target_items = datasets.target  # the style gap's target images; none with --target none
-    if target_items:
-        target01 = torch.stack([reid.ImageDataset(target_items, transform)[i][0] for i in range(len(target_items))])
-        result["style_gap"] = style_gap(source01, translated01, denormalise_imagenet(target01))
-    result = {"translated": str(translated_dir), "images": len(items), **result}
+    pids = torch.tensor([pid for _, pid, _ in items])
+    result = {"translated": str(translated_dir), "images": len(items)}
+    result.update(reid.translation_fidelity(source01, translated01, pids, target01))
     print(json.dumps(result, indent=1))
     if args.out:
         reid.atomic_write_json(Path(args.out), result, indent=1)
@@ -1043,10 +846,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--online-relation",
         action="store_true",
-        help="the SDA paper's online variant: E_t is also trained every iteration on the translated images "
-        "with the source labels (label-smoothed CE + softmax triplet + lambda-relation * relation term; BN "
-        "statistics frozen). Default off = the official release: both encoders frozen, which is what "
-        "produced the reported numbers (61.0 -> 71.2 mAP) and costs one encoder backward less per step",
+        help="the SDA paper's online variant: E_t is also trained every iteration on the translated images with the "
+        "source labels (label-smoothed CE + softmax triplet + lambda-relation * relation term; BN statistics frozen). "
+        "Default off = the official release: both encoders frozen (its reported 61.0 -> 71.2 mAP; one backward less)",
     )
     t.add_argument("--lr-reid", type=float, default=3.5e-5, help="Adam lr of E_t with --online-relation")
     t.add_argument("--weight-decay-reid", type=float, default=5e-4, help="weight decay of E_t (--online-relation)")
@@ -1060,8 +862,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--input-skip",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="generators edit their input (sigmoid(logit(x) + net(x))) and start as the identity map; not in "
-        "the release (ResnetGenerator)",
+        help="generators edit their input, sigmoid(logit(x) + net(x)), from the identity map; not in the release",
     )
     t.add_argument(
         "--d-layers",
@@ -1126,12 +927,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.command == "train":
-        train(args)
-    elif args.command == "translate":
-        translate(args)
-    else:
-        measure_fidelity(args)
+    {"train": train, "translate": translate, "fidelity": measure_fidelity}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -591,12 +591,12 @@ def reference_fidelity(source: np.ndarray, translated: np.ndarray, valid: np.nda
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_fidelity_matches_reference_on_random_colours(seed):
     rng = np.random.default_rng(seed)
-    n, regions = 40, len(sda.BODY_BANDS)
+    n, regions = 40, len(reid.BODY_BANDS)
     pids = rng.integers(0, 9, size=n)
     source = rng.uniform(0, 1, size=(n, regions, 3))
     translated = np.clip(source * rng.uniform(0.5, 1.2, 3) + rng.normal(0, 0.15, size=source.shape), 0, 1)
     valid = rng.random((n, regions)) < 0.8
-    result = sda.fidelity_from_region_colours(
+    result = reid.fidelity_from_region_colours(
         torch.from_numpy(source), torch.from_numpy(translated), torch.from_numpy(valid), torch.from_numpy(pids)
     )
     expected = reference_fidelity(source, translated, valid, pids)
@@ -616,25 +616,25 @@ def tiny_source_images(tiny_data_root) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_person_regions_are_found_on_source_crops(tiny_source_images):
     images, _ = tiny_source_images
-    masks = sda.person_masks(images)
+    masks = reid.person_masks(images)
     share = masks.float().mean((1, 2))
     assert (share > 0.05).all() and (share < 0.6).all()  # a pedestrian, not the background
-    _, valid = sda.region_colours(images, sda.body_region_weights(masks))
+    _, valid = reid.region_colours(images, reid.body_region_weights(masks))
     assert valid.float().mean() > 0.9
 
 
 def test_fidelity_keeps_identities_under_a_camera_style_and_flags_colour_swaps(tiny_source_images):
     images, pids = tiny_source_images
-    identity = sda.identity_fidelity(images, images, pids)
+    identity = reid.identity_fidelity(images, images, pids)
     assert identity["identity_drift"] == pytest.approx(0.0, abs=1e-9) and identity["identity_kept"] == 1.0
     # a camera: colour cast, exposure and contrast (per-channel gain and offset) -> undone by the correction
     camera = (images * torch.tensor([0.8, 0.9, 0.7]).view(1, 3, 1, 1) + 0.1).clamp(0, 1)
-    style = sda.identity_fidelity(images, camera, pids)
+    style = reid.identity_fidelity(images, camera, pids)
     assert style["identity_drift"] < 0.05 and style["identity_kept"] == 1.0
     # translators that swap two colours: red <-> green channels, or every hue rotated by 120 degrees
-    red_green = sda.identity_fidelity(images, images[:, [1, 0, 2]], pids)
-    hue = sda.identity_fidelity(images, images[:, [2, 0, 1]], pids)
-    grey = sda.identity_fidelity(images, torch.full_like(images, 0.5), pids)
+    red_green = reid.identity_fidelity(images, images[:, [1, 0, 2]], pids)
+    hue = reid.identity_fidelity(images, images[:, [2, 0, 1]], pids)
+    grey = reid.identity_fidelity(images, torch.full_like(images, 0.5), pids)
     for swapped in (red_green, hue, grey):
         assert swapped["identity_drift"] > 0.3 > style["identity_drift"]
         assert swapped["identity_drift"] > identity["identity_drift"]
@@ -709,8 +709,8 @@ def test_input_skip_generator_starts_as_identity_and_learns_edits():
     sda.init_weights_normal(generator)
     generator.start_as_identity()
     pixels = torch.rand(2, 3, 32, 16).clamp(0.01, 0.99)
-    images = sda.normalise_imagenet(pixels)
-    assert torch.allclose(sda.denormalise_imagenet(generator(images)), pixels, atol=1e-5)
+    images = reid.normalise_imagenet(pixels)
+    assert torch.allclose(reid.denormalise_imagenet(generator(images)), pixels, atol=1e-5)
     generator(images).pow(2).mean().backward()  # the zeroed layer still gets a gradient
     last = [m for m in generator.net if isinstance(m, nn.Conv2d)][-1]
     assert last.weight.grad.abs().sum() > 0
@@ -744,6 +744,6 @@ def test_style_gap_matches_reference_and_reads_one_for_the_identity_map():
     target = np.clip(source[::-1] * 0.7 + rng.normal(0, 0.1, size=source.shape), 0, 1)
     translated = 0.5 * source + 0.5 * target
     tensors = [torch.from_numpy(x.copy()) for x in (source, translated, target)]
-    assert sda.style_gap(*tensors) == pytest.approx(reference_style_gap(source, translated, target), rel=1e-9)
-    assert sda.style_gap(tensors[0], tensors[0], tensors[2]) == pytest.approx(1.0)
-    assert sda.style_gap(tensors[0], tensors[2], tensors[2]) == pytest.approx(0.0, abs=1e-12)
+    assert reid.style_gap(*tensors) == pytest.approx(reference_style_gap(source, translated, target), rel=1e-9)
+    assert reid.style_gap(tensors[0], tensors[0], tensors[2]) == pytest.approx(1.0)
+    assert reid.style_gap(tensors[0], tensors[2], tensors[2]) == pytest.approx(0.0, abs=1e-12)
