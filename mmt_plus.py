@@ -678,7 +678,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     # losses
     parser.add_argument("--label-smoothing", type=float, default=0.1, help="epsilon of the label-smoothed CE")
-    parser.add_argument("--soft-ce-weight", type=float, help="w: (1-w) LSCE + w soft CE from the other teacher (0.5)")
+    parser.add_argument("--soft-ce-weight", type=float, help="w: (1-w) LSCE + w soft CE (other teacher), default 0.5")
     parser.add_argument(
         "--triplet-weight", type=float, help="hard softmax-triplet weight (default 0 as the release; mmt: 0.2)"
     )
