@@ -2177,6 +2177,10 @@ def prepare_run_dir(
                 f"Only {', '.join('--' + n.replace('_', '-') for n in may_change)} may change; use another folder for "
                 "a different run"
             )
+    # every process has checked the folder before the main process writes to it (else another rank can see
+    # args.json, or its temporary, and refuse a folder this very run has just started)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
     if write:
         logs_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(logs_dir)
