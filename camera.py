@@ -50,13 +50,12 @@ from reid import (
     parse_with_preset,
     prepare_run_dir,
     progress,
-    read_checkpoint,
     require_positive,
     resolve_datasets,
+    restore_training_state,
     rng_state,
     run_cli,
     save_checkpoint,
-    set_rng_state,
     split_global_batch,
     start_run,
     wrap_ddp,
@@ -214,17 +213,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     start_epoch, best_accuracy, best_epoch, log_position = 0, -1.0, -1, None
     if args.resume and checkpoint_path.exists():
-        state = read_checkpoint(checkpoint_path, kinds=("camera",), what="--resume")
-        if state.get("arch") != args.arch or state.get("num_classes") != num_cameras:
-            raise SystemExit(
-                f"--resume: {checkpoint_path} holds a {state.get('arch')} model with {state.get('num_classes')} "
-                f"cameras, not {args.arch} with {num_cameras}; use another --logs-dir"
-            )
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        state = restore_training_state(checkpoint_path, "camera", args.arch, num_cameras, model, optimizer, scheduler)
         start_epoch, best_accuracy, best_epoch = (state["epoch"] + 1, state["best_accuracy"], state["best_epoch"])
-        set_rng_state(state["rng"])
         log_position = state.get("log_position")
         if is_main_process():
             print(f"[camera] resumed from {checkpoint_path} at epoch {start_epoch}")

@@ -48,14 +48,13 @@ from reid import (
     parse_with_preset,
     prepare_run_dir,
     progress,
-    read_checkpoint,
     relabel_pids,
     require_positive,
     resolve_datasets,
+    restore_training_state,
     rng_state,
     run_cli,
     save_checkpoint,
-    set_rng_state,
     softmax_triplet_loss,
     split_global_batch,
     start_run,
@@ -243,16 +242,7 @@ def resume_position(
     if not checkpoint_path.is_file():
         print(f"[pretrain] --resume: no {checkpoint_path} yet, starting from scratch")
         return position
-    state = read_checkpoint(checkpoint_path, kinds=("pretrain",), what="--resume")
-    if state.get("arch") != args.arch or state.get("num_classes") != num_classes:
-        raise ValueError(
-            f"{checkpoint_path}: saved for {state.get('arch')} with {state.get('num_classes')} "
-            f"classes, not {args.arch} with {num_classes}"
-        )
-    model.load_state_dict(state["state_dict"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
+    state = restore_training_state(checkpoint_path, "pretrain", args.arch, num_classes, model, optimizer, scheduler)
     position.update({key: state[key] for key in ("epoch", "iteration", "best_mAP", "best_epoch")})
     position.update(log_position=state.get("log_position"), epoch_sums=state.get("epoch_sums"))
     print(f"[pretrain] resumed from {checkpoint_path}: epoch {position['epoch']}, iteration {position['iteration']}")

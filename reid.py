@@ -1821,6 +1821,25 @@ def rng_state() -> dict:
     return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
 
 
+def restore_training_state(
+    checkpoint_path: Path, kind: str, arch: str, num_classes: int, model: nn.Module, optimizer, scheduler
+) -> dict:
+    """--resume of a single-model training stage: reads `checkpoint_path` (of `kind`), refuses one saved for
+    another backbone or class count, restores model, optimizer, scheduler and the random generators, and
+    returns the checkpoint for the stage's own counters."""
+    state = read_checkpoint(checkpoint_path, kinds=(kind,), what="--resume")
+    if state.get("arch") != arch or state.get("num_classes") != num_classes:
+        raise ValueError(
+            f"--resume: {checkpoint_path} holds a {state.get('arch')} model with {state.get('num_classes')} "
+            f"classes, not {arch} with {num_classes}; use another --logs-dir"
+        )
+    model.load_state_dict(state["state_dict"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return state
+
+
 def set_rng_state(state: dict) -> None:
     """Restores `rng_state()`; also reads the numpy array of earlier checkpoints."""
     random.setstate(state["python"])
