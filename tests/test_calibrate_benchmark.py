@@ -100,3 +100,29 @@ def test_collect_reports_finished_runs_only(tmp_path, monkeypatch):
     assert table["source_only"] == {"mAP": [25.0, None], "top1": [50.0, None]}
     assert table["target_label_bound"] == {"mAP": [None, None], "top1": [None, None]}
     assert "not run yet" in calibrate_benchmark.markdown_table(table)
+
+
+def test_budget_scale_multiplies_epochs_and_keeps_the_schedule_shape(tmp_path, monkeypatch):
+    from pretrain import PRESETS
+
+    demo = PRESETS["demo"]
+    assert calibrate_benchmark.budget_flags("demo", 1) == []  # the preset as it is
+    for scale in (2, 3, 4):
+        flags = calibrate_benchmark.budget_flags("demo", scale)
+        epochs = int(flags[flags.index("--epochs") + 1])
+        start = flags.index("--milestones") + 1
+        milestones = [int(m) for m in flags[start : flags.index("--eval-every")]]
+        assert epochs == scale * demo["epochs"]
+        # each learning-rate step at the same fraction of the run as in the preset
+        assert [m / epochs for m in milestones] == pytest.approx([m / demo["epochs"] for m in demo["milestones"]])
+        every = int(flags[flags.index("--eval-every") + 1])
+        assert epochs // every in (4, 5)  # about four evaluations in the run (pretrain.py also evaluates the last)
+    with pytest.raises(SystemExit, match="--budget-scale"):
+        calibrate_benchmark.budget_flags("demo", 0)
+    with pytest.raises(SystemExit, match="unknown --preset"):
+        calibrate_benchmark.budget_flags("nope", 2)
+    # the flags reach the pretrain.py command, before any --pretrain-args (which may override them)
+    calls: list = []
+    monkeypatch.setattr(calibrate_benchmark.subprocess, "run", fake_run(calls))
+    calibrate_benchmark.run_one(args_for(tmp_path, "--budget-scale", "3"), "source_only", 1, tmp_path / "t")
+    assert calls[0][calls[0].index("--epochs") + 1] == str(3 * demo["epochs"])
