@@ -660,9 +660,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--camera-normalize",
         choices=["none", "mean", "meanstd"],
-        default="none",
         help="before clustering, remove each target camera's mean feature (mean) and scale (meanstd) from the "
-        "teachers' features, so that clusters follow people rather than camera looks (release: none)",
+        "teachers' features, so that clusters follow people rather than camera looks (default: mean for mmt+, "
+        "none for --mode mmt as published; release: none; README, 'MMT+ from a stronger source model')",
     )
     parser.add_argument(
         "--teacher-diagnostics",
@@ -742,6 +742,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         soft_triplet_weight=0.8 if mmt else 0.0,
         moco_weight=0.0 if mmt else 0.1,
         moco_queue_size=args.batch_size * args.iters,
+        camera_normalize="none" if mmt else "mean",
     )
     for name, value in defaults.items():
         if getattr(args, name) is None:

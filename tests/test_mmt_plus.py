@@ -482,6 +482,16 @@ def test_original_mmt_mode_runs(tmp_path, tiny_data_root, inits):
     assert summary["best_epoch"] == 1
     start = read_log(tmp_path / "log.jsonl")[0]
     assert start["images_per_batchnorm_per_domain"] == {"target": 8} and start["args"]["metric"] == "linear"
+    assert start["args"]["camera_normalize"] == "none"
+
+
+def test_camera_normalize_default_depends_on_the_mode(tmp_path, tiny_data_root, inits):
+    # on by default for MMT+ (measured on two generator seeds, README), off for the published MMT; a flag wins
+    base = tiny_args(tiny_data_root, tmp_path, inits, 1)
+    assert mmt_plus.parse_args(base).camera_normalize == "mean"
+    assert mmt_plus.parse_args(base + ["--mode", "mmt"]).camera_normalize == "none"
+    assert mmt_plus.parse_args(base + ["--camera-normalize", "none"]).camera_normalize == "none"
+    assert mmt_plus.parse_args(base + ["--mode", "mmt", "--camera-normalize", "meanstd"]).camera_normalize == "meanstd"
 
 
 def test_bad_arguments_fail_clearly(tmp_path, tiny_data_root, inits):
