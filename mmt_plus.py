@@ -99,9 +99,8 @@ from reid import (
 # after the first re-clustering in every measured 5-epoch run. lr 3.5e-5, not the release's 3.5e-4 (made for 40 x 200
 # iterations from an ImageNet trunk): with 20-iteration epochs from a from-scratch ResNet-18, 3.5e-4 wrecks the
 # initialisation (teachers 49.6 / 47.3 val mAP -> 35.7 / 39.2 after epoch 1; 3.5e-5: 50.6 / 48.7). At this budget even
-# the true target labels move the network little (docs/results/previous_benchmark.md, "does MMT+ learn from its
-# labels?": 44.1 -> 45.7 mAP), so the preset keeps no warm-up and EMA 0.999 (the release's ramp); --warmup-iters and
-# --ema-alpha serve longer runs.
+# true target labels move the network little (docs/results/previous_benchmark.md: 44.1 -> 45.7 mAP), so the preset
+# keeps no warm-up and EMA 0.999 (the release's ramp); --warmup-iters and --ema-alpha serve longer runs.
 PRESETS = {"demo": dict(arch="resnet18", height=96, width=48, batch_size=32, epochs=3, iters=20, lr=3.5e-5)}
 
 # ---- Domain-specific BatchNorm
