@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from reid import (
+    DecodedImageCache,
     ImageDataset,
     JsonlLogger,
     SeededRandomSampler,
@@ -197,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # per (seed, epoch), sharded across DDP processes and seeds each sample's augmentation: a resumed run sees
     # the same images and augmentations as an uninterrupted one.
     transform = build_train_transform(args.height, args.width, autoaugment=False, random_erasing=args.random_erasing)
-    dataset = ImageDataset(train_items, transform, args.skip_bad_images)
+    dataset = ImageDataset(train_items, transform, args.skip_bad_images, DecodedImageCache(args.image_cache_mb))
     sampler = SeededRandomSampler(len(train_items), args.seed, args.iters * per_process_batch, seed_samples=True)
     loader = make_loader(dataset, sampler, per_process_batch, args.workers)
 

@@ -57,6 +57,7 @@ from torch import nn
 import reid_ops
 from reid import (
     PROGRESS_MIN_ITEMS,
+    DecodedImageCache,
     ImageDataset,
     IterLoader,
     JsonlLogger,
@@ -95,12 +96,9 @@ from reid import (
 )
 
 # --preset demo: the embedded synthetic benchmark on 2 CPU cores in a few minutes. Explicit flags still win.
-# 96x48 as pretrain.py's demo preset (an epoch: 50 s instead of 88 s on 2 cores); 3 epochs: the better teacher peaked
-# after the first re-clustering in every measured 5-epoch run. lr 3.5e-5, not the release's 3.5e-4 (made for 40 x 200
-# iterations from an ImageNet trunk): with 20-iteration epochs from a from-scratch ResNet-18, 3.5e-4 wrecks the
-# initialisation (teachers 49.6 / 47.3 val mAP -> 35.7 / 39.2 after epoch 1; 3.5e-5: 50.6 / 48.7). At this budget even
-# true target labels move the network little (docs/results/previous_benchmark.md: 44.1 -> 45.7 mAP), so the preset
-# keeps no warm-up and EMA 0.999 (the release's ramp); --warmup-iters and --ema-alpha serve longer runs.
+# 96x48 as pretrain.py's demo preset; 3 short epochs at lr 3.5e-5 (from a from-scratch ResNet-18, the release's 3.5e-4
+# wrecked the init in 20-iteration epochs: 49.6 / 47.3 -> 35.7 / 39.2 val mAP). Longer runs learn more with
+# --warmup-iters and --ema-alpha (README, "MMT+ from a stronger source model": lr 1e-4, 3 x 60 iterations).
 PRESETS = {"demo": dict(arch="resnet18", height=96, width=48, batch_size=32, epochs=3, iters=20, lr=3.5e-5)}
 
 # ---- Domain-specific BatchNorm
@@ -466,13 +464,13 @@ class TwoViews:
         return self.transform(image), self.transform(image)
 
 
-def make_two_view_loader(items, transform, batch_size: int, seed: int, epoch: int, args) -> IterLoader:
+def make_two_view_loader(items, transform, cache, batch_size: int, seed: int, epoch: int, args) -> IterLoader:
     """`args.iters` P x 4 batches of two-view samples, ready to read. The sampler shards identities across DDP
     processes, and its stream and every sample's augmentation seed are functions of (seed, epoch), so a resumed run
     sees the same batches."""
     sampler = RandomIdentitySampler(items, 4, seed, num_samples=args.iters * batch_size, seed_samples=True)
     sampler.set_epoch(epoch)
-    dataset = ImageDataset(items, TwoViews(transform), args.skip_bad_images)
+    dataset = ImageDataset(items, TwoViews(transform), args.skip_bad_images, cache)
     loader = IterLoader(make_loader(dataset, sampler, batch_size, args.workers, persistent=False), args.iters)
     loader.new_epoch()
     return loader
@@ -845,6 +843,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ddp_students = [wrap_ddp(student, device) for student in students]
 
     transform = build_train_transform(args.height, args.width, autoaugment=False, random_erasing=args.random_erasing)
+    image_cache = DecodedImageCache(args.image_cache_mb)  # decoded images, kept across epochs
 
     logger = JsonlLogger(logs_dir / "log.jsonl", log_position) if is_main_process() else None
     if logger is not None:
@@ -930,10 +929,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
             for (path, _, camid), label in zip(target_items, labels_np, strict=True)
             if label >= 0
         ]
-        target_loader = make_two_view_loader(pseudo_items, transform, per_process_batch, args.seed, epoch, args)
+        views = dict(transform=transform, cache=image_cache, batch_size=per_process_batch, epoch=epoch, args=args)
+        target_loader = make_two_view_loader(pseudo_items, seed=args.seed, **views)
         source_loader = None
         if args.mode == "mmt+":
-            source_loader = make_two_view_loader(source_items, transform, per_process_batch, args.seed + 1, epoch, args)
+            source_loader = make_two_view_loader(source_items, seed=args.seed + 1, **views)
 
         # 3. train
         for student in students:

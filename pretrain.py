@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from reid import (
     ARCHS,
+    DecodedImageCache,
     ImageDataset,
     JsonlLogger,
     RandomIdentitySampler,
@@ -198,12 +199,13 @@ def build_loaders(
     train_transform = build_train_transform(args.height, args.width, args.autoaugment, args.random_erasing)
     samples_per_epoch = args.iters * per_process_batch
     source_sampler = RandomIdentitySampler(source_items, args.num_instances, args.seed, samples_per_epoch, True)
-    source_dataset = ImageDataset(source_items, train_transform, args.skip_bad_images)
+    cache = DecodedImageCache(args.image_cache_mb)  # shared by the source and target sets
+    source_dataset = ImageDataset(source_items, train_transform, args.skip_bad_images, cache)
     source_loader = make_loader(source_dataset, source_sampler, per_process_batch, args.workers)
     if target_items is None:
         return source_sampler, source_loader, None, None
     target_sampler = SeededRandomSampler(len(target_items), args.seed + 1000, samples_per_epoch, True)
-    target_dataset = ImageDataset(target_items, train_transform, args.skip_bad_images)
+    target_dataset = ImageDataset(target_items, train_transform, args.skip_bad_images, cache)
     target_loader = make_loader(target_dataset, target_sampler, per_process_batch, args.workers)
     return source_sampler, source_loader, target_sampler, target_loader
 

@@ -23,7 +23,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -708,6 +708,24 @@ def read_split(args: argparse.Namespace, split: str) -> tuple[list[Item], str]:
     return items, datasets.roots[role]
 
 
+class DecodedImageCache:
+    """Decoded training images kept in memory, by path, up to `megabytes` of RGB pixels (then later images are decoded
+    each time they are read). A training stage reads every image many times, and decoding a JPEG costs about as much
+    as the rest of the augmentation without AutoAugment (bench/train_step.py). The transforms never modify an image
+    in place, so a cached image is reused as is. With loading processes (--workers > 0) each has its own cache."""
+
+    def __init__(self, megabytes: float):
+        self.capacity = int(megabytes * 2**20)
+        self.used = 0
+        self.images: dict[str, Image.Image] = {}
+
+    def add(self, path: str, image: Image.Image) -> None:
+        size = 3 * image.width * image.height
+        if self.used + size <= self.capacity:
+            self.images[path] = image
+            self.used += size
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Items -> (transformed image, pid, camid, index).
 
@@ -717,20 +735,32 @@ class ImageDataset(torch.utils.data.Dataset):
     image.
     """
 
-    def __init__(self, items: Sequence[Item], transform, skip_bad_images: bool = False):
+    def __init__(
+        self,
+        items: Sequence[Item],
+        transform,
+        skip_bad_images: bool = False,
+        cache: DecodedImageCache | None = None,
+    ):
         self.items = list(items)
         self.transform = transform
         self.skip_bad_images = skip_bad_images
         self.bad_images: list[str] = []
+        self.cache = cache
 
     def __len__(self) -> int:
         return len(self.items)
 
     def _load(self, index: int):
         path = self.items[index][0]
+        if self.cache is not None and path in self.cache.images:
+            return self.cache.images[path]
         try:
             with Image.open(path) as image:
-                return image.convert("RGB")
+                image = image.convert("RGB")
+                if self.cache is not None:
+                    self.cache.add(path, image)
+                return image
         except (OSError, ValueError) as error:
             if not self.skip_bad_images:
                 raise RuntimeError(
@@ -752,12 +782,14 @@ class ImageDataset(torch.utils.data.Dataset):
         _, pid, camid = self.items[candidate]
         if seed is None:
             return self.transform(image), pid, camid, candidate
-        # The transforms draw from Python's and torch's global generators: seed them for this sample only and put
-        # the caller's states back, so that loading in the training process (0 workers) leaves its RNG alone.
+        # The transforms draw from Python's and torch's global CPU generators: seed them for this sample only and put
+        # the caller's states back, so that loading in the training process (0 workers) leaves its RNG alone. Only
+        # the CPU generator: torch.manual_seed would also reseed every accelerator's generator (and, before CUDA is
+        # initialised, record a stack trace per call: 0.3 ms a sample, as long as the rest of the loading).
         python_state = random.getstate()
         with torch.random.fork_rng(devices=[]):
             random.seed(seed)
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
             try:
                 return self.transform(image), pid, camid, candidate
             finally:
@@ -774,24 +806,80 @@ def release_padding(width: int) -> int:
     return max(1, round(10 * width / 128))
 
 
-def build_train_transform(height: int, width: int, autoaugment: bool, random_erasing: bool) -> T.Compose:
-    steps: list[Any] = []
-    if autoaugment:
-        # The release applies its ImageNet policy to ~all images (its fade-out schedule is inert,
-        # docs/differences.md#image-pipelines).
-        steps.append(T.AutoAugment(T.AutoAugmentPolicy.IMAGENET))
-    steps += [
-        T.Resize((height, width), interpolation=T.InterpolationMode.BICUBIC),
-        T.RandomHorizontalFlip(),
-        T.Pad(release_padding(width)),
-        T.RandomCrop((height, width)),
-        T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ]
-    if random_erasing:
+class PreparedImage(NamedTuple):
+    """A training sample between its per-image and per-batch steps: uint8 pixels (3, H, W), or a batch of them, and
+    the random-erasing box (top, left, height, width; height 0 = not erased)."""
+
+    pixels: torch.Tensor
+    erase_box: torch.Tensor
+
+
+class TrainTransform:
+    """The training augmentation, in the release's order: [AutoAugment] -> resize -> flip -> pad -> crop -> to
+    [0, 1] -> ImageNet normalisation -> [random erasing].
+
+    Called on a PIL image it runs the PIL steps and draws the erasing box (the same random draws, in the same order,
+    as torchvision's transforms one after another) and returns a PreparedImage; `finish_images` does the tensor steps
+    on a whole batch at once, which the training loaders' collate function calls (make_loader). The result is
+    bit-identical to applying every step to each image (tests/test_pretrain.py), at a fraction of the per-image
+    cost."""
+
+    def __init__(self, height: int, width: int, autoaugment: bool, random_erasing: bool):
+        steps: list[Any] = []
+        if autoaugment:
+            # The release applies its ImageNet policy to ~all images (its fade-out schedule is inert,
+            # docs/differences.md#image-pipelines).
+            steps.append(T.AutoAugment(T.AutoAugmentPolicy.IMAGENET))
+        steps += [
+            T.Resize((height, width), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(),
+            T.Pad(release_padding(width)),
+            T.RandomCrop((height, width)),
+        ]
+        self.pil_steps = T.Compose(steps)
         # as the release: the ImageNet means written into the normalised tensor, p 0.5, area [0.02, 0.4]
-        steps.append(T.RandomErasing(p=0.5, scale=(0.02, 0.4), ratio=(0.3, 3.3), value=IMAGENET_MEAN))
-    return T.Compose(steps)
+        self.erasing = T.RandomErasing(p=0.5, scale=(0.02, 0.4), ratio=(0.3, 3.3)) if random_erasing else None
+        self._shape = torch.empty(1).expand(3, height, width)  # what RandomErasing.get_params reads: the shape
+
+    def __call__(self, image: Image.Image) -> PreparedImage:
+        image = self.pil_steps(image)
+        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+        box = torch.zeros(4, dtype=torch.int64)
+        if self.erasing is not None and torch.rand(1) < self.erasing.p:
+            top, left, height, width, value = T.RandomErasing.get_params(
+                self._shape, scale=self.erasing.scale, ratio=self.erasing.ratio, value=list(IMAGENET_MEAN)
+            )
+            if value is not self._shape:  # get_params returns the image itself when no box fitted: nothing erased
+                box = torch.tensor([top, left, height, width])
+        return PreparedImage(pixels, box)
+
+
+def finish_images(batch: Any) -> Any:
+    """The per-batch steps of TrainTransform: every PreparedImage in `batch` (a collated batch, a single sample, or
+    tuples/lists of them) -> normalised float images with the erasing boxes filled with the ImageNet means."""
+    if isinstance(batch, PreparedImage):
+        single = batch.pixels.dim() == 3
+        pixels, boxes = (batch.pixels[None], batch.erase_box[None]) if single else batch
+        images = pixels.to(torch.float32).div(255)  # as T.ToTensor
+        mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+        images.sub_(mean.view(1, 3, 1, 1)).div_(std.view(1, 3, 1, 1))  # as T.Normalize
+        fill = mean.view(3, 1, 1)
+        for n in torch.nonzero(boxes[:, 2]).flatten().tolist():
+            top, left, height, width = boxes[n].tolist()
+            images[n, :, top : top + height, left : left + width] = fill
+        return images[0] if single else images
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(finish_images(part) for part in batch)
+    return batch
+
+
+def collate_training_batch(samples: list) -> Any:
+    """The training loaders' collate function: torch's default stacking, then the batch steps of TrainTransform."""
+    return finish_images(torch.utils.data.default_collate(samples))
+
+
+def build_train_transform(height: int, width: int, autoaugment: bool, random_erasing: bool) -> TrainTransform:
+    return TrainTransform(height, width, autoaugment, random_erasing)
 
 
 def build_test_transform(height: int, width: int) -> T.Compose:
@@ -2274,6 +2362,7 @@ def make_loader(
         batch_size=batch_size,
         sampler=sampler,
         num_workers=workers,
+        collate_fn=collate_training_batch,
         drop_last=True,
         persistent_workers=persistent and workers > 0,
         pin_memory=torch.cuda.is_available(),
@@ -2312,6 +2401,12 @@ def add_runtime_arguments(
         "--workers", type=int, default=default_workers(), help="data-loading processes (0 on <= 2 CPU cores, else 2)"
     )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument(
+        "--image-cache-mb",
+        type=float,
+        default=2048,
+        help="decoded training images kept in memory per loading process, in MiB (0: decode at every read)",
+    )
     parser.add_argument("--device", help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help=amp_help)
     if channels_last is not None:

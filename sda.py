@@ -485,8 +485,9 @@ def train(args: argparse.Namespace) -> None:
     source_sampler = reid.RandomIdentitySampler(source.train, args.num_instances, args.seed, **stream)
     target_sampler = reid.SeededRandomSampler(len(target.train), args.seed + 1000, **stream)
     # not persistent: a new iterator per epoch picks up the sampler's new epoch
-    source_dataset = reid.ImageDataset(source.train, transform, args.skip_bad_images)
-    target_dataset = reid.ImageDataset(target.train, transform, args.skip_bad_images)
+    cache = reid.DecodedImageCache(args.image_cache_mb)  # decoded images, kept across epochs
+    source_dataset = reid.ImageDataset(source.train, transform, args.skip_bad_images, cache)
+    target_dataset = reid.ImageDataset(target.train, transform, args.skip_bad_images, cache)
     source_loader = reid.make_loader(source_dataset, source_sampler, per_process_batch, args.workers, persistent=False)
     target_loader = reid.make_loader(target_dataset, target_sampler, per_process_batch, args.workers, persistent=False)
     # fidelity probe: two un-augmented crops of every source identity, scored at every sample grid (log, JSON beside)

@@ -7,7 +7,10 @@ For each architecture, one process measures three variants of the step pretrain.
 
 * real: batches come from the same DataLoader set-up as pretrain.py (reid.make_loader, its default number of worker
   processes, RandomIdentitySampler for the source and SeededRandomSampler for the target, the training transform
-  with AutoAugment), bf16 autocast + channels_last (pretrain.py's --amp default on the CPU);
+  with AutoAugment, the decoded-image cache of --image-cache-mb, filled by one untimed pass over both sets first:
+  the steady state of a run after its first pass), bf16 autocast + channels_last (pretrain.py's --amp default);
+* real_cold: the same with the cache off (every image decoded at every read: a run's first pass, or
+  --image-cache-mb 0);
 * model-only: the same step on batches loaded beforehand (no data loading in the timed loop);
 * fp32 eager: model-only, without autocast/channels_last (the plain baseline).
 
@@ -97,21 +100,36 @@ def measure_arch(arch: str, data_root: Path, args: argparse.Namespace) -> dict:
     source = reid.read_dataset(args.source, data_root).train
     target = reid.read_dataset("target_train", data_root).train
     num_classes = len({pid for _, pid, _ in source})
+    # pretrain.py's defaults: AutoAugment on, random erasing off (the release's)
     transform = reid.build_train_transform(args.height, args.width, autoaugment=True, random_erasing=False)
     samples = (args.warmup + args.steps + 1) * args.batch_size * 4
     source_sampler = reid.RandomIdentitySampler(source, 4, 1, samples, True)
     target_sampler = reid.SeededRandomSampler(len(target), 1001, samples, True)
     workers = reid.default_workers() if args.workers is None else args.workers
-    source_loader = reid.make_loader(reid.ImageDataset(source, transform), source_sampler, args.batch_size, workers)
-    target_loader = reid.make_loader(reid.ImageDataset(target, transform), target_sampler, args.batch_size, workers)
-    result = {"arch": arch, "workers": workers}
-    for variant, amp in (("real", True), ("model_only", True), ("fp32_eager", False)):
-        times = measure_variant(variant == "real", amp, arch, num_classes, source_loader, target_loader, args)
+    loaders = {}
+    for variant, megabytes in (("real", args.image_cache_mb), ("real_cold", 0)):
+        cache = reid.DecodedImageCache(megabytes)
+        source_set = reid.ImageDataset(source, transform, cache=cache)
+        target_set = reid.ImageDataset(target, transform, cache=cache)
+        if megabytes:  # fill the cache: one untimed read of every image
+            for dataset in (source_set, target_set):
+                for index in range(len(dataset)):
+                    dataset._load(index)
+        loaders[variant] = (
+            reid.make_loader(source_set, source_sampler, args.batch_size, workers),
+            reid.make_loader(target_set, target_sampler, args.batch_size, workers),
+        )
+    result = {"arch": arch, "workers": workers, "image_cache_mb": args.image_cache_mb}
+    for variant, amp in (("real", True), ("real_cold", True), ("model_only", True), ("fp32_eager", False)):
+        source_loader, target_loader = loaders["real_cold" if variant == "real_cold" else "real"]
+        real = variant.startswith("real")
+        times = measure_variant(real, amp, arch, num_classes, source_loader, target_loader, args)
         seconds = statistics.median(times)
         result[variant] = {"step_s": seconds, "images_per_s": args.batch_size / seconds, "times_s": times}
         rate = args.batch_size / seconds
         print(f"  {arch:<10} {variant:<11} {seconds:7.3f} s/step  {rate:7.1f} images/s", flush=True)
     result["real_over_model_only"] = result["real"]["images_per_s"] / result["model_only"]["images_per_s"]
+    result["real_cold_over_model_only"] = result["real_cold"]["images_per_s"] / result["model_only"]["images_per_s"]
     result["amp_over_fp32"] = result["model_only"]["images_per_s"] / result["fp32_eager"]["images_per_s"]
     return result
 
@@ -128,6 +146,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--workers", type=int, help="data-loading processes (default: reid.default_workers())")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    parser.add_argument("--image-cache-mb", type=float, default=2048, help="decoded-image cache of the real variant")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "train_step.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -143,7 +162,8 @@ def main() -> None:
     for r in results:
         print(
             f"{r['arch']}: real {r['real']['images_per_s']:.1f} img/s, model-only {r['model_only']['images_per_s']:.1f}"
-            f" img/s (real / model-only {r['real_over_model_only']:.2f}), fp32 eager "
+            f" img/s (real / model-only {r['real_over_model_only']:.2f}; cache off "
+            f"{r['real_cold_over_model_only']:.2f}), fp32 eager "
             f"{r['fp32_eager']['images_per_s']:.1f} img/s (bf16 autocast speed-up {r['amp_over_fp32']:.2f}x)"
         )
     payload = {

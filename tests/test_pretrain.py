@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+import torchvision.transforms as T
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -402,9 +403,81 @@ def test_seeded_samples_make_augmentation_repeatable(tmp_path):
     path = tmp_path / "0001_c1s1_0_0.jpg"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 16, 3), dtype=np.uint8)).save(path)
     dataset = reid.ImageDataset([(str(path), 0, 0)], reid.build_train_transform(32, 16, True, True))
-    a, b, c = dataset[(0, 123)][0], dataset[(0, 123)][0], dataset[(0, 124)][0]
+    a, b, c = (reid.finish_images(dataset[key][0]) for key in [(0, 123), (0, 123), (0, 124)])
     torch.testing.assert_close(a, b)
     assert not torch.equal(a, c)
+
+
+def torchvision_train_chain(height, width, autoaugment, random_erasing):
+    """The training augmentation as torchvision's transforms, one image at a time (the reference for TrainTransform)."""
+    steps = [T.AutoAugment(T.AutoAugmentPolicy.IMAGENET)] if autoaugment else []
+    steps += [
+        T.Resize((height, width), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        T.Pad(reid.release_padding(width)),
+        T.RandomCrop((height, width)),
+        T.ToTensor(),
+        T.Normalize(reid.IMAGENET_MEAN, reid.IMAGENET_STD),
+    ]
+    if random_erasing:
+        steps.append(T.RandomErasing(p=0.5, scale=(0.02, 0.4), ratio=(0.3, 3.3), value=reid.IMAGENET_MEAN))
+    return T.Compose(steps)
+
+
+@pytest.mark.parametrize("autoaugment, random_erasing", [(True, True), (False, True), (True, False)])
+def test_batched_augmentation_equals_torchvision_per_image(autoaugment, random_erasing):
+    """TrainTransform draws the same random numbers as torchvision's chain and finishes a whole batch at once: the
+    batch must equal the chain applied image by image, bit for bit, erased boxes included."""
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,))))
+    images = [Image.fromarray(rng.integers(0, 256, (40, 20, 3), dtype=np.uint8)) for _ in range(24)]
+    ours = reid.build_train_transform(32, 16, autoaugment, random_erasing)
+    reference = torchvision_train_chain(32, 16, autoaugment, random_erasing)
+    prepared, expected = [], []
+    for n, image in enumerate(images):
+        torch.manual_seed(n)
+        random.seed(n)
+        prepared.append(ours(image))
+        torch.manual_seed(n)
+        random.seed(n)
+        expected.append(reference(image))
+    batch = reid.collate_training_batch([(p, n) for n, p in enumerate(prepared)])
+    assert torch.equal(batch[0], torch.stack(expected)) and batch[1].tolist() == list(range(24))
+    assert torch.equal(reid.finish_images(prepared[3]), expected[3])  # a single sample too
+    erased = sum(int(p.erase_box[2] > 0) for p in prepared)
+    assert (0 < erased < 24) if random_erasing else erased == 0  # both kinds of sample in the batch
+
+
+def test_seeded_samples_leave_accelerator_generators_alone(tmp_path, monkeypatch):
+    """A per-sample seed seeds the CPU generator only: reseeding CUDA's on every sample would change a GPU run's
+    random stream (dropout, erasing on the device) whenever loading runs in the training process."""
+    path = tmp_path / "0001_c1s1_0_0.jpg"
+    Image.fromarray(np.zeros((32, 16, 3), dtype=np.uint8)).save(path)
+    dataset = reid.ImageDataset([(str(path), 0, 0)], reid.build_train_transform(32, 16, True, True))
+
+    def refuse(*_):
+        raise AssertionError("an accelerator generator was seeded")
+
+    for module in (torch.cuda, torch.xpu, torch.mtia):
+        monkeypatch.setattr(module, "manual_seed_all", refuse)
+    dataset[(0, 5)]
+
+
+def test_decoded_image_cache_keeps_images_up_to_its_capacity(tmp_path):
+    paths = []
+    for n in range(3):
+        paths.append(tmp_path / f"000{n}_c1s1_0_0.png")
+        Image.fromarray(np.full((8, 4, 3), 40 * n, dtype=np.uint8)).save(paths[-1])
+    items = [(str(p), 0, 0) for p in paths]
+    cache = reid.DecodedImageCache(2 * 8 * 4 * 3 / 2**20)  # room for exactly two of the images
+    dataset = reid.ImageDataset(items, reid.build_test_transform(8, 4), cache=cache)
+    first = [dataset[n][0] for n in range(3)]
+    assert sorted(cache.images) == [str(paths[0]), str(paths[1])] and cache.used == 2 * 8 * 4 * 3
+    for path in paths:
+        path.unlink()
+    for n in range(2):  # served from memory, and the same pixels
+        assert torch.equal(dataset[n][0], first[n])
+    with pytest.raises(RuntimeError, match="cannot read image"):  # the third did not fit: read again, and gone
+        dataset[2]
 
 
 @pytest.mark.parametrize("width, pad", [(128, 10), (64, 5), (32, 2), (8, 1)])
@@ -417,7 +490,7 @@ def test_crop_padding_scales_with_width_and_bounds_the_black_band(width, pad):
     widest = 0
     for seed in range(60):
         torch.manual_seed(seed)
-        tensor = transform(white)
+        tensor = reid.finish_images(transform(white))
         column_is_black = torch.isclose(tensor, black[:, None, None], atol=1e-4).all(dim=0).all(dim=0)
         left = int(column_is_black.int().cumprod(0).sum())
         right = int(column_is_black.flip(0).int().cumprod(0).sum())
@@ -562,16 +635,16 @@ def test_seeded_samples_leave_the_global_random_state_alone(tiny_data_root):
     expected = (random.random(), torch.rand(4))
     random.seed(11)
     torch.manual_seed(12)
-    image = dataset[(1, 1234)][0]
+    image = reid.finish_images(dataset[(1, 1234)][0])
     after = (random.random(), torch.rand(4))
     assert after[0] == expected[0] and torch.equal(after[1], expected[1])
     # the sample is what the definition says: the transform drawn after seeding both generators with the seed
     random.seed(1234)
     torch.manual_seed(1234)
     with Image.open(items[1][0]) as original:
-        reference = transform(original.convert("RGB"))
+        reference = reid.finish_images(transform(original.convert("RGB")))
     assert torch.equal(image, reference)
-    assert not torch.equal(dataset[(1, 1235)][0], reference)  # another seed, another augmentation
+    assert not torch.equal(reid.finish_images(dataset[(1, 1235)][0]), reference)  # another seed, another augmentation
 
 
 def test_partial_imagenet_weights_are_refused_unless_allowed(tmp_path):
