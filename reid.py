@@ -2229,7 +2229,7 @@ def write_curves(
 # Settings that may change when a run is resumed: how fast or where it runs, and `epochs`, the length of the run (the
 # stages' schedules do not depend on it, so a run extended from 1 to 2 epochs is the 2-epoch run; sda.py's
 # schedule flags have other names and stay fixed).
-RESUMABLE_CHANGES = ("workers", "threads", "device", "epochs")
+RESUMABLE_CHANGES = ("workers", "threads", "device", "image_cache_mb", "epochs")
 
 
 def add_run_dir_arguments(parser: argparse.ArgumentParser, folder_flag: str, changeable: Sequence[str] = ()) -> None:
