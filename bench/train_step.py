@@ -1,9 +1,9 @@
 """Images per second of pretrain.py's training step: real (data loading included) vs model-only vs fp32 eager.
 
-    python bench/train_step.py --data-root /path/to/demo/data [--archs resnet18 resnet50] [--steps 6]
+    python bench/train_step.py --data-root /path/to/demo/data [--archs resnet18 resnet50] [--steps 10]
 
-For each architecture, one process measures three variants of the step pretrain.py runs (demo size by default:
-96x48 images, batch 64, source + one BN-adaptation target batch per step):
+For each architecture, one process measures four variants of the step pretrain.py runs (demo size by default:
+96x48 images, batch 64, source + one BN-adaptation target batch per step), one step of each in turn:
 
 * real: batches come from the same DataLoader set-up as pretrain.py (reid.make_loader, its default number of worker
   processes, RandomIdentitySampler for the source and SeededRandomSampler for the target, the training transform
@@ -62,19 +62,23 @@ def make_step(model, optimizer, amp: bool, device: torch.device):
     return step
 
 
-def timed(fn, warmup: int, steps: int) -> list[float]:
+def timed_round_robin(fns: dict, warmup: int, steps: int) -> dict[str, list[float]]:
+    """Step times of every variant, one step of each in turn: a drift of the machine (warm-up, frequency, another
+    process) then hits every variant alike instead of the one measured first."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
     return times
 
 
-def measure_variant(real: bool, amp: bool, arch: str, num_classes: int, source_loader, target_loader, args) -> list:
-    """Step times of one variant: a fresh model and optimiser, batches from the loaders (real) or loaded once."""
+def make_variant(real: bool, amp: bool, arch: str, num_classes: int, source_loader, target_loader):
+    """One variant's step: a fresh model and optimiser, batches from the loaders (real) or loaded once."""
     device = torch.device("cpu")
     torch.manual_seed(0)
     model = reid.build_model(arch, num_classes).to(device)
@@ -90,10 +94,10 @@ def measure_variant(real: bool, amp: bool, arch: str, num_classes: int, source_l
             images, labels, _, _ = next(source_iter)
             step(images, labels, next(target_iter)[0])
 
-        return timed(real_step, args.warmup, args.steps)
+        return real_step
     images, labels, _, _ = next(source_iter)
     target_images = next(target_iter)[0]
-    return timed(lambda: step(images, labels, target_images), args.warmup, args.steps)
+    return lambda: step(images, labels, target_images)
 
 
 def measure_arch(arch: str, data_root: Path, args: argparse.Namespace) -> dict:
@@ -120,10 +124,13 @@ def measure_arch(arch: str, data_root: Path, args: argparse.Namespace) -> dict:
             reid.make_loader(target_set, target_sampler, args.batch_size, workers),
         )
     result = {"arch": arch, "workers": workers, "image_cache_mb": args.image_cache_mb}
+    variants = {}
     for variant, amp in (("real", True), ("real_cold", True), ("model_only", True), ("fp32_eager", False)):
         source_loader, target_loader = loaders["real_cold" if variant == "real_cold" else "real"]
-        real = variant.startswith("real")
-        times = measure_variant(real, amp, arch, num_classes, source_loader, target_loader, args)
+        variants[variant] = make_variant(
+            variant.startswith("real"), amp, arch, num_classes, source_loader, target_loader
+        )
+    for variant, times in timed_round_robin(variants, args.warmup, args.steps).items():
         seconds = statistics.median(times)
         result[variant] = {"step_s": seconds, "images_per_s": args.batch_size / seconds, "times_s": times}
         rate = args.batch_size / seconds
@@ -142,8 +149,8 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=96)
     parser.add_argument("--width", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per variant (median reported)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant (median reported)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each variant first")
     parser.add_argument("--workers", type=int, help="data-loading processes (default: reid.default_workers())")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     parser.add_argument("--image-cache-mb", type=float, default=2048, help="decoded-image cache of the real variant")
