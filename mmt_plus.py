@@ -491,13 +491,12 @@ def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat([part[: int(size)] for part, size in zip(parts, sizes, strict=True)]).to(tensor.device)
 
 
-def distributed_features(model: nn.Module, items, args, device) -> torch.Tensor:
+def distributed_features(model: nn.Module, items, args, device, cache=None) -> torch.Tensor:
     """Eval-mode features of `items` (in order), each process extracting every world_size-th item."""
     rank, world_size = rank_and_world_size()
     shard = items[rank::world_size]
-    local = extract_features(
-        model, shard, args.height, args.width, batch_size=args.test_batch_size, workers=args.workers, device=device
-    )
+    settings = dict(batch_size=args.test_batch_size, workers=args.workers, device=device, cache=cache)
+    local = extract_features(model, shard, args.height, args.width, **settings)
     gathered = gather_rows(local.float().cpu())
     if world_size == 1:
         return gathered
@@ -865,7 +864,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         )
 
     def evaluate_teachers() -> list[dict]:
-        settings = dict(batch_size=args.test_batch_size, workers=args.workers, device=device)
+        settings = dict(batch_size=args.test_batch_size, workers=args.workers, device=device, cache=image_cache)
         results = [evaluate(t, val_data.query, val_data.gallery, args.height, args.width, **settings) for t in teachers]
         return [{"mAP": float(result["mAP"]), "top1": float(result["top1"])} for result in results]
 
@@ -888,7 +887,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             for teacher in teachers:
                 for buffer in teacher.buffers():
                     dist.broadcast(buffer, src=0)
-        teacher_features = [F.normalize(distributed_features(t, target_items, args, device), dim=1) for t in teachers]
+        teacher_features = [distributed_features(t, target_items, args, device, image_cache) for t in teachers]
+        teacher_features = [F.normalize(features, dim=1) for features in teacher_features]
         features = F.normalize((teacher_features[0] + teacher_features[1]) / 2, dim=1)
         labels = torch.empty(len(target_items), dtype=torch.long)
         if rank == 0:

@@ -874,7 +874,8 @@ def finish_images(batch: Any) -> Any:
 
 
 def collate_training_batch(samples: list) -> Any:
-    """The training loaders' collate function: torch's default stacking, then the batch steps of TrainTransform."""
+    """The collate function of the training and test loaders: torch's default stacking, then the batch steps of
+    TrainTransform (or PreparedTestTransform)."""
     return finish_images(torch.utils.data.default_collate(samples))
 
 
@@ -892,10 +893,32 @@ def build_test_transform(height: int, width: int) -> T.Compose:
     )
 
 
-def make_test_loader(items: Sequence[Item], height: int, width: int, batch_size: int, workers: int):
-    """Batches (images, pids, camids, indices) of `items` in order through the test transform."""
-    dataset = ImageDataset(items, build_test_transform(height, width))
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+class PreparedTestTransform:
+    """build_test_transform split as TrainTransform: the resize per image, to [0, 1] and normalisation per batch
+    (finish_images), bit-identical to the per-image chain."""
+
+    def __init__(self, height: int, width: int):
+        self.resize = T.Resize((height, width), interpolation=T.InterpolationMode.BICUBIC)
+
+    def __call__(self, image: Image.Image) -> PreparedImage:
+        pixels = torch.from_numpy(np.array(self.resize(image), dtype=np.uint8)).permute(2, 0, 1).contiguous()
+        return PreparedImage(pixels, torch.zeros(4, dtype=torch.int64))
+
+
+def make_test_loader(
+    items: Sequence[Item],
+    height: int,
+    width: int,
+    batch_size: int,
+    workers: int,
+    cache: DecodedImageCache | None = None,
+):
+    """Batches (images, pids, camids, indices) of `items` in order through the test transform (decoded images
+    kept in and read from `cache` if given: a stage that extracts features of the same images every epoch)."""
+    dataset = ImageDataset(items, PreparedTestTransform(height, width), cache=cache)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_training_batch
+    )
 
 
 def load_test_images(items: Sequence[Item], height: int, width: int) -> torch.Tensor:
@@ -1502,13 +1525,14 @@ def extract_features(
     flip: bool = False,
     workers: int = 2,
     device: torch.device | str | None = None,
+    cache: DecodedImageCache | None = None,
 ) -> torch.Tensor:
     """(N, D) float32 eval-mode BNNeck features on the CPU, in item order; averaged with the horizontally
-    flipped image when `flip`. Not normalised."""
+    flipped image when `flip`. Not normalised. `cache`: see make_test_loader."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
-    loader = make_test_loader(items, height, width, batch_size, workers)
+    loader = make_test_loader(items, height, width, batch_size, workers, cache)
     chunks = []
     for images, *_ in progress(loader, desc="features", unit="batch", disable=len(items) < 2 * batch_size):
         images = images.to(device).contiguous(memory_format=torch.channels_last)
@@ -1533,9 +1557,11 @@ def evaluate(
     workers: int = 2,
     device: torch.device | str | None = None,
     ap_topk: int | None = None,
+    cache: DecodedImageCache | None = None,
 ) -> dict[str, Any]:
     """mAP / CMC of L2-normalised features under squared Euclidean distance (docs/differences.md#validation-metric)."""
-    features = extract_features(model, list(query) + list(gallery), height, width, batch_size, flip, workers, device)
+    images = list(query) + list(gallery)
+    features = extract_features(model, images, height, width, batch_size, flip, workers, device, cache)
     features = F.normalize(features, dim=1)
     q, g = features[: len(query)], features[len(query) :]
     distances = require_reid_ops().pairwise_distance(q, g)

@@ -447,6 +447,27 @@ def test_batched_augmentation_equals_torchvision_per_image(autoaugment, random_e
     assert (0 < erased < 24) if random_erasing else erased == 0  # both kinds of sample in the batch
 
 
+def test_test_loader_batches_equal_the_per_image_test_transform(tmp_path):
+    """make_test_loader finishes whole batches (and may read decoded images from a cache): the same tensors as
+    build_test_transform applied to each image, in item order."""
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,))))
+    items = []
+    for n in range(7):
+        items.append((str(tmp_path / f"{n:04d}_c1s1_0_0.png"), n, 1))
+        Image.fromarray(rng.integers(0, 256, (37, 19, 3), dtype=np.uint8)).save(items[-1][0])
+    reference = reid.build_test_transform(32, 16)
+    expected = []
+    for path, _, _ in items:
+        with Image.open(path) as image:
+            expected.append(reference(image.convert("RGB")))
+    cache = reid.DecodedImageCache(1)
+    for _ in range(2):  # the second pass reads the cache
+        batches = list(reid.make_test_loader(items, 32, 16, batch_size=3, workers=0, cache=cache))
+        assert torch.equal(torch.cat([b[0] for b in batches]), torch.stack(expected))
+        assert torch.cat([b[1] for b in batches]).tolist() == list(range(7))
+    assert len(cache.images) == 7
+
+
 def test_seeded_samples_leave_accelerator_generators_alone(tmp_path, monkeypatch):
     """A per-sample seed seeds the CPU generator only: reseeding CUDA's on every sample would change a GPU run's
     random stream (dropout, erasing on the device) whenever loading runs in the training process."""
