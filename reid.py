@@ -814,6 +814,11 @@ class PreparedImage(NamedTuple):
     erase_box: torch.Tensor
 
 
+def uint8_pixels(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image as a (3, H, W) uint8 tensor (what T.ToTensor reads, before its scaling)."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
 class TrainTransform:
     """The training augmentation, in the release's order: [AutoAugment] -> resize -> flip -> pad -> crop -> to
     [0, 1] -> ImageNet normalisation -> [random erasing].
@@ -843,7 +848,6 @@ class TrainTransform:
 
     def __call__(self, image: Image.Image) -> PreparedImage:
         image = self.pil_steps(image)
-        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
         box = torch.zeros(4, dtype=torch.int64)
         if self.erasing is not None and torch.rand(1) < self.erasing.p:
             top, left, height, width, value = T.RandomErasing.get_params(
@@ -851,7 +855,7 @@ class TrainTransform:
             )
             if value is not self._shape:  # get_params returns the image itself when no box fitted: nothing erased
                 box = torch.tensor([top, left, height, width])
-        return PreparedImage(pixels, box)
+        return PreparedImage(uint8_pixels(image), box)
 
 
 def finish_images(batch: Any) -> Any:
@@ -901,8 +905,7 @@ class PreparedTestTransform:
         self.resize = T.Resize((height, width), interpolation=T.InterpolationMode.BICUBIC)
 
     def __call__(self, image: Image.Image) -> PreparedImage:
-        pixels = torch.from_numpy(np.array(self.resize(image), dtype=np.uint8)).permute(2, 0, 1).contiguous()
-        return PreparedImage(pixels, torch.zeros(4, dtype=torch.int64))
+        return PreparedImage(uint8_pixels(self.resize(image)), torch.zeros(4, dtype=torch.int64))
 
 
 def make_test_loader(
