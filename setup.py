@@ -40,7 +40,7 @@ def extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "ops", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "ops", "cpu", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "ops", "autograd", "*.cpp")))
-    cxx_flags = ["-O3", "-fopenmp", "-std=c++20", "-fno-trapping-math", "-fno-math-errno"]
+    cxx_flags = ["-O3", "-fopenmp", "-std=c++20", "-fno-trapping-math", "-fno-math-errno", "-ffp-contract=off"]
     if want_cuda():
         sources += sorted(glob.glob(os.path.join("csrc", "ops", "cuda", "*.cu")))
         return CUDAExtension(

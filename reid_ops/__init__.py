@@ -242,10 +242,10 @@ def re_ranking(
     bf16_search = _bf16_search(candidate_precision)
     features = torch.cat([_float32(qt), _float32(gt)], 0)
     kmax = max(k1 + 1, k2)
-    rank, row_max, q_g = _ops._neighbors_from_features(features, kmax, num_query, True, bf16_search)
+    rank, rank_dist, row_max, q_g = _ops._neighbors_from_features(features, kmax, num_query, True, bf16_search)
     indptr, indices, values = _expanded_jaccard_rows(
         rank,
-        lambda ip, ix: _ops._weights_from_features(features, ip, ix, row_max),
+        lambda ip, ix: _ops._weights_from_features(features, ip, ix, row_max, rank, rank_dist),
         k1 + 1,
         _half(k1) + 1,
         k2,
@@ -330,11 +330,11 @@ def jaccard_graph(
         raise ValueError(f"max_distance must be in (0, 1], got {max_distance!r}")
     bf16_search = _bf16_search(candidate_precision)
     features32 = _float32(ft)
-    rank, _, _ = _ops._neighbors_from_features(features32, k1, 0, False, bf16_search)
+    rank, rank_dist, _, _ = _ops._neighbors_from_features(features32, k1, 0, False, bf16_search)
     empty = torch.empty(0, device=features32.device)
     indptr, indices, values = _expanded_jaccard_rows(
         rank,
-        lambda ip, ix: _ops._weights_from_features(features32, ip, ix, empty),
+        lambda ip, ix: _ops._weights_from_features(features32, ip, ix, empty, rank, rank_dist),
         k1,
         min(_half(k1) + 1, k1),
         k2,

@@ -808,3 +808,52 @@ def test_re_ranking_from_distances_all_zero_row_does_not_crash():
     out = reid_ops.re_ranking_from_distances(q_g, q_q, g_g, k1=30, k2=6, lambda_value=0.3)
     # (the classic code returns NaN rows here, so there is no reference to compare values with)
     assert out.shape == (6, 30) and np.isfinite(out).all() and (out >= 0).all()
+
+
+def test_gaussian_weights_reuse_the_neighbour_search_distances_bit_for_bit():
+    """_weights_from_features takes (i, j) distances listed in rank[i] from rank_dist instead of recomputing them.
+
+    Three checks: (1) with the search's own lists the weights equal, bit for bit, those computed with no list entry
+    usable (every distance recomputed from the features): the search's rescoring and the weights' recomputation are
+    the same exact distance; (2) against a float64 evaluation of eq. 7 from the definition; (3) a corrupted rank_dist
+    changes exactly the rows whose lists it corrupts, so the lists are really read.
+    """
+    from reid_ops import _ops
+
+    rng = make_rng("weights-reuse")
+    features = torch.from_numpy(clustered_features(rng, 400, 48, 10, spread=0.1).astype(np.float32))
+    features[350:360] = features[:10]  # exact duplicates: ties in the lists
+    k1 = 20
+    rank, rank_dist, row_max, _ = _ops._neighbors_from_features(features, k1 + 1, 0, True, False)
+    indptr, indices = _ops._kreciprocal_expansion(rank, k1 + 1, 11)
+    reused = _ops._weights_from_features(features, indptr, indices, row_max, rank, rank_dist)
+    unlisted = torch.full_like(rank, -1)
+    recomputed = _ops._weights_from_features(features, indptr, indices, row_max, unlisted, rank_dist)
+    assert torch.equal(reused, recomputed)
+
+    f64 = features.double()
+    expected = torch.empty(indices.numel(), dtype=torch.float64)
+    for i in range(features.shape[0]):
+        cols = indices[indptr[i] : indptr[i + 1]]
+        d = ((f64[i] - f64[cols]) ** 2).sum(1) / row_max[i].double()
+        w = torch.exp(-d)
+        expected[indptr[i] : indptr[i + 1]] = w / w.sum()
+    np.testing.assert_allclose(reused.numpy(), expected.numpy(), rtol=1e-5, atol=1e-7)
+
+    corrupted = rank_dist.clone()
+    corrupted[5, 1:] += 0.5  # row 5's listed distances (not its own, which stays 0)
+    changed = _ops._weights_from_features(features, indptr, indices, row_max, rank, corrupted)
+    differs = [bool((changed[indptr[i] : indptr[i + 1]] != reused[indptr[i] : indptr[i + 1]]).any()) for i in range(400)]
+    assert differs[5] and sum(differs) == 1
+
+
+def test_gaussian_weights_reject_a_mismatched_rank_table():
+    from reid_ops import _ops
+
+    features = torch.randn(10, 4)
+    rank, rank_dist, row_max, _ = _ops._neighbors_from_features(features, 3, 0, True, False)
+    indptr, indices = _ops._kreciprocal_expansion(rank, 3, 2)
+    with pytest.raises(RuntimeError, match="rank must be"):
+        _ops._weights_from_features(features, indptr, indices, row_max, rank[:5], rank_dist[:5])
+    with pytest.raises(RuntimeError, match="rank must be"):
+        _ops._weights_from_features(features, indptr, indices, row_max, rank, rank_dist[:, :2])

@@ -7,20 +7,25 @@
 namespace reid_ops {
 
 TORCH_LIBRARY_FRAGMENT(reid_ops, m) {
-  // Exact kNN lists (squared Euclidean) of all rows against all rows, each row's exact maximum
-  // squared distance (if with_row_max; else zeros), and (if num_query > 0) the query x gallery
-  // squared distances (fp32 GEMM). bf16_search: candidates of the other rows from bfloat16 tiles.
+  // Exact kNN lists (squared Euclidean) of all rows against all rows with their exact distances,
+  // each row's exact maximum squared distance (if with_row_max; else zeros), and (if num_query > 0)
+  // the query x gallery squared distances (fp32 GEMM). bf16_search: candidates of the other rows
+  // from bfloat16 tiles. Returns (rank, rank_dist, row_max, q_g).
   m.def(
       "_neighbors_from_features(Tensor features, int kmax, int num_query, bool with_row_max, bool bf16_search) -> "
-      "(Tensor, Tensor, Tensor)");
+      "(Tensor, Tensor, Tensor, Tensor)");
   // kNN lists of the columns of M = [[q_q, q_g], [q_g^T, g_g]], ordered by M^2 / colmax(M^2) (the
   // classic code normalises columns and transposes), and each column's maximum of M^2.
   m.def("_neighbors_from_distances(Tensor q_g, Tensor q_q, Tensor g_g, int kmax) -> (Tensor, Tensor)");
   // CSR (indptr, indices) of the expanded k-reciprocal sets R*(i).
   m.def("_kreciprocal_expansion(Tensor rank, int list_len, int half_list_len) -> (Tensor, Tensor)");
   // Gaussian weights on the CSR pattern; row_max empty: exp(-||fi-fj||^2) (clustering variant),
-  // otherwise exp(-||fi-fj||^2 / row_max[i]).
-  m.def("_weights_from_features(Tensor features, Tensor indptr, Tensor indices, Tensor row_max) -> Tensor");
+  // otherwise exp(-||fi-fj||^2 / row_max[i]). Pairs (i, j) listed in rank[i] take their distance
+  // from rank_dist[i] (the same exact value, computed once by the neighbour search); the others
+  // are computed from the features.
+  m.def(
+      "_weights_from_features(Tensor features, Tensor indptr, Tensor indices, Tensor row_max, Tensor rank, "
+      "Tensor rank_dist) -> Tensor");
   m.def(
       "_weights_from_distances(Tensor q_g, Tensor q_q, Tensor g_g, Tensor row_max, Tensor indptr, "
       "Tensor indices) -> Tensor");

@@ -96,6 +96,15 @@ REID_HOST_DEVICE int64_t kreciprocal_expansion(const int64_t* rank, int64_t ld, 
   return unique;
 }
 
+// Position of j in the neighbour list row[0..len), or -1. Lists are short (k1 + 1 entries): a
+// linear scan beats any index structure.
+REID_HOST_DEVICE int64_t find_in_list(const int64_t* row, int64_t len, int64_t j) {
+  for (int64_t t = 0; t < len; ++t) {
+    if (row[t] == j) return t;
+  }
+  return -1;
+}
+
 // Gaussian-kernel weights of eq. 7 for one row: values[t] = exp(-d[t]) / sum exp(-d), in place.
 template <typename ExpFn>
 REID_HOST_DEVICE void gaussian_weights(float* values, int64_t count, ExpFn exp_fn) {

@@ -25,9 +25,8 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/core/jit_type.h>
-#include <ATen/core/stack.h>
+
+#include <dlfcn.h>
 
 #include <algorithm>
 #include <cmath>
@@ -45,20 +44,50 @@ constexpr int64_t kRowBlock = 1024;
 constexpr int64_t kColBlock = 4096;
 constexpr int64_t kSelfBlock = 4096;
 
-// a . b^T in a's dtype (float32 or bfloat16), through oneDNN when PyTorch has it (MKL's sgemm runs at
-// a fraction of the speed on AMD CPUs; oneDNN's bf16 kernels use AVX-512 BF16), else at::mm. Both
-// accumulate in fp32.
-inline at::Tensor gemm_nt(const at::Tensor& a, const at::Tensor& b) {
-  static const auto op = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
-  if (op.has_value()) {
-    const c10::impl::GenericList no_scalars(c10::OptionalType::create(c10::NumberType::get()));
-    torch::jit::Stack stack{a, b, c10::IValue(), c10::IValue(std::string("none")), c10::IValue(no_scalars),
-                            c10::IValue(std::string(""))};
-    op->callBoxed(stack);
-    return stack[0].toTensor();
-  }
-  return at::mm(a, b.t());
+// oneDNN's matmul writing into a given output (at::native::mkldnn_matmul), looked up at run time: it
+// is an internal symbol of libtorch_cpu, so a PyTorch build without it falls back below instead of
+// failing to load the extension.
+using MkldnnMatmulFn = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, float, float);
+
+inline MkldnnMatmulFn mkldnn_matmul_fn() {
+  static const MkldnnMatmulFn fn = [] {
+    void* symbol = dlsym(RTLD_DEFAULT, "_ZN2at6native13mkldnn_matmulERKNS_6TensorES3_S3_ff");
+    return at::hasMKLDNN() ? reinterpret_cast<MkldnnMatmulFn>(symbol) : nullptr;
+  }();
+  return fn;
 }
+
+// out = a . b^T in a's dtype (float32 or bfloat16), accumulated in fp32. `out` is a contiguous
+// (a rows x b rows) view of a buffer reused for every tile: a fresh 64 MB tile per GEMM cost a page
+// fault per 4 KB (about a tenth of the search). Through oneDNN when available (MKL's sgemm runs at a
+// fraction of the speed on AMD CPUs; oneDNN's bf16 kernels use AVX-512 BF16 or AMX), else at::mm_out.
+inline void gemm_nt_into(const at::Tensor& a, const at::Tensor& b, at::Tensor& out) {
+  static bool onednn_failed = false;  // e.g. bf16 on a CPU without bf16 instructions: oneDNN refuses
+  if (const MkldnnMatmulFn fn = mkldnn_matmul_fn(); fn != nullptr && !onednn_failed) {
+    try {
+      fn(a, b.t(), out, 0.0f, 1.0f);
+      return;
+    } catch (const c10::Error&) {
+      onednn_failed = true;
+    }
+  }
+  at::mm_out(out, a, b.t());
+}
+
+// One reusable tile buffer: contiguous (rows x cols) views of the first rows * cols elements.
+class TileBuffer {
+ public:
+  at::Tensor view(int64_t rows, int64_t cols, at::ScalarType dtype) {
+    const int64_t n = rows * cols;
+    if (!storage_.defined() || storage_.scalar_type() != dtype || storage_.numel() < n) {
+      storage_ = at::empty({n}, at::TensorOptions().dtype(dtype));
+    }
+    return storage_.narrow(0, 0, n).view({rows, cols});
+  }
+
+ private:
+  at::Tensor storage_;
+};
 
 // Per-row factors of the expansion (see row_factor), from fp32 squared norms.
 inline std::vector<float> row_factors(const at::Tensor& x, int64_t metric) {
@@ -262,15 +291,52 @@ inline void offer_row(KnnState& state, int64_t s, int64_t i, const T* dots, int6
   }
 }
 
+// exact_distance for the rescoring loops, also compiled for AVX-512 and chosen at run time (the
+// extension is built for baseline x86-64, where its 8 double lanes take four SSE registers). Both
+// builds run the same operations in the same order and never contract to FMA (-ffp-contract=off
+// in setup.py), so they return bit-identical distances.
+using ExactDistanceFn = float (*)(const float*, const float*, int64_t, float, float, int64_t);
+
+inline float exact_distance_baseline(const float* x, const float* y, int64_t dim, float fx, float fy, int64_t metric) {
+  return exact_distance(x, y, dim, fx, fy, metric);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx512f"))) inline float exact_distance_avx512(const float* x, const float* y, int64_t dim,
+                                                                      float fx, float fy, int64_t metric) {
+  return exact_distance(x, y, dim, fx, fy, metric);
+}
+#endif
+
+inline ExactDistanceFn exact_distance_fn() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const ExactDistanceFn fn = __builtin_cpu_supports("avx512f") ? exact_distance_avx512 : exact_distance_baseline;
+  return fn;
+#else
+  return exact_distance_baseline;
+#endif
+}
+
 // Exact rescoring of row i's candidates: the k nearest in (distance, index) order, and (if
 // tracked) the exact row maximum.
 inline void finish_row(KnnState& state, int64_t i, const float* xi, const float* y, int64_t D, float fxi,
                        const float* fy, int64_t metric, float* out_dist, int64_t* out_idx, float* row_max,
                        std::vector<std::pair<float, int64_t>>& pairs) {
   const float U = state.upper_heap[i * state.k];
+  const ExactDistanceFn distance = exact_distance_fn();
   pairs.clear();
-  for (const auto& a : state.near[i]) {
-    if (a.bound <= U) pairs.emplace_back(exact_distance(xi, y + a.index * D, D, fxi, fy[a.index], metric), a.index);
+  const auto& near = state.near[i];
+  for (size_t t = 0; t < near.size(); ++t) {
+    if (near[t].bound > U) continue;
+    // the candidates' rows are scattered in memory: fetch the next one while this one is scored
+    for (size_t u = t + 1; u < near.size(); ++u) {
+      if (near[u].bound <= U) {
+        const float* next = y + near[u].index * D;
+        for (int64_t line = 0; line < D; line += 16) __builtin_prefetch(next + line);
+        break;
+      }
+    }
+    pairs.emplace_back(distance(xi, y + near[t].index * D, D, fxi, fy[near[t].index], metric), near[t].index);
   }
   std::vector<Candidate>().swap(state.near[i]);
   const auto less = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
@@ -288,7 +354,7 @@ inline void finish_row(KnnState& state, int64_t i, const float* xi, const float*
     float maximum = 0.0f;
     for (const auto& a : state.far[i]) {
       if (a.bound >= floor) {
-        maximum = std::max(maximum, exact_distance(xi, y + a.index * D, D, fxi, fy[a.index], metric));
+        maximum = std::max(maximum, distance(xi, y + a.index * D, D, fxi, fy[a.index], metric));
       }
     }
     std::vector<Candidate>().swap(state.far[i]);
@@ -331,6 +397,7 @@ inline void knn_self_blocked_cpu(const at::Tensor& x, int64_t k, int64_t metric,
   for (int64_t r0 = Qd; r0 < N; r0 += kSelfBlock) blocks.emplace_back(r0, std::min(kSelfBlock, N - r0));
   const TileBound fp32_bound(TilePrecision::kFloat32, metric, D), own_bound(precision, metric, D);
   std::vector<RowScratch> scratch(at::get_num_threads());
+  TileBuffer tile_buffer, transposed_buffer;
   for (size_t b = 0; b < blocks.size(); ++b) {
     const int64_t r0 = blocks[b].first, rows = blocks[b].second;
     const bool dense = r0 < Qd;
@@ -338,7 +405,9 @@ inline void knn_self_blocked_cpu(const at::Tensor& x, int64_t k, int64_t metric,
     const TileBound& bound = dense ? fp32_bound : own_bound;
     for (size_t cb = b; cb < blocks.size(); ++cb) {
       const int64_t c0 = blocks[cb].first, cols = blocks[cb].second;
-      const auto tile = gemm_nt(tile_operand(x, t, p, r0, rows), tile_operand(x, t, p, c0, cols));
+      const auto a = tile_operand(x, t, p, r0, rows);
+      auto tile = tile_buffer.view(rows, cols, a.scalar_type());
+      gemm_nt_into(a, tile_operand(x, t, p, c0, cols), tile);
       dispatch_tile(tile, [&](auto* tp) {
         const int64_t ld = tile.stride(0);
         at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
@@ -353,7 +422,8 @@ inline void knn_self_blocked_cpu(const at::Tensor& x, int64_t k, int64_t metric,
         if (cb == b) return;
         // the columns of the tile see its rows as neighbours: read them from a transposed copy
         // (a strided column walk thrashes the TLB)
-        const auto tile_t = tile.t().contiguous();
+        auto tile_t = transposed_buffer.view(cols, rows, tile.scalar_type());
+        tile_t.copy_(tile.t());
         dispatch_tile(tile_t, [&](auto* tq) {
           const int64_t ld_t = tile_t.stride(0);
           at::parallel_for(0, cols, 8, [&](int64_t begin, int64_t end) {
@@ -394,12 +464,15 @@ inline void knn_blocked_cpu(const at::Tensor& x, const at::Tensor& y, int64_t k,
   const float* xp = x.data_ptr<float>();
   const float* yp = y.data_ptr<float>();
   std::vector<RowScratch> scratch(at::get_num_threads());
+  TileBuffer tile_buffer;
   for (int64_t r0 = 0; r0 < M; r0 += kRowBlock) {
     const int64_t rows = std::min(kRowBlock, M - r0);
     KnnState state(rows, k, false);
     for (int64_t c0 = 0; c0 < N; c0 += kColBlock) {
       const int64_t cols = std::min(kColBlock, N - c0);
-      const auto tile = gemm_nt(tile_operand(x, tx, precision, r0, rows), tile_operand(y, ty, precision, c0, cols));
+      const auto a = tile_operand(x, tx, precision, r0, rows);
+      auto tile = tile_buffer.view(rows, cols, a.scalar_type());
+      gemm_nt_into(a, tile_operand(y, ty, precision, c0, cols), tile);
       dispatch_tile(tile, [&](auto* tp) {
         const int64_t ld = tile.stride(0);
         at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {

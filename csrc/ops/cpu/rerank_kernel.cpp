@@ -18,7 +18,7 @@ namespace {
 
 constexpr int64_t kChunkRows = 4096;
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> neighbors_from_features_cpu(const at::Tensor& features_in,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> neighbors_from_features_cpu(const at::Tensor& features_in,
                                                                           int64_t kmax, int64_t num_query,
                                                                           bool with_row_max, bool bf16_search) {
   check_features(features_in, "features");
@@ -39,7 +39,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> neighbors_from_features_cpu(const
   knn_blocked_cpu(features, features, kmax, kSqEuclidean,
                   bf16_search ? TilePrecision::kBFloat16 : TilePrecision::kFloat32, rank_dist.data_ptr<float>(),
                   rank.data_ptr<int64_t>(), extras);
-  return {rank, row_max, qg};
+  return {rank, rank_dist, row_max, qg};
 }
 
 std::tuple<at::Tensor, at::Tensor> neighbors_from_distances_cpu(const at::Tensor& qg_in, const at::Tensor& qq_in,
@@ -134,16 +134,26 @@ at::Tensor gaussian_weights_cpu(const at::Tensor& indptr, const at::Tensor& indi
 }
 
 at::Tensor weights_from_features_cpu(const at::Tensor& features_in, const at::Tensor& indptr_in,
-                                     const at::Tensor& indices_in, const at::Tensor& row_max_in) {
+                                     const at::Tensor& indices_in, const at::Tensor& row_max_in,
+                                     const at::Tensor& rank_in, const at::Tensor& rank_dist_in) {
   const auto features = features_in.to(at::kFloat).contiguous();
   const auto indptr = indptr_in.contiguous(), indices = indices_in.contiguous();
-  const int64_t D = features.size(1);
+  const int64_t n = features.size(0), D = features.size(1);
+  const auto rank = rank_in.contiguous();
+  const auto rank_dist = rank_dist_in.to(at::kFloat).contiguous();
+  TORCH_CHECK(rank.dim() == 2 && rank.size(0) == n && rank_dist.sizes() == rank.sizes() && rank.scalar_type() == at::kLong,
+              "_weights_from_features: rank must be (", n, ", k) int64 with rank_dist of the same shape, got ",
+              rank.sizes(), " and ", rank_dist.sizes());
+  const int64_t k = rank.size(1);
+  const int64_t* rp = rank.const_data_ptr<int64_t>();
+  const float* rdp = rank_dist.const_data_ptr<float>();
   const float* fp = features.const_data_ptr<float>();
   const bool normalised = row_max_in.numel() > 0;
   const auto row_max = normalised ? row_max_in.to(at::kFloat).contiguous() : row_max_in;
   const float* mp = normalised ? row_max.const_data_ptr<float>() : nullptr;
   return gaussian_weights_cpu(indptr, indices, [&](int64_t i, int64_t j) {
-    const float d = exact_distance(fp + i * D, fp + j * D, D, 1.0f, 1.0f, kSqEuclidean);
+    const int64_t t = find_in_list(rp + i * k, k, j);
+    const float d = t >= 0 ? rdp[i * k + t] : exact_distance(fp + i * D, fp + j * D, D, 1.0f, 1.0f, kSqEuclidean);
     return normalised ? normalise(d, mp[i]) : d;
   });
 }

@@ -19,7 +19,7 @@ constexpr int64_t kChunkRowsCuda = 16384;
 constexpr int64_t kDenseBudget = int64_t(1) << 26;  // floats in a dense scratch block (256 MB)
 
 // bf16_search is a CPU option (fp32 search here); the row maxima are always computed.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> neighbors_from_features_cuda(const at::Tensor& features_in,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> neighbors_from_features_cuda(const at::Tensor& features_in,
                                                                            int64_t kmax, int64_t num_query,
                                                                            bool /*with_row_max*/,
                                                                            bool /*bf16_search*/) {
@@ -42,7 +42,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> neighbors_from_features_cuda(cons
   }
   knn_blocked_cuda(features, features, kmax, kSqEuclidean, rank_dist.data_ptr<float>(), rank.data_ptr<int64_t>(),
                    extras);
-  return {rank, row_max, qg};
+  return {rank, rank_dist, row_max, qg};
 }
 
 __global__ void neighbors_from_distances_kernel(DistanceRows rows, int64_t kmax, float* heap_d, int64_t* rank,
@@ -147,28 +147,39 @@ struct ExpFunctor {
 };
 
 __global__ void weights_from_features_kernel(const float* features, int64_t D, const int64_t* indptr,
-                                             const int64_t* indices, const float* row_max, int64_t n, float* values) {
+                                             const int64_t* indices, const float* row_max, const int64_t* rank,
+                                             const float* rank_dist, int64_t k, int64_t n, float* values) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= n) return;
   for (int64_t t = indptr[i]; t < indptr[i + 1]; ++t) {
-    const float d = exact_distance(features + i * D, features + indices[t] * D, D, 1.0f, 1.0f, kSqEuclidean);
+    const int64_t j = indices[t], u = find_in_list(rank + i * k, k, j);
+    const float d = u >= 0 ? rank_dist[i * k + u]
+                           : exact_distance(features + i * D, features + j * D, D, 1.0f, 1.0f, kSqEuclidean);
     values[t] = row_max != nullptr ? normalise(d, row_max[i]) : d;
   }
   gaussian_weights(values + indptr[i], indptr[i + 1] - indptr[i], ExpFunctor());
 }
 
 at::Tensor weights_from_features_cuda(const at::Tensor& features_in, const at::Tensor& indptr_in,
-                                      const at::Tensor& indices_in, const at::Tensor& row_max_in) {
+                                      const at::Tensor& indices_in, const at::Tensor& row_max_in,
+                                      const at::Tensor& rank_in, const at::Tensor& rank_dist_in) {
   c10::cuda::CUDAGuard guard(features_in.device());
   const auto features = features_in.to(at::kFloat).contiguous();
   const auto indptr = indptr_in.contiguous(), indices = indices_in.contiguous();
   const bool normalised = row_max_in.numel() > 0;
   const auto row_max = normalised ? row_max_in.to(at::kFloat).contiguous() : row_max_in;
   const int64_t n = indptr.numel() - 1;
+  const auto rank = rank_in.contiguous();
+  const auto rank_dist = rank_dist_in.to(at::kFloat).contiguous();
+  TORCH_CHECK(rank.dim() == 2 && rank.size(0) == features.size(0) && rank_dist.sizes() == rank.sizes() &&
+                  rank.scalar_type() == at::kLong,
+              "_weights_from_features: rank must be (", features.size(0), ", k) int64 with rank_dist of the same "
+              "shape, got ", rank.sizes(), " and ", rank_dist.sizes());
   auto values = at::empty({indices.numel()}, features.options());
   weights_from_features_kernel<<<blocks_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
       features.data_ptr<float>(), features.size(1), indptr.data_ptr<int64_t>(), indices.data_ptr<int64_t>(),
-      normalised ? row_max.data_ptr<float>() : nullptr, n, values.data_ptr<float>());
+      normalised ? row_max.data_ptr<float>() : nullptr, rank.data_ptr<int64_t>(), rank_dist.data_ptr<float>(),
+      rank.size(1), n, values.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return values;
 }
