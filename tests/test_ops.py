@@ -843,7 +843,8 @@ def test_gaussian_weights_reuse_the_neighbour_search_distances_bit_for_bit():
     corrupted = rank_dist.clone()
     corrupted[5, 1:] += 0.5  # row 5's listed distances (not its own, which stays 0)
     changed = _ops._weights_from_features(features, indptr, indices, row_max, rank, corrupted)
-    differs = [bool((changed[indptr[i] : indptr[i + 1]] != reused[indptr[i] : indptr[i + 1]]).any()) for i in range(400)]
+    rows = [slice(int(indptr[i]), int(indptr[i + 1])) for i in range(400)]
+    differs = [bool((changed[r] != reused[r]).any()) for r in rows]
     assert differs[5] and sum(differs) == 1
 
 
