@@ -458,10 +458,10 @@ class TwoViews:
     1 and teacher 1, view 2 feeds student 2 and teacher 2."""
 
     def __init__(self, transform):
-        self.transform = transform
+        self.transform, self.draws_from_generator = transform, getattr(transform, "draws_from_generator", False)
 
-    def __call__(self, image):
-        return self.transform(image), self.transform(image)
+    def __call__(self, image, *generator):  # generator: given when the transform draws from one (ImageDataset)
+        return self.transform(image, *generator), self.transform(image, *generator)
 
 
 def make_two_view_loader(items, transform, cache, batch_size: int, seed: int, epoch: int, args) -> IterLoader:

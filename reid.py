@@ -12,12 +12,15 @@ import contextlib
 import glob
 import itertools
 import json
+import math
 import os
 import pickle
+import queue
 import random
 import re
 import shutil
 import sys
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -33,6 +36,7 @@ import torchvision
 import torchvision.transforms as T
 from PIL import Image
 from torch import nn
+from torchvision.transforms.autoaugment import _apply_op as _apply_autoaugment_op
 from tqdm import tqdm
 
 try:
@@ -718,12 +722,21 @@ class DecodedImageCache:
         self.capacity = int(megabytes * 2**20)
         self.used = 0
         self.images: dict[str, Image.Image] = {}
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:  # loading processes started by spawn get a copy with a lock of their own
+        return {key: value for key, value in self.__dict__.items() if key != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def add(self, path: str, image: Image.Image) -> None:
         size = 3 * image.width * image.height
-        if self.used + size <= self.capacity:
-            self.images[path] = image
-            self.used += size
+        with self._lock:  # a loading thread (BackgroundLoader) and the training process may both add
+            if self.used + size <= self.capacity:
+                self.images[path] = image
+                self.used += size
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -782,6 +795,9 @@ class ImageDataset(torch.utils.data.Dataset):
         _, pid, camid = self.items[candidate]
         if seed is None:
             return self.transform(image), pid, camid, candidate
+        if getattr(self.transform, "draws_from_generator", False):
+            # a generator of its own: no global state touched, so a loading thread can run beside the training step
+            return self.transform(image, torch.Generator().manual_seed(seed)), pid, camid, candidate
         # The transforms draw from Python's and torch's global CPU generators: seed them for this sample only and put
         # the caller's states back, so that loading in the training process (0 workers) leaves its RNG alone. Only
         # the CPU generator: torch.manual_seed would also reseed every accelerator's generator (and, before CUDA is
@@ -819,43 +835,93 @@ def uint8_pixels(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
+class CachedAutoAugment(T.AutoAugment):
+    """torchvision's AutoAugment with the ImageNet policy and the same output, two differences: the magnitude bins
+    are computed once per image size (torchvision builds ten tensors per image: a fifth of the augmentation's time
+    at the demo size) and the three random draws per image come from `generator` when one is given (a loading
+    thread must not touch the global generator the training step uses). The operations are torchvision's."""
+
+    def __init__(self) -> None:
+        super().__init__(T.AutoAugmentPolicy.IMAGENET)
+        self._spaces: dict[tuple[int, int], dict] = {}
+
+    def forward(self, img: Any, generator: torch.Generator | None = None) -> Any:
+        if not isinstance(img, Image.Image):
+            return super().forward(img)
+        width, height = img.size
+        space = self._spaces.get((height, width))
+        if space is None:
+            space = self._spaces[(height, width)] = self._augmentation_space(10, (height, width))
+        # the draws of T.AutoAugment.get_params, in its order
+        policy = int(torch.randint(len(self.policies), (1,), generator=generator).item())
+        probs = torch.rand((2,), generator=generator)
+        signs = torch.randint(2, (2,), generator=generator)
+        for i, (name, p, magnitude_id) in enumerate(self.policies[policy]):
+            if probs[i] <= p:
+                magnitudes, signed = space[name]
+                magnitude = float(magnitudes[magnitude_id].item()) if magnitude_id is not None else 0.0
+                if signed and signs[i] == 0:
+                    magnitude *= -1.0
+                img = _apply_autoaugment_op(img, name, magnitude, interpolation=self.interpolation, fill=self.fill)
+        return img
+
+
 class TrainTransform:
     """The training augmentation, in the release's order: [AutoAugment] -> resize -> flip -> pad -> crop -> to
     [0, 1] -> ImageNet normalisation -> [random erasing].
 
-    Called on a PIL image it runs the PIL steps and draws the erasing box (the same random draws, in the same order,
-    as torchvision's transforms one after another) and returns a PreparedImage; `finish_images` does the tensor steps
-    on a whole batch at once, which the training loaders' collate function calls (make_loader). The result is
-    bit-identical to applying every step to each image (tests/test_pretrain.py), at a fraction of the per-image
-    cost."""
+    Called on a PIL image it runs the PIL steps and draws the erasing box and returns a PreparedImage;
+    `finish_images` does the tensor steps on a whole batch at once, which the training loaders' collate function
+    calls (make_loader). Its random draws are those of torchvision's transforms applied one after another (same
+    calls, same order), taken from `generator` when given, else from the global generator, so the result is
+    bit-identical to torchvision's per-image chain (tests/test_pretrain.py) at a fraction of the per-image cost."""
+
+    draws_from_generator = True  # ImageDataset passes a per-sample generator instead of seeding the global one
 
     def __init__(self, height: int, width: int, autoaugment: bool, random_erasing: bool):
-        steps: list[Any] = []
-        if autoaugment:
-            # The release applies its ImageNet policy to ~all images (its fade-out schedule is inert,
-            # docs/differences.md#image-pipelines).
-            steps.append(T.AutoAugment(T.AutoAugmentPolicy.IMAGENET))
-        steps += [
-            T.Resize((height, width), interpolation=T.InterpolationMode.BICUBIC),
-            T.RandomHorizontalFlip(),
-            T.Pad(release_padding(width)),
-            T.RandomCrop((height, width)),
-        ]
-        self.pil_steps = T.Compose(steps)
+        # The release applies its ImageNet policy to ~all images (its fade-out schedule is inert,
+        # docs/differences.md#image-pipelines).
+        self.autoaugment = CachedAutoAugment() if autoaugment else None
+        self.size = (height, width)
+        self.resize = T.Resize((height, width), interpolation=T.InterpolationMode.BICUBIC)
+        self.padding = release_padding(width)
         # as the release: the ImageNet means written into the normalised tensor, p 0.5, area [0.02, 0.4]
         self.erasing = T.RandomErasing(p=0.5, scale=(0.02, 0.4), ratio=(0.3, 3.3)) if random_erasing else None
-        self._shape = torch.empty(1).expand(3, height, width)  # what RandomErasing.get_params reads: the shape
 
-    def __call__(self, image: Image.Image) -> PreparedImage:
-        image = self.pil_steps(image)
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> PreparedImage:
+        if self.autoaugment is not None:
+            image = self.autoaugment(image, generator)
+        image = self.resize(image)
+        if torch.rand(1, generator=generator) < 0.5:  # T.RandomHorizontalFlip
+            image = T.functional.hflip(image)
+        image = T.functional.pad(image, self.padding)
+        # T.RandomCrop.get_params (the padded image is always larger than the crop)
+        height, width = self.size
+        top = int(torch.randint(0, image.height - height + 1, size=(1,), generator=generator).item())
+        left = int(torch.randint(0, image.width - width + 1, size=(1,), generator=generator).item())
+        image = T.functional.crop(image, top, left, height, width)
         box = torch.zeros(4, dtype=torch.int64)
-        if self.erasing is not None and torch.rand(1) < self.erasing.p:
-            top, left, height, width, value = T.RandomErasing.get_params(
-                self._shape, scale=self.erasing.scale, ratio=self.erasing.ratio, value=list(IMAGENET_MEAN)
-            )
-            if value is not self._shape:  # get_params returns the image itself when no box fitted: nothing erased
-                box = torch.tensor([top, left, height, width])
+        if self.erasing is not None and torch.rand(1, generator=generator) < self.erasing.p:
+            box = erasing_box(height, width, self.erasing.scale, self.erasing.ratio, generator)
         return PreparedImage(uint8_pixels(image), box)
+
+
+def erasing_box(
+    height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float], generator: torch.Generator | None
+) -> torch.Tensor:
+    """T.RandomErasing.get_params with a fixed fill, its draws from `generator`: up to ten tries of an area fraction
+    in `scale` and a log-uniform aspect ratio in `ratio`; (top, left, height, width), or zeros when none fitted."""
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        area = height * width * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator)).item()
+        box_height, box_width = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+        if not (box_height < height and box_width < width):
+            continue
+        top = int(torch.randint(0, height - box_height + 1, size=(1,), generator=generator).item())
+        left = int(torch.randint(0, width - box_width + 1, size=(1,), generator=generator).item())
+        return torch.tensor([top, left, box_height, box_width])
+    return torch.zeros(4, dtype=torch.int64)
 
 
 def finish_images(batch: Any) -> Any:
@@ -2382,11 +2448,13 @@ def default_workers() -> int:
 
 def make_loader(
     dataset, sampler, batch_size: int, workers: int, persistent: bool = True
-) -> torch.utils.data.DataLoader:
+) -> torch.utils.data.DataLoader | BackgroundLoader:
     """The training DataLoader of every stage: `batch_size` samples per step and process from `sampler`, incomplete
     last batches dropped. `persistent` keeps the worker processes between epochs (the sampler runs in this process,
-    so its set_epoch still applies); a loader rebuilt every epoch passes False."""
-    return torch.utils.data.DataLoader(
+    so its set_epoch still applies); a loader rebuilt every epoch passes False. Without worker processes, a loader
+    whose samples draw from generators of their own (seeded samples of TrainTransform) is read by a BackgroundLoader
+    thread, one batch ahead of the training step."""
+    loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
@@ -2396,6 +2464,71 @@ def make_loader(
         persistent_workers=persistent and workers > 0,
         pin_memory=torch.cuda.is_available(),
     )
+    own_generators = getattr(sampler, "seed_samples", False) and getattr(
+        dataset.transform, "draws_from_generator", False
+    )
+    return BackgroundLoader(loader) if workers == 0 and own_generators else loader
+
+
+class BackgroundLoader:
+    """Reads a DataLoader without worker processes in a thread, `depth` batches ahead of its consumer.
+
+    On a 2-core CPU a loading process competes with the training step's two threads for the cores; loading between
+    steps leaves the cores idle during the step's single-threaded parts. A thread fills those gaps: Pillow's and
+    torch's C code release the GIL. Only for datasets whose samples draw from generators of their own (the thread
+    must not touch the global generators the training step uses); batches are the same as the plain loader's.
+    Errors in the thread are raised by the consumer; an iterator closed early stops its thread."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader, depth: int = 1):
+        self.loader = loader
+        self.depth = depth
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str) -> Any:  # sampler, dataset, batch_size, ... of the wrapped loader
+        if name == "loader":
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+    def __iter__(self) -> Iterator:
+        batches: queue.Queue = queue.Queue(maxsize=self.depth)
+        stop = threading.Event()
+
+        def offer(item: tuple) -> bool:
+            while not stop.is_set():
+                try:
+                    batches.put(item, timeout=0.05)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        # made here, not in the thread: a DataLoader iterator draws its base seed from the global generator
+        iterator = iter(self.loader)
+
+        def read() -> None:
+            try:
+                for batch in iterator:
+                    if not offer(("batch", batch)):
+                        return
+                offer(("end", None))
+            except BaseException as error:  # noqa: BLE001 (handed to the consumer)
+                offer(("error", error))
+
+        thread = threading.Thread(target=read, name="BackgroundLoader", daemon=True)
+        thread.start()
+        try:
+            while True:
+                kind, item = batches.get()
+                if kind == "end":
+                    return
+                if kind == "error":
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            thread.join()
 
 
 def split_global_batch(batch_size: int, group: int = 1) -> int:

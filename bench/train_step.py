@@ -1,19 +1,24 @@
 """Images per second of pretrain.py's training step: real (data loading included) vs model-only vs fp32 eager.
 
-    python bench/train_step.py --data-root /path/to/demo/data [--archs resnet18 resnet50] [--steps 10]
+    python bench/train_step.py --data-root /path/to/demo/data [--archs resnet18 resnet50] [--blocks 3]
 
-For each architecture, one process measures four variants of the step pretrain.py runs (demo size by default:
-96x48 images, batch 64, source + one BN-adaptation target batch per step), one step of each in turn:
+For each architecture, one process measures five variants of the step pretrain.py runs (demo size by default:
+96x48 images, batch 64, source + one BN-adaptation target batch per step):
 
-* real: batches come from the same DataLoader set-up as pretrain.py (reid.make_loader, its default number of worker
-  processes, RandomIdentitySampler for the source and SeededRandomSampler for the target, the training transform
-  with AutoAugment, the decoded-image cache of --image-cache-mb, filled by one untimed pass over both sets first:
-  the steady state of a run after its first pass), bf16 autocast + channels_last (pretrain.py's --amp default);
-* real_cold: the same with the cache off (every image decoded at every read: a run's first pass, or
+* real: batches come from the same loaders as pretrain.py (reid.make_loader: without worker processes, the
+  default on 2 CPUs, a BackgroundLoader thread reads one batch ahead of the step; RandomIdentitySampler for the
+  source and SeededRandomSampler for the target, the training transform with AutoAugment, the decoded-image cache
+  of --image-cache-mb, filled by one untimed pass over both sets first: the steady state of a run after its first
+  pass), bf16 autocast + channels_last (pretrain.py's --amp default);
+* real_inline: the same batches read by a plain DataLoader in the step itself (no thread: the loading of earlier
+  versions);
+* real_cold: as real with the cache off (every image decoded at every read: a run's first pass, or
   --image-cache-mb 0);
 * model-only: the same step on batches loaded beforehand (no data loading in the timed loop);
 * fp32 eager: model-only, without autocast/channels_last (the plain baseline).
 
+The variants take turns in blocks of consecutive steps (a drift of the machine hits them all alike); the first two
+steps of a block are not timed, because a loading thread prepares its next batches while the other variants run.
 images/s counts the labelled source images of a step (the target batch is part of the step's cost). Without
 --data-root a small benchmark is generated into a temporary folder (make_demo_data.py's "tiny" preset). The step body
 mirrors pretrain.py's loop (forward, label-smoothed CE + softmax triplet, target forward without gradients, Adam
@@ -62,18 +67,18 @@ def make_step(model, optimizer, amp: bool, device: torch.device):
     return step
 
 
-def timed_round_robin(fns: dict, warmup: int, steps: int) -> dict[str, list[float]]:
-    """Step times of every variant, one step of each in turn: a drift of the machine (warm-up, frequency, another
-    process) then hits every variant alike instead of the one measured first."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
+def timed_blocks(fns: dict, blocks: int, steps: int, untimed: int = 2) -> dict[str, list[float]]:
+    """Step times of every variant: `blocks` rounds in which each variant runs `untimed` + `steps` consecutive
+    steps. Blocks rather than single steps: a variant's loading thread works ahead while the others run, and the
+    steps that consume that head start are not timed."""
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(steps):
+    for _ in range(blocks):
         for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+            for step in range(untimed + steps):
+                start = time.perf_counter()
+                fn()
+                if step >= untimed:
+                    times[name].append(time.perf_counter() - start)
     return times
 
 
@@ -106,12 +111,12 @@ def measure_arch(arch: str, data_root: Path, args: argparse.Namespace) -> dict:
     num_classes = len({pid for _, pid, _ in source})
     # pretrain.py's defaults: AutoAugment on, random erasing off (the release's)
     transform = reid.build_train_transform(args.height, args.width, autoaugment=True, random_erasing=False)
-    samples = (args.warmup + args.steps + 1) * args.batch_size * 4
+    samples = (args.blocks * (args.steps + 2) + 2) * args.batch_size
     source_sampler = reid.RandomIdentitySampler(source, 4, 1, samples, True)
     target_sampler = reid.SeededRandomSampler(len(target), 1001, samples, True)
     workers = reid.default_workers() if args.workers is None else args.workers
     loaders = {}
-    for variant, megabytes in (("real", args.image_cache_mb), ("real_cold", 0)):
+    for variant, megabytes in (("real", args.image_cache_mb), ("real_inline", args.image_cache_mb), ("real_cold", 0)):
         cache = reid.DecodedImageCache(megabytes)
         source_set = reid.ImageDataset(source, transform, cache=cache)
         target_set = reid.ImageDataset(target, transform, cache=cache)
@@ -119,23 +124,36 @@ def measure_arch(arch: str, data_root: Path, args: argparse.Namespace) -> dict:
             for dataset in (source_set, target_set):
                 for index in range(len(dataset)):
                     dataset._load(index)
-        loaders[variant] = (
-            reid.make_loader(source_set, source_sampler, args.batch_size, workers),
-            reid.make_loader(target_set, target_sampler, args.batch_size, workers),
-        )
+        pairs = ((source_set, source_sampler), (target_set, target_sampler))
+        if variant == "real_inline":
+            loaders[variant] = [
+                torch.utils.data.DataLoader(
+                    d, batch_size=args.batch_size, sampler=s, collate_fn=reid.collate_training_batch, drop_last=True
+                )
+                for d, s in pairs
+            ]
+        else:
+            loaders[variant] = [reid.make_loader(d, s, args.batch_size, workers) for d, s in pairs]
     result = {"arch": arch, "workers": workers, "image_cache_mb": args.image_cache_mb}
     variants = {}
-    for variant, amp in (("real", True), ("real_cold", True), ("model_only", True), ("fp32_eager", False)):
-        source_loader, target_loader = loaders["real_cold" if variant == "real_cold" else "real"]
+    for variant, amp in (
+        ("real", True),
+        ("real_inline", True),
+        ("real_cold", True),
+        ("model_only", True),
+        ("fp32_eager", False),
+    ):
+        source_loader, target_loader = loaders.get(variant, loaders["real"])
         variants[variant] = make_variant(
             variant.startswith("real"), amp, arch, num_classes, source_loader, target_loader
         )
-    for variant, times in timed_round_robin(variants, args.warmup, args.steps).items():
+    for variant, times in timed_blocks(variants, args.blocks, args.steps).items():
         seconds = statistics.median(times)
         result[variant] = {"step_s": seconds, "images_per_s": args.batch_size / seconds, "times_s": times}
         rate = args.batch_size / seconds
         print(f"  {arch:<10} {variant:<11} {seconds:7.3f} s/step  {rate:7.1f} images/s", flush=True)
     result["real_over_model_only"] = result["real"]["images_per_s"] / result["model_only"]["images_per_s"]
+    result["real_inline_over_model_only"] = result["real_inline"]["images_per_s"] / result["model_only"]["images_per_s"]
     result["real_cold_over_model_only"] = result["real_cold"]["images_per_s"] / result["model_only"]["images_per_s"]
     result["amp_over_fp32"] = result["model_only"]["images_per_s"] / result["fp32_eager"]["images_per_s"]
     return result
@@ -149,8 +167,8 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=96)
     parser.add_argument("--width", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant (median reported)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each variant first")
+    parser.add_argument("--blocks", type=int, default=3, help="rounds of consecutive steps per variant")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant and block (median reported)")
     parser.add_argument("--workers", type=int, help="data-loading processes (default: reid.default_workers())")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     parser.add_argument("--image-cache-mb", type=float, default=2048, help="decoded-image cache of the real variant")
@@ -169,7 +187,8 @@ def main() -> None:
     for r in results:
         print(
             f"{r['arch']}: real {r['real']['images_per_s']:.1f} img/s, model-only {r['model_only']['images_per_s']:.1f}"
-            f" img/s (real / model-only {r['real_over_model_only']:.2f}; cache off "
+            f" img/s (real / model-only {r['real_over_model_only']:.2f}; without the loading thread "
+            f"{r['real_inline_over_model_only']:.2f}; cache off "
             f"{r['real_cold_over_model_only']:.2f}), fp32 eager "
             f"{r['fp32_eager']['images_per_s']:.1f} img/s (bf16 autocast speed-up {r['amp_over_fp32']:.2f}x)"
         )

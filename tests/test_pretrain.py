@@ -432,7 +432,7 @@ def test_batched_augmentation_equals_torchvision_per_image(autoaugment, random_e
     images = [Image.fromarray(rng.integers(0, 256, (40, 20, 3), dtype=np.uint8)) for _ in range(24)]
     ours = reid.build_train_transform(32, 16, autoaugment, random_erasing)
     reference = torchvision_train_chain(32, 16, autoaugment, random_erasing)
-    prepared, expected = [], []
+    prepared, expected, own_generator = [], [], []
     for n, image in enumerate(images):
         torch.manual_seed(n)
         random.seed(n)
@@ -440,11 +440,75 @@ def test_batched_augmentation_equals_torchvision_per_image(autoaugment, random_e
         torch.manual_seed(n)
         random.seed(n)
         expected.append(reference(image))
+        state = torch.get_rng_state()
+        own_generator.append(ours(image, torch.Generator().manual_seed(n)))  # ImageDataset's seeded samples
+        assert torch.equal(torch.get_rng_state(), state)  # the global generator is not touched
+    for a, b in zip(prepared, own_generator, strict=True):
+        assert torch.equal(a.pixels, b.pixels) and torch.equal(a.erase_box, b.erase_box)
     batch = reid.collate_training_batch([(p, n) for n, p in enumerate(prepared)])
     assert torch.equal(batch[0], torch.stack(expected)) and batch[1].tolist() == list(range(24))
     assert torch.equal(reid.finish_images(prepared[3]), expected[3])  # a single sample too
     erased = sum(int(p.erase_box[2] > 0) for p in prepared)
     assert (0 < erased < 24) if random_erasing else erased == 0  # both kinds of sample in the batch
+
+
+def write_images(folder, count: int, size=(40, 20)) -> list:
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,))))
+    items = []
+    for n in range(count):
+        items.append((str(folder / f"{n // 4:04d}_c{1 + n % 2}s1_{n}_0.png"), n // 4, 1 + n % 2))
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(items[-1][0])
+    return items
+
+
+def test_background_loader_yields_the_plain_loaders_batches_and_leaves_global_rngs_alone(tmp_path):
+    """make_loader without worker processes reads seeded TrainTransform samples in a thread: the same batches, in
+    the same order, as a plain DataLoader over the same sampler, and the consumer's global generators advanced
+    exactly as the plain loader advances them."""
+    items = write_images(tmp_path, 12)
+    dataset = reid.ImageDataset(items, reid.build_train_transform(32, 16, True, True), cache=reid.DecodedImageCache(1))
+    sampler = reid.SeededRandomSampler(len(items), 7, 20, True)
+    loader = reid.make_loader(dataset, sampler, 4, 0)
+    assert isinstance(loader, reid.BackgroundLoader) and len(loader) == 5 and loader.sampler is sampler
+    plain = torch.utils.data.DataLoader(
+        dataset, batch_size=4, sampler=sampler, collate_fn=reid.collate_training_batch, drop_last=True
+    )
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        torch_state, python_state = torch.get_rng_state(), random.getstate()
+        got = list(loader)
+        after_thread = torch.get_rng_state()
+        assert random.getstate() == python_state
+        torch.set_rng_state(torch_state)
+        expected = list(plain)
+        # the same draws from the global generator as the plain loader (its base seed), none from the thread
+        assert torch.equal(torch.get_rng_state(), after_thread)
+        assert len(got) == len(expected) == 5
+        for a, b in zip(got, expected, strict=True):
+            assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    # unseeded samples draw from the global generator: no thread then
+    unseeded = reid.SeededRandomSampler(len(items), 7, 20, False)
+    assert isinstance(reid.make_loader(dataset, unseeded, 4, 0), torch.utils.data.DataLoader)
+    assert isinstance(reid.make_loader(dataset, sampler, 4, 1), torch.utils.data.DataLoader)
+
+
+def test_background_loader_raises_the_threads_errors_and_stops_when_closed(tmp_path):
+    import threading
+
+    items = write_images(tmp_path, 8)
+    bad = tmp_path / "0009_c1s1_9_0.jpg"
+    bad.write_bytes(b"not an image")
+    transform = reid.build_train_transform(32, 16, False, False)
+    broken = reid.make_loader(
+        reid.ImageDataset([*items[:3], (str(bad), 9, 1)], transform), reid.SeededRandomSampler(4, 0, 8, True), 2, 0
+    )
+    with pytest.raises(RuntimeError, match="0009_c1s1_9_0.jpg"):
+        list(broken)
+    loader = reid.make_loader(reid.ImageDataset(items, transform), reid.SeededRandomSampler(8, 0, 400, True), 2, 0)
+    batches = iter(loader)
+    next(batches)
+    batches.close()  # a consumer that stops early (a stage leaving its epoch loop)
+    assert not any(t.name == "BackgroundLoader" and t.is_alive() for t in threading.enumerate())
 
 
 def test_test_loader_batches_equal_the_per_image_test_transform(tmp_path):
