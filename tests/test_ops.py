@@ -858,3 +858,10 @@ def test_gaussian_weights_reject_a_mismatched_rank_table():
         _ops._weights_from_features(features, indptr, indices, row_max, rank[:5], rank_dist[:5])
     with pytest.raises(RuntimeError, match="rank must be"):
         _ops._weights_from_features(features, indptr, indices, row_max, rank, rank_dist[:, :2])
+
+
+def test_auto_candidate_precision_uses_bf16_only_for_large_searches_on_bf16_cpus():
+    from reid_ops import _bf16_search, _cpu_has_bf16_gemm
+
+    assert not _bf16_search("auto", 8191) and not _bf16_search("fp32", 10**6) and _bf16_search("bf16", 1)
+    assert _bf16_search("auto", 8192) == _cpu_has_bf16_gemm()

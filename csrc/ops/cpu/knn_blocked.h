@@ -29,6 +29,7 @@
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -208,45 +209,59 @@ struct RowScratch {
   }
 };
 
+// Tile value as float (bf16: its 16 bits are the top half of a float's; written so that the loops vectorise).
+inline float tile_value(float v) { return v; }
+inline float tile_value(c10::BFloat16 v) { return std::bit_cast<float>(static_cast<uint32_t>(v.x) << 16); }
+
 // Bounds [lo, hi] of the exact distances of row i (terms xt) to columns first_col.. (terms yt), from
-// the tile values `dots`; copies the clamped approximate distances to dense_out if not null.
+// the tile values `dots`; copies the clamped approximate distances to dense_out if not null. Every
+// operand is a local or a __restrict pointer so that the loop vectorises (offer_row's AVX-512 build).
 template <bool kCosineMetric, bool kBf16Tile, typename T>
-inline void row_bounds(const T* dots, int64_t cols, int64_t i, int64_t first_col, const TileBound& b,
-                       const RowTerms& xt, const RowTerms& yt, float* lo, float* hi, float* dense_out) {
+inline __attribute__((always_inline)) void row_bounds(const T* __restrict dots, int64_t cols, int64_t i,
+                                                      int64_t first_col, const TileBound& b, const RowTerms& xt,
+                                                      const RowTerms& yt, float* __restrict lo,
+                                                      float* __restrict hi, float* __restrict dense_out) {
   const int64_t metric = kCosineMetric ? kCosine : kSqEuclidean;
   const float fi = xt.factor[i], ni = xt.norm[i];
   const float ri = kBf16Tile ? xt.residual[i] : 0.0f, mi = kBf16Tile ? xt.rounded[i] : 0.0f;
-  const float* fj = yt.factor.data() + first_col;
-  const float* nj = yt.norm.data() + first_col;
-  const float* rj = kBf16Tile ? yt.residual.data() + first_col : nj;
-  const float* mj = kBf16Tile ? yt.rounded.data() + first_col : nj;
+  const float gamma_sum = b.gamma_sum, output_unit = b.output_unit, slack = b.slack;
+  const float* __restrict fj = yt.factor.data() + first_col;
+  const float* __restrict nj = yt.norm.data() + first_col;
+  const float* __restrict rj = kBf16Tile ? yt.residual.data() + first_col : nj;
+  const float* __restrict mj = kBf16Tile ? yt.rounded.data() + first_col : nj;
   const bool zero_row_i = kCosineMetric && !(ni > kMinNorm);
   constexpr float kInf = std::numeric_limits<float>::infinity();
   for (int64_t c = 0; c < cols; ++c) {
-    const float out = static_cast<float>(dots[c]);
+    const float out = tile_value(dots[c]);
     const float d = expanded_distance(out, fi, fj[c], metric);
-    const float e_dot = kBf16Tile ? ri * nj[c] + mi * rj[c] + b.gamma_sum * mi * mj[c] + b.output_unit * std::fabs(out)
-                                  : b.gamma_sum * ni * nj[c];
+    const float e_dot = kBf16Tile ? ri * nj[c] + mi * rj[c] + gamma_sum * mi * mj[c] + output_unit * std::fabs(out)
+                                  : gamma_sum * ni * nj[c];
     float e;
     if (kCosineMetric) {
-      e = e_dot * fi * fj[c] + b.slack * (2.0f + std::fabs(out) * fi * fj[c]);
+      e = e_dot * fi * fj[c] + slack * (2.0f + std::fabs(out) * fi * fj[c]);
       // a zero row's exact cosine distance (0.5 ||y / |y| ||^2) is not the expansion's: no bound
       e = (zero_row_i || !(nj[c] > kMinNorm)) ? kInf : e;
     } else {
-      e = 2.0f * e_dot + b.slack * (fi + fj[c] + 2.0f * std::fabs(out));
+      e = 2.0f * e_dot + slack * (fi + fj[c] + 2.0f * std::fabs(out));
     }
     e = e * 1.0001f + 1e-30f;
     const float l = d - e, h = d + e;
     lo[c] = l == l ? (l > 0.0f ? l : 0.0f) : 0.0f;  // exact distances are >= 0; NaN (overflow): no bound
     hi[c] = h == h ? h : kInf;
-    if (dense_out != nullptr) dense_out[c] = d > 0.0f ? d : 0.0f;
+  }
+  if (dense_out != nullptr) {
+    for (int64_t c = 0; c < cols; ++c) {
+      const float d = expanded_distance(tile_value(dots[c]), fi, fj[c], metric);
+      dense_out[c] = d > 0.0f ? d : 0.0f;
+    }
   }
 }
 
 // Feeds the tile entries of row i (bound terms xt[i]; columns first_col .. first_col + cols, terms
 // yt) to row `s` of the state.
 template <typename T>
-inline void offer_row(KnnState& state, int64_t s, int64_t i, const T* dots, int64_t cols, int64_t first_col,
+inline __attribute__((always_inline)) void offer_row_body(KnnState& state, int64_t s, int64_t i, const T* dots,
+                                                          int64_t cols, int64_t first_col,
                       const TileBound& bound, const RowTerms& xt, const RowTerms& yt, RowScratch& scratch,
                       float* dense_out) {
   scratch.reserve(cols);
@@ -289,6 +304,47 @@ inline void offer_row(KnnState& state, int64_t s, int64_t i, const T* dots, int6
       state.far_prune_at[s] = std::max<int64_t>(state.far_prune_at[s], 2 * static_cast<int64_t>(far.size()));
     }
   }
+}
+
+// offer_row_body compiled twice, for baseline x86-64 and for AVX-512 (its bound loops then run 16 lanes wide),
+// chosen at run time. Same operations, no FMA contraction (-ffp-contract=off): identical bounds either way.
+template <typename T>
+void offer_row_baseline(KnnState& state, int64_t s, int64_t i, const T* dots, int64_t cols, int64_t first_col,
+                        const TileBound& bound, const RowTerms& xt, const RowTerms& yt, RowScratch& scratch,
+                        float* dense_out) {
+  offer_row_body(state, s, i, dots, cols, first_col, bound, xt, yt, scratch, dense_out);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void offer_row_avx512(
+    KnnState& state, int64_t s, int64_t i, const T* dots, int64_t cols, int64_t first_col, const TileBound& bound,
+    const RowTerms& xt, const RowTerms& yt, RowScratch& scratch, float* dense_out) {
+  offer_row_body(state, s, i, dots, cols, first_col, bound, xt, yt, scratch, dense_out);
+}
+#endif
+
+inline bool cpu_has_avx512() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return has;
+#else
+  return false;
+#endif
+}
+
+template <typename T>
+inline void offer_row(KnnState& state, int64_t s, int64_t i, const T* dots, int64_t cols, int64_t first_col,
+                      const TileBound& bound, const RowTerms& xt, const RowTerms& yt, RowScratch& scratch,
+                      float* dense_out) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (cpu_has_avx512()) {
+    offer_row_avx512(state, s, i, dots, cols, first_col, bound, xt, yt, scratch, dense_out);
+    return;
+  }
+#endif
+  offer_row_baseline(state, s, i, dots, cols, first_col, bound, xt, yt, scratch, dense_out);
 }
 
 // exact_distance for the rescoring loops, also compiled for AVX-512 and chosen at run time (the
