@@ -15,7 +15,6 @@ import json
 import math
 import os
 import pickle
-import queue
 import random
 import re
 import shutil
@@ -733,7 +732,7 @@ class DecodedImageCache:
 
     def add(self, path: str, image: Image.Image) -> None:
         size = 3 * image.width * image.height
-        with self._lock:  # a loading thread (BackgroundLoader) and the training process may both add
+        with self._lock:  # loading threads (a user's DataLoader set-up) may add at the same time
             if self.used + size <= self.capacity:
                 self.images[path] = image
                 self.used += size
@@ -796,7 +795,7 @@ class ImageDataset(torch.utils.data.Dataset):
         if seed is None:
             return self.transform(image), pid, camid, candidate
         if getattr(self.transform, "draws_from_generator", False):
-            # a generator of its own: no global state touched, so a loading thread can run beside the training step
+            # a generator of its own: no global state to save, seed and restore
             return self.transform(image, torch.Generator().manual_seed(seed)), pid, camid, candidate
         # The transforms draw from Python's and torch's global CPU generators: seed them for this sample only and put
         # the caller's states back, so that loading in the training process (0 workers) leaves its RNG alone. Only
@@ -2448,13 +2447,11 @@ def default_workers() -> int:
 
 def make_loader(
     dataset, sampler, batch_size: int, workers: int, persistent: bool = True
-) -> torch.utils.data.DataLoader | BackgroundLoader:
+) -> torch.utils.data.DataLoader:
     """The training DataLoader of every stage: `batch_size` samples per step and process from `sampler`, incomplete
     last batches dropped. `persistent` keeps the worker processes between epochs (the sampler runs in this process,
-    so its set_epoch still applies); a loader rebuilt every epoch passes False. Without worker processes, a loader
-    whose samples draw from generators of their own (seeded samples of TrainTransform) is read by a BackgroundLoader
-    thread, one batch ahead of the training step."""
-    loader = torch.utils.data.DataLoader(
+    so its set_epoch still applies); a loader rebuilt every epoch passes False."""
+    return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
@@ -2464,71 +2461,6 @@ def make_loader(
         persistent_workers=persistent and workers > 0,
         pin_memory=torch.cuda.is_available(),
     )
-    own_generators = getattr(sampler, "seed_samples", False) and getattr(
-        dataset.transform, "draws_from_generator", False
-    )
-    return BackgroundLoader(loader) if workers == 0 and own_generators else loader
-
-
-class BackgroundLoader:
-    """Reads a DataLoader without worker processes in a thread, `depth` batches ahead of its consumer.
-
-    On a 2-core CPU a loading process competes with the training step's two threads for the cores; loading between
-    steps leaves the cores idle during the step's single-threaded parts. A thread fills those gaps: Pillow's and
-    torch's C code release the GIL. Only for datasets whose samples draw from generators of their own (the thread
-    must not touch the global generators the training step uses); batches are the same as the plain loader's.
-    Errors in the thread are raised by the consumer; an iterator closed early stops its thread."""
-
-    def __init__(self, loader: torch.utils.data.DataLoader, depth: int = 1):
-        self.loader = loader
-        self.depth = depth
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __getattr__(self, name: str) -> Any:  # sampler, dataset, batch_size, ... of the wrapped loader
-        if name == "loader":
-            raise AttributeError(name)
-        return getattr(self.loader, name)
-
-    def __iter__(self) -> Iterator:
-        batches: queue.Queue = queue.Queue(maxsize=self.depth)
-        stop = threading.Event()
-
-        def offer(item: tuple) -> bool:
-            while not stop.is_set():
-                try:
-                    batches.put(item, timeout=0.05)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        # made here, not in the thread: a DataLoader iterator draws its base seed from the global generator
-        iterator = iter(self.loader)
-
-        def read() -> None:
-            try:
-                for batch in iterator:
-                    if not offer(("batch", batch)):
-                        return
-                offer(("end", None))
-            except BaseException as error:  # noqa: BLE001 (handed to the consumer)
-                offer(("error", error))
-
-        thread = threading.Thread(target=read, name="BackgroundLoader", daemon=True)
-        thread.start()
-        try:
-            while True:
-                kind, item = batches.get()
-                if kind == "end":
-                    return
-                if kind == "error":
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            thread.join()
 
 
 def split_global_batch(batch_size: int, group: int = 1) -> int:

@@ -2,23 +2,22 @@
 
     python bench/train_step.py --data-root /path/to/demo/data [--archs resnet18 resnet50] [--blocks 3]
 
-For each architecture, one process measures five variants of the step pretrain.py runs (demo size by default:
+For each architecture, one process measures four variants of the step pretrain.py runs (demo size by default:
 96x48 images, batch 64, source + one BN-adaptation target batch per step):
 
-* real: batches come from the same loaders as pretrain.py (reid.make_loader: without worker processes, the
-  default on 2 CPUs, a BackgroundLoader thread reads one batch ahead of the step; RandomIdentitySampler for the
-  source and SeededRandomSampler for the target, the training transform with AutoAugment, the decoded-image cache
-  of --image-cache-mb, filled by one untimed pass over both sets first: the steady state of a run after its first
-  pass), bf16 autocast + channels_last (pretrain.py's --amp default);
-* real_inline: the same batches read by a plain DataLoader in the step itself (no thread: the loading of earlier
-  versions);
+* real: batches come from the same loaders as pretrain.py (reid.make_loader with its default number of worker
+  processes, none on 2 CPUs; RandomIdentitySampler for the source and SeededRandomSampler for the target, the
+  training transform with AutoAugment, the decoded-image cache of --image-cache-mb, filled by one untimed pass over
+  both sets first: the steady state of a run after its first pass), bf16 autocast + channels_last (pretrain.py's
+  --amp default);
 * real_cold: as real with the cache off (every image decoded at every read: a run's first pass, or
   --image-cache-mb 0);
 * model-only: the same step on batches loaded beforehand (no data loading in the timed loop);
 * fp32 eager: model-only, without autocast/channels_last (the plain baseline).
 
 The variants take turns in blocks of consecutive steps (a drift of the machine hits them all alike); the first two
-steps of a block are not timed, because a loading thread prepares its next batches while the other variants run.
+steps of a block are not timed (with loading processes, --workers > 0, they prepare batches while the other
+variants run).
 images/s counts the labelled source images of a step (the target batch is part of the step's cost). Without
 --data-root a small benchmark is generated into a temporary folder (make_demo_data.py's "tiny" preset). The step body
 mirrors pretrain.py's loop (forward, label-smoothed CE + softmax triplet, target forward without gradients, Adam
@@ -116,7 +115,7 @@ def measure_arch(arch: str, data_root: Path, args: argparse.Namespace) -> dict:
     target_sampler = reid.SeededRandomSampler(len(target), 1001, samples, True)
     workers = reid.default_workers() if args.workers is None else args.workers
     loaders = {}
-    for variant, megabytes in (("real", args.image_cache_mb), ("real_inline", args.image_cache_mb), ("real_cold", 0)):
+    for variant, megabytes in (("real", args.image_cache_mb), ("real_cold", 0)):
         cache = reid.DecodedImageCache(megabytes)
         source_set = reid.ImageDataset(source, transform, cache=cache)
         target_set = reid.ImageDataset(target, transform, cache=cache)
@@ -125,20 +124,11 @@ def measure_arch(arch: str, data_root: Path, args: argparse.Namespace) -> dict:
                 for index in range(len(dataset)):
                     dataset._load(index)
         pairs = ((source_set, source_sampler), (target_set, target_sampler))
-        if variant == "real_inline":
-            loaders[variant] = [
-                torch.utils.data.DataLoader(
-                    d, batch_size=args.batch_size, sampler=s, collate_fn=reid.collate_training_batch, drop_last=True
-                )
-                for d, s in pairs
-            ]
-        else:
-            loaders[variant] = [reid.make_loader(d, s, args.batch_size, workers) for d, s in pairs]
+        loaders[variant] = [reid.make_loader(d, s, args.batch_size, workers) for d, s in pairs]
     result = {"arch": arch, "workers": workers, "image_cache_mb": args.image_cache_mb}
     variants = {}
     for variant, amp in (
         ("real", True),
-        ("real_inline", True),
         ("real_cold", True),
         ("model_only", True),
         ("fp32_eager", False),
@@ -153,7 +143,6 @@ def measure_arch(arch: str, data_root: Path, args: argparse.Namespace) -> dict:
         rate = args.batch_size / seconds
         print(f"  {arch:<10} {variant:<11} {seconds:7.3f} s/step  {rate:7.1f} images/s", flush=True)
     result["real_over_model_only"] = result["real"]["images_per_s"] / result["model_only"]["images_per_s"]
-    result["real_inline_over_model_only"] = result["real_inline"]["images_per_s"] / result["model_only"]["images_per_s"]
     result["real_cold_over_model_only"] = result["real_cold"]["images_per_s"] / result["model_only"]["images_per_s"]
     result["amp_over_fp32"] = result["model_only"]["images_per_s"] / result["fp32_eager"]["images_per_s"]
     return result
@@ -187,8 +176,7 @@ def main() -> None:
     for r in results:
         print(
             f"{r['arch']}: real {r['real']['images_per_s']:.1f} img/s, model-only {r['model_only']['images_per_s']:.1f}"
-            f" img/s (real / model-only {r['real_over_model_only']:.2f}; without the loading thread "
-            f"{r['real_inline_over_model_only']:.2f}; cache off "
+            f" img/s (real / model-only {r['real_over_model_only']:.2f}; cache off "
             f"{r['real_cold_over_model_only']:.2f}), fp32 eager "
             f"{r['fp32_eager']['images_per_s']:.1f} img/s (bf16 autocast speed-up {r['amp_over_fp32']:.2f}x)"
         )

@@ -461,54 +461,26 @@ def write_images(folder, count: int, size=(40, 20)) -> list:
     return items
 
 
-def test_background_loader_yields_the_plain_loaders_batches_and_leaves_global_rngs_alone(tmp_path):
-    """make_loader without worker processes reads seeded TrainTransform samples in a thread: the same batches, in
-    the same order, as a plain DataLoader over the same sampler, and the consumer's global generators advanced
-    exactly as the plain loader advances them."""
+def test_seeded_loader_batches_leave_global_rngs_as_a_plain_loader_does(tmp_path):
+    """Seeded TrainTransform samples draw from generators of their own: two epochs of make_loader batches advance
+    the global generators exactly as a DataLoader that only draws its base seed does, and repeat exactly."""
     items = write_images(tmp_path, 12)
     dataset = reid.ImageDataset(items, reid.build_train_transform(32, 16, True, True), cache=reid.DecodedImageCache(1))
     sampler = reid.SeededRandomSampler(len(items), 7, 20, True)
     loader = reid.make_loader(dataset, sampler, 4, 0)
-    assert isinstance(loader, reid.BackgroundLoader) and len(loader) == 5 and loader.sampler is sampler
-    plain = torch.utils.data.DataLoader(
-        dataset, batch_size=4, sampler=sampler, collate_fn=reid.collate_training_batch, drop_last=True
-    )
     for epoch in range(2):
         sampler.set_epoch(epoch)
         torch_state, python_state = torch.get_rng_state(), random.getstate()
-        got = list(loader)
-        after_thread = torch.get_rng_state()
+        first = list(loader)
         assert random.getstate() == python_state
+        after = torch.get_rng_state()
         torch.set_rng_state(torch_state)
-        expected = list(plain)
-        # the same draws from the global generator as the plain loader (its base seed), none from the thread
-        assert torch.equal(torch.get_rng_state(), after_thread)
-        assert len(got) == len(expected) == 5
-        for a, b in zip(got, expected, strict=True):
+        torch.empty((), dtype=torch.int64).random_()  # the DataLoader iterator's base seed
+        assert torch.equal(torch.get_rng_state(), after)
+        again = list(loader)
+        assert len(first) == len(again) == 5
+        for a, b in zip(first, again, strict=True):
             assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
-    # unseeded samples draw from the global generator: no thread then
-    unseeded = reid.SeededRandomSampler(len(items), 7, 20, False)
-    assert isinstance(reid.make_loader(dataset, unseeded, 4, 0), torch.utils.data.DataLoader)
-    assert isinstance(reid.make_loader(dataset, sampler, 4, 1), torch.utils.data.DataLoader)
-
-
-def test_background_loader_raises_the_threads_errors_and_stops_when_closed(tmp_path):
-    import threading
-
-    items = write_images(tmp_path, 8)
-    bad = tmp_path / "0009_c1s1_9_0.jpg"
-    bad.write_bytes(b"not an image")
-    transform = reid.build_train_transform(32, 16, False, False)
-    broken = reid.make_loader(
-        reid.ImageDataset([*items[:3], (str(bad), 9, 1)], transform), reid.SeededRandomSampler(4, 0, 8, True), 2, 0
-    )
-    with pytest.raises(RuntimeError, match="0009_c1s1_9_0.jpg"):
-        list(broken)
-    loader = reid.make_loader(reid.ImageDataset(items, transform), reid.SeededRandomSampler(8, 0, 400, True), 2, 0)
-    batches = iter(loader)
-    next(batches)
-    batches.close()  # a consumer that stops early (a stage leaving its epoch loop)
-    assert not any(t.name == "BackgroundLoader" and t.is_alive() for t in threading.enumerate())
 
 
 def test_test_loader_batches_equal_the_per_image_test_transform(tmp_path):
