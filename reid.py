@@ -850,6 +850,8 @@ class CachedAutoAugment(T.AutoAugment):
         width, height = img.size
         space = self._spaces.get((height, width))
         if space is None:
+            if len(self._spaces) >= 4096:  # datasets of detections come in many sizes: keep the cache small
+                self._spaces.clear()
             space = self._spaces[(height, width)] = self._augmentation_space(10, (height, width))
         # the draws of T.AutoAugment.get_params, in its order
         policy = int(torch.randint(len(self.policies), (1,), generator=generator).item())

@@ -718,3 +718,20 @@ def test_partial_imagenet_weights_are_refused_unless_allowed(tmp_path):
     assert expected_missing[0] in str(refused.value) and "--allow-partial-weights" in str(refused.value)
     model = reid.build_model("resnet50_ibn", num_classes=0, pretrained=str(path), allow_partial_weights=True)
     torch.testing.assert_close(model.backbone.state_dict()["conv1.weight"], reference["conv1.weight"])
+
+
+def test_cached_autoaugment_equals_torchvision_for_every_image_size():
+    """CachedAutoAugment keeps the magnitude bins per image size (TranslateX/Y depend on it) and may draw from a
+    generator: on images of several sizes, seeded alike, its output equals torchvision's AutoAugment bit for bit."""
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,))))
+    ours, reference = reid.CachedAutoAugment(), T.AutoAugment(T.AutoAugmentPolicy.IMAGENET)
+    sizes = [(40, 20), (64, 32), (37, 91), (40, 20), (128, 64), (23, 17)]
+    for n in range(60):
+        height, width = sizes[n % len(sizes)]
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        torch.manual_seed(n)
+        expected = np.asarray(reference(image))
+        torch.manual_seed(n)
+        assert np.array_equal(np.asarray(ours(image)), expected)
+        assert np.array_equal(np.asarray(ours(image, torch.Generator().manual_seed(n))), expected)
+    assert len(ours._spaces) == len(set(sizes))
