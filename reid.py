@@ -19,7 +19,6 @@ import random
 import re
 import shutil
 import sys
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -721,21 +720,12 @@ class DecodedImageCache:
         self.capacity = int(megabytes * 2**20)
         self.used = 0
         self.images: dict[str, Image.Image] = {}
-        self._lock = threading.Lock()
-
-    def __getstate__(self) -> dict:  # loading processes started by spawn get a copy with a lock of their own
-        return {key: value for key, value in self.__dict__.items() if key != "_lock"}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
 
     def add(self, path: str, image: Image.Image) -> None:
         size = 3 * image.width * image.height
-        with self._lock:  # loading threads (a user's DataLoader set-up) may add at the same time
-            if self.used + size <= self.capacity:
-                self.images[path] = image
-                self.used += size
+        if self.used + size <= self.capacity:
+            self.images[path] = image
+            self.used += size
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -837,8 +827,8 @@ def uint8_pixels(image: Image.Image) -> torch.Tensor:
 class CachedAutoAugment(T.AutoAugment):
     """torchvision's AutoAugment with the ImageNet policy and the same output, two differences: the magnitude bins
     are computed once per image size (torchvision builds ten tensors per image: a fifth of the augmentation's time
-    at the demo size) and the three random draws per image come from `generator` when one is given (a loading
-    thread must not touch the global generator the training step uses). The operations are torchvision's."""
+    at the demo size) and the three random draws per image come from `generator` when one is given (a seeded
+    sample's own generator: no global state to save and restore). The operations are torchvision's."""
 
     def __init__(self) -> None:
         super().__init__(T.AutoAugmentPolicy.IMAGENET)
