@@ -29,6 +29,7 @@
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <cmath>
 #include <limits>
@@ -63,13 +64,15 @@ inline MkldnnMatmulFn mkldnn_matmul_fn() {
 // fault per 4 KB (about a tenth of the search). Through oneDNN when available (MKL's sgemm runs at a
 // fraction of the speed on AMD CPUs; oneDNN's bf16 kernels use AVX-512 BF16 or AMX), else at::mm_out.
 inline void gemm_nt_into(const at::Tensor& a, const at::Tensor& b, at::Tensor& out) {
-  static bool onednn_failed = false;  // e.g. bf16 on a CPU without bf16 instructions: oneDNN refuses
-  if (const MkldnnMatmulFn fn = mkldnn_matmul_fn(); fn != nullptr && !onednn_failed) {
+  // per tile dtype: oneDNN may refuse bf16 (a CPU without bf16 instructions) and still run fp32
+  static std::atomic<bool> onednn_failed[2] = {false, false};
+  std::atomic<bool>& failed = onednn_failed[a.scalar_type() == at::kBFloat16 ? 1 : 0];
+  if (const MkldnnMatmulFn fn = mkldnn_matmul_fn(); fn != nullptr && !failed.load()) {
     try {
       fn(a, b.t(), out, 0.0f, 1.0f);
       return;
     } catch (const c10::Error&) {
-      onednn_failed = true;
+      failed.store(true);
     }
   }
   at::mm_out(out, a, b.t());
@@ -373,6 +376,34 @@ inline ExactDistanceFn exact_distance_fn() {
 #endif
 }
 
+// The exact maximum distance of row i (re-ranking's normaliser): its far candidates rescored.
+inline void finish_row_maximum(KnnState& state, int64_t i, const float* xi, const float* y, int64_t D, float fxi,
+                               const float* fy, int64_t metric, float* row_max) {
+  if (!state.track_far) return;
+  const ExactDistanceFn distance = exact_distance_fn();
+  const float floor = state.far_floor[i];
+  float maximum = 0.0f;
+  for (const auto& a : state.far[i]) {
+    if (a.bound >= floor) maximum = std::max(maximum, distance(xi, y + a.index * D, D, fxi, fy[a.index], metric));
+  }
+  std::vector<Candidate>().swap(state.far[i]);
+  row_max[i] = maximum;
+}
+
+// The k nearest of (distance, index) pairs, in (distance, index) order, into out_dist / out_idx.
+inline void write_k_nearest(std::vector<std::pair<float, int64_t>>& pairs, int64_t k, float* out_dist,
+                            int64_t* out_idx) {
+  const auto less = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
+    return pair_less(a.first, a.second, b.first, b.second);
+  };
+  TORCH_CHECK(static_cast<int64_t>(pairs.size()) >= k, "knn: internal error, ", pairs.size(), " candidates for k=", k);
+  std::partial_sort(pairs.begin(), pairs.begin() + k, pairs.end(), less);
+  for (int64_t t = 0; t < k; ++t) {
+    out_dist[t] = pairs[t].first;
+    out_idx[t] = pairs[t].second;
+  }
+}
+
 // Exact rescoring of row i's candidates: the k nearest in (distance, index) order, and (if
 // tracked) the exact row maximum.
 inline void finish_row(KnnState& state, int64_t i, const float* xi, const float* y, int64_t D, float fxi,
@@ -395,27 +426,73 @@ inline void finish_row(KnnState& state, int64_t i, const float* xi, const float*
     pairs.emplace_back(distance(xi, y + near[t].index * D, D, fxi, fy[near[t].index], metric), near[t].index);
   }
   std::vector<Candidate>().swap(state.near[i]);
-  const auto less = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
-    return pair_less(a.first, a.second, b.first, b.second);
-  };
+  write_k_nearest(pairs, state.k, out_dist, out_idx);
+  finish_row_maximum(state, i, xi, y, D, fxi, fy, metric, row_max);
+}
+
+// Exact rescoring of every row of a self search, each unordered pair {i, j} once. exact_distance is
+// symmetric bit for bit (x - y and y - x are exact negatives, squared alike, summed in the same
+// order), and the near pairs of a kNN graph are mostly in both rows' lists: the later row reads the
+// earlier row's value instead of fetching an 8 KB row from anywhere in memory again.
+inline void finish_rows_self(KnnState& state, const float* x, int64_t N, int64_t D, const float* factor,
+                             int64_t metric, float* out_dist, int64_t* out_idx, float* row_max) {
   const int64_t k = state.k;
-  TORCH_CHECK(static_cast<int64_t>(pairs.size()) >= k, "knn: internal error, ", pairs.size(), " candidates for k=", k);
-  std::partial_sort(pairs.begin(), pairs.begin() + k, pairs.end(), less);
-  for (int64_t t = 0; t < k; ++t) {
-    out_dist[t] = pairs[t].first;
-    out_idx[t] = pairs[t].second;
-  }
-  if (state.track_far) {
-    const float floor = state.far_floor[i];
-    float maximum = 0.0f;
-    for (const auto& a : state.far[i]) {
-      if (a.bound >= floor) {
-        maximum = std::max(maximum, distance(xi, y + a.index * D, D, fxi, fy[a.index], metric));
+  std::vector<std::vector<int64_t>> lists(N);  // each row's surviving candidates, ascending index
+  std::vector<std::vector<float>> dists(N);     // their exact distances (pairs owned by the other row: unset)
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float U = state.upper_heap[i * k];
+      auto& list = lists[i];
+      for (const auto& c : state.near[i]) {
+        if (c.bound <= U) list.push_back(c.index);
+      }
+      std::vector<Candidate>().swap(state.near[i]);
+      std::sort(list.begin(), list.end());
+      dists[i].resize(list.size());
+    }
+  });
+  // pair {i, j} with j < i belongs to row j when row j lists i
+  const auto owned_by_other = [&](int64_t i, int64_t j) {
+    return j < i && std::binary_search(lists[j].begin(), lists[j].end(), i);
+  };
+  const ExactDistanceFn distance = exact_distance_fn();
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> todo;
+    for (int64_t i = begin; i < end; ++i) {
+      const auto& list = lists[i];
+      todo.clear();
+      for (size_t t = 0; t < list.size(); ++t) {
+        if (!owned_by_other(i, list[t])) todo.push_back(static_cast<int64_t>(t));
+      }
+      const float* xi = x + i * D;
+      for (size_t u = 0; u < todo.size(); ++u) {
+        if (u + 1 < todo.size()) {  // rows are scattered in memory: fetch the next while this one is scored
+          const float* next = x + list[todo[u + 1]] * D;
+          for (int64_t line = 0; line < D; line += 16) __builtin_prefetch(next + line);
+        }
+        const int64_t j = list[todo[u]];
+        dists[i][todo[u]] = distance(xi, x + j * D, D, factor[i], factor[j], metric);
       }
     }
-    std::vector<Candidate>().swap(state.far[i]);
-    row_max[i] = maximum;
-  }
+  });
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    std::vector<std::pair<float, int64_t>> pairs;
+    for (int64_t i = begin; i < end; ++i) {
+      const auto& list = lists[i];
+      pairs.clear();
+      for (size_t t = 0; t < list.size(); ++t) {
+        const int64_t j = list[t];
+        float d = dists[i][t];
+        if (owned_by_other(i, j)) {
+          const auto& other = lists[j];
+          d = dists[j][std::lower_bound(other.begin(), other.end(), i) - other.begin()];
+        }
+        pairs.emplace_back(d, j);
+      }
+      write_k_nearest(pairs, k, out_dist + i * k, out_idx + i * k);
+      finish_row_maximum(state, i, x + i * D, x, D, factor[i], factor, metric, row_max);
+    }
+  });
 }
 
 inline at::Tensor tile_operand(const at::Tensor& x, const RowTerms& t, TilePrecision p, int64_t start, int64_t len) {
@@ -492,14 +569,7 @@ inline void knn_self_blocked_cpu(const at::Tensor& x, int64_t k, int64_t metric,
       });
     }
   }
-  const float* xp = x.data_ptr<float>();
-  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-    std::vector<std::pair<float, int64_t>> pairs;
-    for (int64_t i = begin; i < end; ++i) {
-      finish_row(state, i, xp + i * D, xp, D, t.factor[i], t.factor.data(), metric, out_dist + i * k,
-                 out_idx + i * k, extras.row_max, pairs);
-    }
-  });
+  finish_rows_self(state, x.data_ptr<float>(), N, D, t.factor.data(), metric, out_dist, out_idx, extras.row_max);
 }
 
 // x (M, D) and y (N, D) float32 contiguous. Writes the exact k nearest (distance, index) pairs per
