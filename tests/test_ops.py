@@ -865,3 +865,29 @@ def test_auto_candidate_precision_uses_bf16_only_for_large_searches_on_bf16_cpus
 
     assert not _bf16_search("auto", 8191) and not _bf16_search("fp32", 10**6) and _bf16_search("bf16", 1)
     assert _bf16_search("auto", 8192) == _cpu_has_bf16_gemm()
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("n, k", [(1, 1), (9, 9), (300, 7), (5000, 25)])
+def test_self_search_scores_each_pair_once_yet_equals_the_per_row_search(n, k, bf16):
+    """The self search (re-ranking, Jaccard graph) rescores a candidate pair {i, j} once and lets the other row read
+    the value; the search of x against a copy of x (two operands) rescores every row's own list. Both must give the
+    same neighbours and bit-identical distances, including exact duplicates (ties), lists that are not mutual, k = n
+    (every pair listed) and more than one row block (5,000 points: blocks of 4,096)."""
+    from reid_ops import _ops
+
+    rng = make_rng("self-once", n, k, bf16)
+    features = clustered_features(rng, n, 24, max(1, n // 40), spread=0.2).astype(np.float32)
+    if n >= 300:
+        features[n - 30 :] = features[:30]  # duplicates across blocks
+    rank, rank_dist, _, _ = _ops._neighbors_from_features(torch.from_numpy(features), k, 0, False, bf16)
+    precision = "bf16" if bf16 else "fp32"
+    dist, idx = reid_ops.knn(features, features.copy(), k, "sqeuclidean", candidate_precision=precision)
+    np.testing.assert_array_equal(rank.numpy(), idx)
+    np.testing.assert_array_equal(rank_dist.numpy(), dist)
+    # and with an independent float64 reference (ordering by distance, then index)
+    f64 = features.astype(np.float64)
+    rows = rng.choice(n, size=min(n, 20), replace=False)
+    for row in rows:
+        d = ((f64[row] - f64) ** 2).sum(1)
+        np.testing.assert_allclose(np.sort(d)[:k], rank_dist[row].numpy(), rtol=1e-5, atol=1e-6)
