@@ -874,7 +874,6 @@ class TrainTransform:
         # docs/differences.md#image-pipelines).
         self.autoaugment = CachedAutoAugment() if autoaugment else None
         self.size = (height, width)
-        self.resize = T.Resize((height, width), interpolation=T.InterpolationMode.BICUBIC)
         self.padding = release_padding(width)
         # as the release: the ImageNet means written into the normalised tensor, p 0.5, area [0.02, 0.4]
         self.erasing = T.RandomErasing(p=0.5, scale=(0.02, 0.4), ratio=(0.3, 3.3)) if random_erasing else None
@@ -882,19 +881,26 @@ class TrainTransform:
     def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> PreparedImage:
         if self.autoaugment is not None:
             image = self.autoaugment(image, generator)
-        image = self.resize(image)
-        if torch.rand(1, generator=generator) < 0.5:  # T.RandomHorizontalFlip
-            image = T.functional.hflip(image)
-        image = T.functional.pad(image, self.padding)
-        # T.RandomCrop.get_params (the padded image is always larger than the crop)
         height, width = self.size
-        top = int(torch.randint(0, image.height - height + 1, size=(1,), generator=generator).item())
-        left = int(torch.randint(0, image.width - width + 1, size=(1,), generator=generator).item())
-        image = T.functional.crop(image, top, left, height, width)
+        # T.Resize with T.InterpolationMode.BICUBIC on a PIL image is this Pillow call
+        pixels = np.asarray(image.resize((width, height), Image.BICUBIC))
+        if torch.rand(1, generator=generator) < 0.5:  # T.RandomHorizontalFlip
+            pixels = pixels[:, ::-1]
+        # zero padding, then T.RandomCrop.get_params (the padded image is always larger than the crop) and the crop,
+        # as one copy of the window's overlap with the image into zeros: the same pixels, neither image built
+        pad = self.padding
+        top = int(torch.randint(0, 2 * pad + 1, size=(1,), generator=generator).item())
+        left = int(torch.randint(0, 2 * pad + 1, size=(1,), generator=generator).item())
+        window = torch.zeros(3, height, width, dtype=torch.uint8)
+        row0, col0 = max(pad - top, 0), max(pad - left, 0)  # first window row / column on the image
+        row1, col1 = min(pad - top + height, height), min(pad - left + width, width)
+        window.numpy()[:, row0:row1, col0:col1] = pixels[
+            row0 + top - pad : row1 + top - pad, col0 + left - pad : col1 + left - pad
+        ].transpose(2, 0, 1)
         box = torch.zeros(4, dtype=torch.int64)
         if self.erasing is not None and torch.rand(1, generator=generator) < self.erasing.p:
             box = erasing_box(height, width, self.erasing.scale, self.erasing.ratio, generator)
-        return PreparedImage(uint8_pixels(image), box)
+        return PreparedImage(window, box)
 
 
 def erasing_box(

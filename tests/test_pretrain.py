@@ -424,14 +424,24 @@ def torchvision_train_chain(height, width, autoaugment, random_erasing):
     return T.Compose(steps)
 
 
-@pytest.mark.parametrize("autoaugment, random_erasing", [(True, True), (False, True), (True, False)])
-def test_batched_augmentation_equals_torchvision_per_image(autoaugment, random_erasing):
+@pytest.mark.parametrize(
+    "autoaugment, random_erasing, image_size, size",
+    [
+        (True, True, (40, 20), (32, 16)),
+        (False, True, (40, 20), (32, 16)),
+        (True, False, (40, 20), (32, 16)),
+        (False, False, (128, 64), (96, 48)),  # the demo's sizes: 5 px of padding
+        (True, True, (90, 47), (96, 48)),  # enlarged, odd sizes
+        (False, False, (96, 48), (96, 48)),  # already the input size: no resampling
+    ],
+)
+def test_batched_augmentation_equals_torchvision_per_image(autoaugment, random_erasing, image_size, size):
     """TrainTransform draws the same random numbers as torchvision's chain and finishes a whole batch at once: the
     batch must equal the chain applied image by image, bit for bit, erased boxes included."""
     rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,))))
-    images = [Image.fromarray(rng.integers(0, 256, (40, 20, 3), dtype=np.uint8)) for _ in range(24)]
-    ours = reid.build_train_transform(32, 16, autoaugment, random_erasing)
-    reference = torchvision_train_chain(32, 16, autoaugment, random_erasing)
+    images = [Image.fromarray(rng.integers(0, 256, (*image_size, 3), dtype=np.uint8)) for _ in range(24)]
+    ours = reid.build_train_transform(*size, autoaugment, random_erasing)
+    reference = torchvision_train_chain(*size, autoaugment, random_erasing)
     prepared, expected, own_generator = [], [], []
     for n, image in enumerate(images):
         torch.manual_seed(n)
