@@ -238,7 +238,9 @@ def resume_position(
 ) -> dict[str, Any]:
     """Where training starts: the beginning, or (--resume with a checkpoint) the saved epoch and iteration, with
     the model, optimiser, scheduler and random generators restored."""
-    position = dict(epoch=0, iteration=0, best_mAP=-1.0, best_epoch=-1, log_position=None, epoch_sums=None)
+    position = dict(
+        epoch=0, iteration=0, best_mAP=-1.0, best_epoch=-1, log_position=None, epoch_sums=None, last_eval=None
+    )
     if not args.resume:
         return position
     if not checkpoint_path.is_file():
@@ -246,7 +248,9 @@ def resume_position(
         return position
     state = restore_training_state(checkpoint_path, "pretrain", args.arch, num_classes, model, optimizer, scheduler)
     position.update({key: state[key] for key in ("epoch", "iteration", "best_mAP", "best_epoch")})
-    position.update(log_position=state.get("log_position"), epoch_sums=state.get("epoch_sums"))
+    position.update(
+        log_position=state.get("log_position"), epoch_sums=state.get("epoch_sums"), last_eval=state.get("last_eval")
+    )
     print(f"[pretrain] resumed from {checkpoint_path}: epoch {position['epoch']}, iteration {position['iteration']}")
     return position
 
@@ -310,11 +314,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "rng": rng_state(),
             "best_mAP": best_map,
             "best_epoch": best_epoch,
+            # the latest evaluation: a run resumed after its last epoch reports it in its "done" record
+            "last_eval": {k: float(result[k]) for k in ("mAP", "top1", "top5")} if result else None,
             "args": vars(args),
         }
 
     total_done = 0
-    result: dict[str, Any] = {}
+    result: dict[str, Any] = dict(start["last_eval"] or {})
     for epoch in range(start_epoch, args.epochs):
         skip = start_iter * per_process_batch if epoch == start_epoch else 0
         source_sampler.set_epoch(epoch, skip)

@@ -626,7 +626,7 @@ def _losses(log: Path) -> list[tuple[int, int, float]]:
 
 def test_resume_after_interruption_reproduces_the_uninterrupted_run(tiny_data_root, tmp_path):
     straight = tmp_path / "straight"
-    pretrain.main(_train_args(tiny_data_root, straight))
+    finished = pretrain.main(_train_args(tiny_data_root, straight))
     interrupted = tmp_path / "interrupted"
     stopped = pretrain.main(_train_args(tiny_data_root, interrupted, "--max-iters", "4"))  # mid-epoch 2
     assert stopped["stopped"] and (interrupted / "checkpoint.pth").is_file()
@@ -638,6 +638,12 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(tiny_data_ro
     with_worker = tmp_path / "with_worker"
     pretrain.main(_train_args(tiny_data_root, with_worker, "--workers", "1"))
     np.testing.assert_allclose([r[2] for r in _losses(with_worker / "log.jsonl")], [r[2] for r in reference], rtol=1e-5)
+    # resuming a finished run (e.g. its calibration job was killed after the last epoch) trains nothing and reports
+    # the same last evaluation as the run that finished, in its return value and its "done" record
+    again = pretrain.main(_train_args(tiny_data_root, straight, "--resume"))
+    assert finished["last"] is not None and again["last"] == finished["last"]
+    done = [json.loads(line) for line in (straight / "log.jsonl").read_text().splitlines() if '"done"' in line]
+    assert done[-1]["last"] == finished["last"] and _losses(straight / "log.jsonl") == reference
     num_classes = reid.read_checkpoint(straight / "model_best.pth")["num_classes"]
     model, best = reid.load_model(straight / "model_best.pth", kinds=("pretrain",), num_classes=num_classes)
     assert best["kind"] == "pretrain" and best["arch"] == "resnet18" and best["feature_dim"] == 512
