@@ -164,7 +164,14 @@ def run_one(args: argparse.Namespace, row: str, seed: int, translator_root: Path
         subprocess.run(
             shlex.split(args.launcher) + command + ["--resume"], stdout=log, stderr=subprocess.STDOUT, check=True
         )
-    done = [json.loads(line) for line in (logs_dir / "log.jsonl").read_text().splitlines() if '"done"' in line]
+    records = [json.loads(line) for line in (logs_dir / "log.jsonl").read_text().splitlines()]
+    done = [r for r in records if r.get("event") == "done"]
+    # runs of older pretrain.py versions resumed after their last epoch wrote "last": null; their last evaluation is
+    # the final epoch's record (every run evaluates its last epoch)
+    evaluated = [r for r in records if r.get("event") == "epoch_end" and "val_mAP" in r]
+    epochs = int(command[command.index("--epochs") + 1]) if "--epochs" in command else -1
+    if done and not done[-1].get("last") and evaluated and evaluated[-1]["epoch"] + 1 == epochs:
+        done[-1]["last"] = {"mAP": evaluated[-1]["val_mAP"], "top1": evaluated[-1]["val_top1"]}
     if not done or not done[-1].get("last"):
         raise RuntimeError(f"{logs_dir}/log.jsonl has no final evaluation")
     last = done[-1]["last"]

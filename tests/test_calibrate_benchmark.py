@@ -126,3 +126,30 @@ def test_budget_scale_multiplies_epochs_and_keeps_the_schedule_shape(tmp_path, m
     monkeypatch.setattr(calibrate_benchmark.subprocess, "run", fake_run(calls))
     calibrate_benchmark.run_one(args_for(tmp_path, "--budget-scale", "3"), "source_only", 1, tmp_path / "t")
     assert calls[0][calls[0].index("--epochs") + 1] == str(3 * demo["epochs"])
+
+
+@pytest.mark.parametrize("last_epoch, usable", [(40, True), (30, False)])
+def test_a_finished_run_resumed_by_an_older_pretrain_reads_its_final_epoch(tmp_path, monkeypatch, last_epoch, usable):
+    """An older pretrain.py resumed after its last epoch wrote "last": null; the final epoch's evaluation stands in,
+    but only if it is the budget's last epoch (a run evaluated last at epoch 30 of 40 is not finished)."""
+
+    def run(command, **_):
+        if "--logs-dir" not in command:
+            return subprocess.CompletedProcess(command, 0, stdout="0" * 40 + "\n")
+        logs = command[command.index("--logs-dir") + 1]
+        records = [
+            {"epoch": last_epoch - 1, "event": "epoch_end", "val_mAP": 0.3622, "val_top1": 0.4899, "val_top5": 0.7},
+            {"event": "done", "best_mAP": 0.3622, "last": None},
+        ]
+        with open(f"{logs}/log.jsonl", "w") as handle:
+            handle.writelines(json.dumps(r) + "\n" for r in records)
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(calibrate_benchmark.subprocess, "run", run)
+    args = args_for(tmp_path)  # the calibration budget: 40 epochs
+    if usable:
+        result = calibrate_benchmark.run_one(args, "source_only", 1, tmp_path / "t")
+        assert (result["mAP"], result["top1"]) == (36.22, 48.99)
+    else:
+        with pytest.raises(RuntimeError, match="no final evaluation"):
+            calibrate_benchmark.run_one(args, "source_only", 1, tmp_path / "t")
