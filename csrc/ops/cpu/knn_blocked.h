@@ -451,9 +451,12 @@ inline void finish_rows_self(KnnState& state, const float* x, int64_t N, int64_t
       dists[i].resize(list.size());
     }
   });
-  // pair {i, j} with j < i belongs to row j when row j lists i
-  const auto owned_by_other = [&](int64_t i, int64_t j) {
-    return j < i && std::binary_search(lists[j].begin(), lists[j].end(), i);
+  // pair {i, j} with j < i belongs to row j when row j lists i: i's position in j's list, else -1
+  const auto position_in_earlier_row = [&](int64_t i, int64_t j) -> int64_t {
+    if (j >= i) return -1;
+    const auto& other = lists[j];
+    const auto it = std::lower_bound(other.begin(), other.end(), i);
+    return it != other.end() && *it == i ? it - other.begin() : -1;
   };
   const ExactDistanceFn distance = exact_distance_fn();
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
@@ -462,7 +465,7 @@ inline void finish_rows_self(KnnState& state, const float* x, int64_t N, int64_t
       const auto& list = lists[i];
       todo.clear();
       for (size_t t = 0; t < list.size(); ++t) {
-        if (!owned_by_other(i, list[t])) todo.push_back(static_cast<int64_t>(t));
+        if (position_in_earlier_row(i, list[t]) < 0) todo.push_back(static_cast<int64_t>(t));
       }
       const float* xi = x + i * D;
       for (size_t u = 0; u < todo.size(); ++u) {
@@ -481,13 +484,8 @@ inline void finish_rows_self(KnnState& state, const float* x, int64_t N, int64_t
       const auto& list = lists[i];
       pairs.clear();
       for (size_t t = 0; t < list.size(); ++t) {
-        const int64_t j = list[t];
-        float d = dists[i][t];
-        if (owned_by_other(i, j)) {
-          const auto& other = lists[j];
-          d = dists[j][std::lower_bound(other.begin(), other.end(), i) - other.begin()];
-        }
-        pairs.emplace_back(d, j);
+        const int64_t j = list[t], position = position_in_earlier_row(i, j);
+        pairs.emplace_back(position < 0 ? dists[i][t] : dists[j][position], j);
       }
       write_k_nearest(pairs, k, out_dist + i * k, out_idx + i * k);
       finish_row_maximum(state, i, x + i * D, x, D, factor[i], factor, metric, row_max);
