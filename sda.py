@@ -49,7 +49,9 @@ LEGACY_CHECKPOINT_NAME = "checkpoint.pt"  # earlier versions; still resumed from
 # `train --resume` accepts these changes besides reid.RESUMABLE_CHANGES: they change outputs' timing, not training.
 SETTINGS_CHANGEABLE_ON_RESUME = ("checkpoint_every", "sample_every", "sample_count")
 # Architecture fields a checkpoint must agree on when resuming or translating.
-ARCHITECTURE_KEYS = ("ngf", "ndf", "n_blocks", "input_skip", "d_layers", "height", "width")
+ARCHITECTURE_KEYS = ("ngf", "ndf", "n_blocks", "input_skip", "d_layers", "d_norm", "height", "width")
+# what a checkpoint written before a key existed was trained with
+ARCHITECTURE_DEFAULTS = {"input_skip": False, "d_norm": "instance"}
 
 
 # ---- Networks
@@ -152,8 +154,10 @@ class PatchDiscriminator(nn.Module):
     layer doubling the width up to 8 x ndf, then a 1-channel stride-1 conv; 4x4 kernels, padding 1, InstanceNorm
     without affine, LeakyReLU 0.2. With 3 layers a 384x128 input gives 46x14 scores, each seeing a 70x70 patch."""
 
-    def __init__(self, ndf: int = 64, n_layers: int = 3):
+    def __init__(self, ndf: int = 64, n_layers: int = 3, norm: str = "instance"):
         super().__init__()
+        if norm not in ("instance", "none"):
+            raise ValueError(f"discriminator norm {norm!r}: expected 'instance' or 'none'")
         layers: list[nn.Module] = [nn.Conv2d(3, ndf, 4, stride=2, padding=1), nn.LeakyReLU(0.2, inplace=True)]
         channels = ndf
         for n in range(1, n_layers + 1):
@@ -161,7 +165,7 @@ class PatchDiscriminator(nn.Module):
             stride = 2 if n < n_layers else 1
             layers += [
                 nn.Conv2d(channels, out_channels, 4, stride=stride, padding=1),
-                nn.InstanceNorm2d(out_channels),
+                nn.InstanceNorm2d(out_channels) if norm == "instance" else nn.Identity(),
                 nn.LeakyReLU(0.2, inplace=True),
             ]
             channels = out_channels
@@ -220,10 +224,10 @@ class Discriminators(nn.Module):
     discriminator step's objective: 0.5 * [LSGAN(D(real), 1) + LSGAN(D(fake), 0)] for each, with real and fake
     stacked into one call (per-sample InstanceNorm makes that exact)."""
 
-    def __init__(self, ndf: int, n_layers: int = 3):
+    def __init__(self, ndf: int, n_layers: int = 3, norm: str = "instance"):
         super().__init__()
-        self.target = PatchDiscriminator(ndf, n_layers)
-        self.source = PatchDiscriminator(ndf, n_layers)
+        self.target = PatchDiscriminator(ndf, n_layers, norm)
+        self.source = PatchDiscriminator(ndf, n_layers, norm)
 
     def forward(
         self, real_target: torch.Tensor, fake_target: torch.Tensor, real_source: torch.Tensor, fake_source: torch.Tensor
@@ -501,7 +505,7 @@ def train(args: argparse.Namespace) -> None:
     # ---- networks
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     generators = Generators(args.ngf, args.n_blocks, args.input_skip)
-    discriminators = Discriminators(args.ndf, args.d_layers)
+    discriminators = Discriminators(args.ndf, args.d_layers, args.d_norm)
     init_weights_normal(generators)
     init_weights_normal(discriminators)
     generators.source_to_target.start_as_identity()  # (no-ops without --input-skip)
@@ -543,7 +547,7 @@ def train(args: argparse.Namespace) -> None:
     start_epoch, start_iteration, global_step, log_position = 0, 0, 0, None
     if args.resume:
         state = reid.read_checkpoint(checkpoint_path, kinds=("sda",), what="--resume")
-        saved = state["architecture"]
+        saved = {**ARCHITECTURE_DEFAULTS, **state["architecture"]}  # older checkpoints lack the newer keys
         if saved != architecture_of(args):
             raise ValueError(
                 f"{checkpoint_path}: architecture {saved} differs from the arguments {architecture_of(args)}"
@@ -584,9 +588,12 @@ def train(args: argparse.Namespace) -> None:
     for epoch in range(start_epoch, epochs):
         # Learning rate set from the epoch alone (no scheduler state), so a resumed run with a changed
         # schedule gets the right rate immediately.
-        lr = args.lr * linear_decay_multiplier(epoch, args.epochs_constant, args.epochs_decay)
-        for group in (*optimizer_g.param_groups, *optimizer_d.param_groups):
+        decay = linear_decay_multiplier(epoch, args.epochs_constant, args.epochs_decay)
+        lr = args.lr * decay
+        for group in optimizer_g.param_groups:
             group["lr"] = lr
+        for group in optimizer_d.param_groups:
+            group["lr"] = (args.lr_discriminator or args.lr) * decay
         skip = start_iteration * per_process_batch
         source_sampler.set_epoch(epoch, skip)
         target_sampler.set_epoch(epoch, skip)
@@ -872,10 +879,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="PatchGAN discriminator depth; 0 = scaled to the image: the deepest whose receptive field is at most "
         "55%% of the width, the release's 70 px at 128 (3 layers at width 128, 2 at 64, 1 at 48)",
     )
+    t.add_argument(
+        "--d-norm",
+        choices=("instance", "none"),
+        default="instance",
+        help="normalisation inside the discriminator: instance (the release) removes each image's mean and contrast "
+        "per channel, so the discriminator cannot see a global colour or tone difference; none lets it",
+    )
     t.add_argument("--lambda-cycle", type=float, default=10.0, help="cycle-consistency L1 weight")
     t.add_argument("--lambda-identity", type=float, default=5.0, help="identity L1 weight (CycleGAN's 0.5 x 10)")
     t.add_argument("--pool-size", type=int, default=50, help="image history per discriminator (0 = off)")
     t.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate of generators and discriminators")
+    t.add_argument(
+        "--lr-discriminator",
+        type=float,
+        default=0.0,
+        help="Adam learning rate of the discriminators (0 = --lr, as the release); a faster discriminator (two "
+        "time-scale rule) tells subtle differences apart sooner, e.g. a generator that starts as the identity map",
+    )
     t.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 (beta2 = 0.999)")
     t.add_argument("--epochs-constant", type=int, default=50, help="epochs at the initial learning rate")
     t.add_argument("--epochs-decay", type=int, default=50, help="epochs of linear learning-rate decay")

@@ -113,6 +113,30 @@ def test_patch_discriminator_map_size(height, width, out_h, out_w):
     assert [c.out_channels for c in convs[:4]] == [4, 8, 16, 32]
 
 
+@pytest.mark.parametrize("n_layers", [1, 3])
+def test_patch_discriminator_without_norm_keeps_the_layout(n_layers):
+    """--d-norm none drops the InstanceNorm layers and nothing else: same convolutions, same score map, same
+    receptive field; an unknown norm is refused."""
+    torch.manual_seed(0)
+    plain = sda.PatchDiscriminator(ndf=4, n_layers=n_layers, norm="none")
+    normed = sda.PatchDiscriminator(ndf=4, n_layers=n_layers)
+    assert not any(isinstance(m, nn.InstanceNorm2d) for m in plain.modules())
+    assert sum(isinstance(m, nn.InstanceNorm2d) for m in normed.modules()) == n_layers
+    conv_shapes = [[m.weight.shape for m in d.modules() if isinstance(m, nn.Conv2d)] for d in (plain, normed)]
+    assert conv_shapes[0] == conv_shapes[1]
+    x = torch.randn(2, 3, 96, 48)
+    assert plain(x).shape == normed(x).shape
+    # without the norm, the same weights compute conv -> LeakyReLU -> ... exactly (a reference built by hand)
+    normed.load_state_dict(plain.state_dict())
+    convs = [m for m in plain.modules() if isinstance(m, nn.Conv2d)]
+    reference = x
+    for conv in convs[:-1]:
+        reference = torch.nn.functional.leaky_relu(conv(reference), 0.2)
+    torch.testing.assert_close(plain(x), convs[-1](reference))
+    with pytest.raises(ValueError, match="norm"):
+        sda.PatchDiscriminator(ndf=4, norm="batch")
+
+
 def test_init_is_normal_002_with_zero_bias():
     torch.manual_seed(1)
     generator = sda.ResnetGenerator(ngf=32, n_blocks=3)
@@ -368,6 +392,14 @@ def test_resume_continues_schedule_and_refuses_mismatch(tmp_path, trained_run, t
         sda.main(base + ["--epochs-constant", "1", "--epochs-decay", "1", *TINY])
     with pytest.raises(ValueError, match="architecture"):
         sda.main(base + ["--resume", "--epochs-constant", "1", "--epochs-decay", "1", *TINY, "--ngf", "8"])
+    with pytest.raises(ValueError, match="architecture"):
+        sda.main(base + ["--resume", "--epochs-constant", "1", "--epochs-decay", "1", *TINY, "--d-norm", "none"])
+    # a checkpoint written before --input-skip and --d-norm existed resumes as what it was: both off
+    older = dict(
+        saved, architecture={k: v for k, v in saved["architecture"].items() if k not in sda.ARCHITECTURE_DEFAULTS}
+    )
+    assert set(sda.ARCHITECTURE_DEFAULTS) <= set(saved["architecture"]) and len(older["architecture"]) >= 6
+    torch.save(older, out / "checkpoint.pth")
     sda.main(base + ["--resume", "--epochs-constant", "1", "--epochs-decay", "1", *TINY])
     records = read_log(out / "log.jsonl")
     assert [(r["epoch"], r["step"]) for r in records] == [(0, 1), (0, 2), (1, 3), (1, 4)]
