@@ -2542,7 +2542,7 @@ def unwrap_ddp(model: nn.Module) -> nn.Module:
 def add_preset_argument(parser: argparse.ArgumentParser, presets: dict[str, dict]) -> None:
     """--preset NAME: a named set of defaults; the help lists every preset's flags. Explicit flags still win."""
     described = "; ".join(
-        f"{name} = " + " ".join(f"--{key.replace('_', '-')} {_flag_text(value)}" for key, value in values.items())
+        f"{name} = " + " ".join(_flag_text(key.replace("_", "-"), value) for key, value in values.items())
         for name, values in presets.items()
     )
     parser.add_argument(
@@ -2550,8 +2550,11 @@ def add_preset_argument(parser: argparse.ArgumentParser, presets: dict[str, dict
     )
 
 
-def _flag_text(value: Any) -> str:
-    return " ".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+def _flag_text(flag: str, value: Any) -> str:
+    """How a preset value is typed on the command line: --flag VALUE, --flag A B, or --flag / --no-flag."""
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} " + (" ".join(map(str, value)) if isinstance(value, list | tuple) else str(value))
 
 
 def parse_with_preset(

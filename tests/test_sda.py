@@ -779,3 +779,18 @@ def test_style_gap_matches_reference_and_reads_one_for_the_identity_map():
     assert reid.style_gap(*tensors) == pytest.approx(reference_style_gap(source, translated, target), rel=1e-9)
     assert reid.style_gap(tensors[0], tensors[0], tensors[2]) == pytest.approx(1.0)
     assert reid.style_gap(tensors[0], tensors[2], tensors[2]) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_demo_preset_booleans_are_described_as_flags_and_can_be_overridden(capsys):
+    """A boolean preset value reads as the flag a user would type (--input-skip, not '--input-skip True'), and an
+    explicit --no-input-skip still wins over the preset."""
+    parser = sda.build_parser()
+    train_parser = parser.get_default("train_parser")
+    preset_help = next(a.help for a in train_parser._actions if "--preset" in a.option_strings)
+    assert "--input-skip --d-layers 3" in preset_help and "True" not in preset_help
+    chosen = reid.parse_with_preset(parser, sda.PRESETS, ["train", "--preset", "demo"], target=train_parser)
+    assert chosen.input_skip is sda.PRESETS["demo"]["input_skip"] is True
+    parser = sda.build_parser()
+    argv = ["train", "--preset", "demo", "--no-input-skip", "--d-layers", "0"]
+    overridden = reid.parse_with_preset(parser, sda.PRESETS, argv, target=parser.get_default("train_parser"))
+    assert overridden.input_skip is False and overridden.d_layers == 0 and overridden.lambda_cycle == 3.0
